@@ -1,0 +1,21 @@
+# The example fleet. It imitates NixOS so the whole deploy pipeline can run on a machine with
+# no nixpkgs and no network: every system is a plain derivation built with the host's /bin/sh,
+# laid out like a NixOS toplevel (bin/switch-to-configuration, activate, nixos-version, etc, sw,
+# kernel, initrd). A real fleet's flake plugs in unchanged: flakefleet only reads
+# nixosConfigurations.<machine>.config.system.build.toplevel.
+{
+  description = "flakefleet example fleet (NixOS imitation, builds offline)";
+
+  outputs = { self }:
+    let
+      hosts = builtins.fromJSON (builtins.readFile ./hosts.json);
+      imitation = import ./lib/imitation.nix { system = "x86_64-linux"; };
+      ofClass = class: builtins.filter (name: hosts.${name}.class == class) (builtins.attrNames hosts);
+      configurations = class: make: builtins.listToAttrs (map
+        (name: { inherit name; value = make (hosts.${name} // { inherit name; }); })
+        (ofClass class));
+    in
+    {
+      nixosConfigurations = configurations "nixos" imitation.nixosSystem;
+    };
+}

@@ -1,0 +1,89 @@
+#!/bin/sh
+# Imitation of a NixOS activation script for @name@: make this generation the running system,
+# link its /etc files, and start, restart or stop services to match it. Exits non-zero on failure.
+set -eu
+system=@out@
+mode=${1:-activate}   # "activate", or "dry-activate" to only say what would change
+run=/run/services
+
+say() { echo "activate: $*"; }
+
+# --- services: compare what runs (/run/services/<name>.unit) with what this system declares
+running_units() { for f in "$run"/*.unit; do [ -e "$f" ] && basename "$f" .unit; done; return 0; }
+alive() { [ -f "$run/$1.pid" ] && kill -0 "$(cat "$run/$1.pid")" 2>/dev/null; }
+
+stop_service() {
+  if alive "$1"; then
+    pid=$(cat "$run/$1.pid"); kill "$pid" 2>/dev/null || true
+    i=0; while kill -0 "$pid" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+  fi
+  rm -f "$run/$1.pid" "$run/$1.unit"
+}
+
+start_service() {
+  setsid "$system/services/$1" </dev/null >>"/var/log/$1.log" 2>&1 &
+  echo $! > "$run/$1.pid"
+  echo "$system/services/$1" > "$run/$1.unit"
+  sleep 0.3
+  alive "$1" || { say "error: service $1 failed to start (see /var/log/$1.log)"; return 1; }
+}
+
+plan() {
+  for name in $(running_units); do
+    [ -e "$system/services/$name" ] || echo "stop $name"
+  done
+  for unit in "$system"/services/*; do
+    [ -e "$unit" ] || continue
+    name=$(basename "$unit")
+    if ! alive "$name"; then echo "start $name"
+    elif [ "$(cat "$run/$name.unit")" != "$unit" ]; then echo "restart $name"
+    fi
+  done
+}
+
+if [ "$mode" = dry-activate ]; then
+  say "would activate $system"
+  plan | sed 's/^/would /'
+  exit 0
+fi
+
+mkdir -p "$run" /var/log /var/lib
+ln -sfn "$system" /run/current-system.new && mv -T /run/current-system.new /run/current-system
+
+# /etc: /etc/static points at this generation; managed files link through it.
+ln -sfn "$system/etc" /etc/static.new && mv -T /etc/static.new /etc/static
+for f in fleet-release motd; do ln -sfn "/etc/static/$f" "/etc/$f"; done
+
+# sshd is part of the system: a generation with breakSsh moves it off its port (fault tests);
+# any other generation puts the testbed's own configuration back.
+sshd_config=/etc/ssh/testbed/sshd_config
+if [ -f "$sshd_config" ]; then
+  if [ -n "@breakSsh@" ] && [ ! -e "$sshd_config.orig" ]; then
+    cp "$sshd_config" "$sshd_config.orig"
+    port=$(sed -n 's/^Port //p' "$sshd_config")
+    sed -i "s/^Port .*/Port $((port + 1000))/" "$sshd_config"
+    kill -HUP "$(cat /run/sshd.pid)"
+    say "sshd moved to port $((port + 1000))"
+  elif [ -z "@breakSsh@" ] && [ -e "$sshd_config.orig" ]; then
+    mv "$sshd_config.orig" "$sshd_config"
+    kill -HUP "$(cat /run/sshd.pid)"
+    say "sshd configuration restored"
+  fi
+fi
+
+failed=0
+plan | while read -r action name; do
+  case $action in
+    stop) say "stopping $name"; stop_service "$name" ;;
+    start) say "starting $name"; start_service "$name" ;;
+    restart) say "restarting $name"; stop_service "$name"; start_service "$name" ;;
+  esac
+done || failed=1
+
+echo "$(date -u +%FT%TZ) activated $system" >> /var/log/activations.log
+
+if [ -n "@failActivation@" ]; then
+  say "error: unit fleet-check.service failed (failActivation is set for @name@)"
+  exit 4
+fi
+[ "$failed" = 0 ] || exit 4

@@ -1,0 +1,103 @@
+# Builders for systems laid out like the real flake outputs, using only the host's /bin/sh and
+# coreutils (Debian's Nix ships with `sandbox = false`), so they build with no nixpkgs.
+{ system }:
+let
+  shell = name: env: script: derivation ({
+    inherit name system;
+    builder = "/bin/sh";
+    args = [ "-c" script ];
+    PATH = "/usr/bin:/bin";
+  } // env);
+
+  # Fill the @name@ placeholders of a script shipped beside this file.
+  template = file: values:
+    builtins.replaceStrings
+      (map (key: "@${key}@") (builtins.attrNames values))
+      (builtins.attrValues values)
+      (builtins.readFile file);
+
+  flag = value: if value then "1" else "";
+
+  # Shared by every machine: the same store path everywhere, like nixpkgs' packages.
+  sw = shell "fleet-sw-1.0" { } ''
+    mkdir -p $out/bin
+    printf '#!/bin/sh\necho "hello from the fleet"\n' > $out/bin/fleet-hello
+    chmod +x $out/bin/fleet-hello
+  '';
+
+  # Incompressible filler to give a closure a chosen size (benchmarks).
+  blob = size: shell "blob-${toString size}" { inherit size; } ''
+    head -c "$size" /dev/urandom > $out
+  '';
+
+  # One long-running process per role, answering on the machine's port.
+  services = host: {
+    web = ''
+      dir=/var/src/web-app-dist
+      [ -d "$dir" ] || dir=/etc/static/www
+      exec /usr/bin/python3 -m http.server ${toString host.port} --bind 127.0.0.1 --directory "$dir"
+    '';
+    db = ''
+      mkdir -p /var/lib/db && echo "${host.name} accepting connections" > /var/lib/db/status
+      exec /usr/bin/python3 -m http.server ${toString host.port} --bind 127.0.0.1 --directory /var/lib/db
+    '';
+    vpn = ''
+      exec /usr/bin/python3 -m http.server ${toString host.port} --bind 127.0.0.1 --directory /etc/static/vpn
+    '';
+  };
+in
+{
+  nixosSystem = host:
+    let
+      version = host.version or "1";
+      roles = host.roles or [ ];
+      etc = shell "etc-${host.name}" {
+        release = "${host.name} ${version}\n";
+        motd = "${host.name}: ${builtins.concatStringsSep ", " roles} (managed by flakefleet)\n";
+        page = "<html><body><h1>${host.name}</h1><p>version ${version}</p></body></html>\n";
+      } ''
+        mkdir -p $out/www $out/vpn
+        printf '%s' "$release" > $out/fleet-release
+        printf '%s' "$motd" > $out/motd
+        printf '%s' "$page" > $out/www/index.html
+        printf 'peers: 0\n' > $out/vpn/status
+      '';
+      roleServices = builtins.filter (role: (services host) ? ${role}) roles;
+      serviceEnv = builtins.listToAttrs (map
+        (role: { name = "service_${role}"; value = "#!/bin/sh\n" + (services host).${role}; })
+        roleServices);
+      values = {
+        out = builtins.placeholder "out";
+        name = host.name;
+        failActivation = flag (host.failActivation or false);
+        breakSsh = flag (host.breakSsh or false);
+      };
+      toplevel = shell "nixos-system-${host.name}-${version}" ({
+        inherit etc sw version;
+        kernelVersion = host.kernel or "6.6.1";
+        serviceNames = builtins.concatStringsSep " " roleServices;
+        blob = if host ? blobSize then blob host.blobSize else "";
+        activate = template ./activate.sh values;
+        switch = template ./switch-to-configuration.sh values;
+      } // serviceEnv) ''
+        mkdir -p $out/bin $out/services $out/kernel-modules
+        ln -s $etc $out/etc
+        ln -s $sw $out/sw
+        [ -z "$blob" ] || ln -s $blob $out/blob
+        printf '%s' "$version" > $out/nixos-version
+        printf 'imitation kernel %s\n' "$kernelVersion" > $out/kernel
+        printf 'imitation initrd %s\n' "$kernelVersion" > $out/initrd
+        printf '%s\n' "$kernelVersion" > $out/kernel-modules/version
+        printf '%s' "$activate" > $out/activate
+        printf '%s' "$switch" > $out/bin/switch-to-configuration
+        chmod +x $out/activate $out/bin/switch-to-configuration
+        for service in $serviceNames; do
+          eval "printf '%s' \"\$service_$service\"" > $out/services/$service
+          chmod +x $out/services/$service
+        done
+      '';
+    in
+    {
+      config.system.build = { inherit toplevel; };
+    };
+}

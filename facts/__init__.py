@@ -1,0 +1,1 @@
+"""What is true on a machine, read with pyinfra facts."""

@@ -1,0 +1,70 @@
+"""Everything a deploy decides on, read from a machine in one round trip."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pyinfra.api import FactBase
+
+from facts.nix import (
+    BootedSystem,
+    CurrentSystem,
+    Generation,
+    NixVersion,
+    SystemGenerations,
+    SystemProfile,
+)
+from facts.sources import Sources, VarSrc
+
+SECTION = "@@flakefleet-fact "
+
+
+@dataclass(frozen=True)
+class MachineState:
+    """A machine's systems, generations, Nix and /var/src, as one snapshot."""
+
+    current_system: str | None = None
+    booted_system: str | None = None
+    profile_system: str | None = None
+    generations: list[Generation] = field(default_factory=list)
+    nix_version: str | None = None
+    var_src: VarSrc = field(default_factory=VarSrc)
+
+
+# The facts MachineState is made of, by the field each one fills.
+PARTS: dict[str, type[FactBase]] = {
+    "current_system": CurrentSystem,
+    "booted_system": BootedSystem,
+    "profile_system": SystemProfile,
+    "generations": SystemGenerations,
+    "nix_version": NixVersion,
+    "var_src": Sources,
+}
+
+
+class Machine(FactBase[MachineState]):
+    """Runs every fact in PARTS as one command, each output behind a section line."""
+
+    @staticmethod
+    def default() -> MachineState:
+        return MachineState()
+
+    def command(self) -> str:
+        return "; ".join(
+            f"echo '{SECTION}{name}'; {{ {fact().command()}; }}" for name, fact in PARTS.items()
+        )
+
+    def process(self, output: list[str]) -> MachineState:
+        sections: dict[str, list[str]] = {}
+        current: list[str] | None = None
+        for line in output:
+            if line.startswith(SECTION):
+                current = sections.setdefault(line[len(SECTION) :].strip(), [])
+            elif current is not None:
+                current.append(line)
+        values = {}
+        for name, fact in PARTS.items():
+            lines = sections.get(name, [])
+            instance = fact()
+            values[name] = instance.process(lines) if lines else instance.default()
+        return MachineState(**values)

@@ -1,0 +1,88 @@
+"""Facts about a machine's Nix and its system: current, booted, generations, Nix version.
+
+Each fact is one small shell command; `facts.machine.MachineState` runs them all in one round
+trip, which is what a deploy uses.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pyinfra.api import FactBase
+
+SYSTEM_PROFILE = "/nix/var/nix/profiles/system"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generation of a Nix profile, as `nix-env --list-generations` shows it."""
+
+    number: int
+    created: str
+    current: bool
+
+
+class CurrentSystem(FactBase[str | None]):
+    """The store path the machine runs now (`/run/current-system`), or None.
+
+    Example output: ``/nix/store/60nw...-nixos-system-web1-1``
+    """
+
+    def command(self) -> str:
+        return "readlink /run/current-system || true"
+
+    def process(self, output: list[str]) -> str | None:
+        return output[0].strip() or None if output else None
+
+
+class BootedSystem(CurrentSystem):
+    """The store path the machine booted (`/run/booted-system`), or None."""
+
+    def command(self) -> str:
+        return "readlink /run/booted-system || true"
+
+
+class SystemProfile(CurrentSystem):
+    """The store path the system profile selects: what the next boot runs (NixOS), or None."""
+
+    def command(self) -> str:
+        return f"readlink -f {SYSTEM_PROFILE} || true"
+
+
+class SystemGenerations(FactBase[list[Generation]]):
+    """The system profile's generations, oldest first.
+
+    Example output::
+
+           1   2026-11-22 02:56:28
+           2   2026-11-22 03:10:02   (current)
+    """
+
+    @staticmethod
+    def default() -> list[Generation]:
+        return []
+
+    def command(self) -> str:
+        return f"nix-env -p {SYSTEM_PROFILE} --list-generations 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> list[Generation]:
+        generations = []
+        for line in output:
+            match = re.match(r"\s*(\d+)\s+(\S+ \S+)\s*(\(current\))?", line)
+            if match:
+                generations.append(
+                    Generation(int(match.group(1)), match.group(2), bool(match.group(3)))
+                )
+        return generations
+
+
+class NixVersion(FactBase[str | None]):
+    """The version of the machine's `nix`, e.g. ``2.8.0``, or None without Nix."""
+
+    def command(self) -> str:
+        return "nix --version 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> str | None:
+        match = re.search(r"(\d+\.\d+(?:\.\d+)?)", " ".join(output))
+        return match.group(1) if match else None

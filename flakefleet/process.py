@@ -1,0 +1,47 @@
+"""The one place the controller starts local processes (nix, rsync, ssh, pytest)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from collections.abc import Mapping, Sequence
+
+
+class CommandError(RuntimeError):
+    """A local command that failed; the message ends with the last lines it printed."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, output: str) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.output = output
+        tail = " | ".join(line.strip() for line in output.strip().splitlines()[-3:])
+        super().__init__(f"{argv[0]} exited {returncode}: {tail or '(no output)'}")
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    stdin: str | None = None,
+    cwd: str | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command to completion, capturing its output; `env` adds to the current environment."""
+    completed = subprocess.run(
+        list(argv),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **env} if env else None,
+        check=False,
+    )
+    if check and completed.returncode != 0:
+        raise CommandError(argv, completed.returncode, completed.stderr or completed.stdout)
+    return completed
+
+
+def describe(argv: Sequence[str]) -> str:
+    """A command line as a user would type it, for logs."""
+    return shlex.join(argv)

@@ -1,0 +1,146 @@
+"""The run summary: one line per machine saying what happened to it and, on failure, why.
+
+Operations record what they changed and why they failed; the summary is printed when pyinfra
+exits (after its own results), and written as JSON to $FLAKEFLEET_REPORT when that is set.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pyinfra.api import FunctionCommand
+from pyinfra.api.state import BaseStateCallback, State
+
+
+@dataclass
+class Outcome:
+    """What a deploy did to one machine."""
+
+    machine: str
+    goal: str = ""
+    changed: list[str] = field(default_factory=list)
+    system: str | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return "failed"
+        return "changed" if self.changed else "unchanged"
+
+
+_outcomes: dict[str, Outcome] = {}
+_state: State | None = None
+
+
+def outcome(machine: str) -> Outcome:
+    """The outcome record of a machine, created on first use."""
+    return _outcomes.setdefault(machine, Outcome(machine))
+
+
+def changed(machine: str, what: str) -> None:
+    """Record that a step changed the machine (e.g. 'sources', 'closure', 'switch')."""
+    record = outcome(machine)
+    if what not in record.changed:
+        record.changed.append(what)
+
+
+def failed(machine: str, reason: str) -> None:
+    """Record why a machine failed; the first reason is the one that counts."""
+    record = outcome(machine)
+    if record.error is None:
+        record.error = reason
+
+
+def note(machine: str, text: str) -> None:
+    outcome(machine).notes.append(text)
+
+
+def change(what: str) -> FunctionCommand:
+    """A command that records, when it runs, that a step changed the machine."""
+    return FunctionCommand(_record_change, (what,), {})
+
+
+def stop(reason: str) -> FunctionCommand:
+    """A command that fails the machine with a reason; its later steps are skipped."""
+    return FunctionCommand(_record_failure, (reason,), {})
+
+
+def _record_change(state: State, host: Any, what: str) -> bool:
+    changed(host.name, what)
+    return True
+
+
+def _record_failure(state: State, host: Any, reason: str) -> bool:
+    failed(host.name, reason)
+    return False
+
+
+class _Callbacks(BaseStateCallback):
+    @staticmethod
+    def host_connect_error(state: State, host: Any, error: Any) -> None:
+        failed(host.name, f"unreachable: {error}")
+
+
+def install(state: State) -> None:
+    """Collect outcomes for this run and print the summary at exit (idempotent)."""
+    global _state
+    if _state is state:
+        return
+    _state = state
+    state.add_callback_handler(_Callbacks())
+    atexit.register(_finish)
+
+
+def _explain_failures(state: State) -> None:
+    """Give failed machines without a recorded reason the failing operation and its output."""
+    for host in state.inventory:
+        if host not in state.failed_hosts or outcome(host.name).error:
+            continue
+        for op_hash in state.get_op_order():
+            op_data = state.ops[host].get(op_hash)
+            if op_data is None or not op_data.operation_meta.did_error():
+                continue
+            meta = op_data.operation_meta
+            lines = [line for line in meta.stderr_lines if line.strip()] or [
+                line for line in meta.stdout_lines if line.strip()
+            ]
+            step = ", ".join(state.get_op_meta(op_hash).names)
+            failed(host.name, f"{step}: {lines[-1].strip() if lines else 'failed'}")
+            break
+        else:
+            failed(host.name, "failed (see pyinfra's output above)")
+
+
+def summary_lines() -> list[str]:
+    width = max((len(name) for name in _outcomes), default=0)
+    lines = []
+    for name in sorted(_outcomes):
+        record = _outcomes[name]
+        detail = record.error or (record.system or "-")
+        what = f" ({', '.join(record.changed)})" if record.changed else ""
+        lines.append(f"{name:<{width}}  {record.status:<9}  {detail}{what}")
+    return lines
+
+
+def _finish() -> None:
+    if _state is None or not _outcomes:
+        return
+    _explain_failures(_state)
+    print("\n--> flakefleet summary", file=sys.stderr)
+    for line in summary_lines():
+        print(f"    {line}", file=sys.stderr)
+    path = os.environ.get("FLAKEFLEET_REPORT")
+    if path:
+        with open(path, "w") as stream:
+            json.dump(
+                {name: {**asdict(r), "status": r.status} for name, r in _outcomes.items()},
+                stream,
+                indent=2,
+            )

@@ -1,0 +1,1 @@
+"""What changes a machine: pyinfra operations for sources, systems and verification."""

@@ -1,0 +1,74 @@
+"""Smoke checks run against fleet machines with pytest-testinfra, over OpenSSH with the
+fleet's own host keys (strict checking), after a rollout or on their own:
+
+    pytest tests/smoke --fleet .testbed/fleet.yaml [--machine web1 ...] [--role web ...]
+
+A suite declares the roles it is for with a module-level ``roles = {...}``; it runs against
+every selected machine that has one of them (a suite without ``roles`` runs on every machine).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import testinfra
+
+from flakefleet.fleet import Fleet, Machine, load_fleet
+from flakefleet.ssh import ssh_options
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("flakefleet")
+    group.addoption("--fleet", default=os.environ.get("FLAKEFLEET_FLEET") or "fleet.yaml")
+    group.addoption("--machine", action="append", default=[], help="check only these machines")
+    group.addoption("--role", action="append", default=[], help="check only machines with a role")
+
+
+def _selected(config: pytest.Config) -> tuple[Fleet, list[Machine]]:
+    fleet = load_fleet(Path(config.getoption("fleet")))
+    names = set(config.getoption("machine"))
+    roles = set(config.getoption("role"))
+    machines = [
+        machine
+        for machine in fleet.machines
+        if (not names or machine.name in names) and (not roles or roles & set(machine.groups))
+    ]
+    return fleet, machines
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "machine" not in metafunc.fixturenames:
+        return
+    fleet, machines = _selected(metafunc.config)
+    wanted = getattr(metafunc.module, "roles", None)
+    if wanted is not None:
+        machines = [machine for machine in machines if set(wanted) & set(machine.roles)]
+    metafunc.parametrize(
+        "machine",
+        [(fleet, machine) for machine in machines],
+        ids=[machine.name for machine in machines],
+        indirect=True,
+        scope="module",
+    )
+
+
+@pytest.fixture(scope="module")
+def machine(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The machine's pyinfra host data, with its name."""
+    fleet, selected = request.param
+    return {"name": selected.name, **fleet.host_data(selected)}
+
+
+@pytest.fixture(scope="module")
+def host(machine: dict[str, Any]) -> Any:
+    """A testinfra host reached with the same address, key and known_hosts as the deploy."""
+    options = [option for option in ssh_options(machine)]
+    return testinfra.get_host(
+        f"ssh://{machine['ssh_user']}@{machine['ssh_hostname']}",
+        ssh_extra_args=shlex.join(options),
+        controlpersist=0,
+    )

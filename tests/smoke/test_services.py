@@ -1,0 +1,17 @@
+"""Machines with a service: its process answers on the port the fleet file expects."""
+
+import pytest
+
+roles = {"web", "db", "vpn"}
+
+
+def test_service_answers(host, machine):
+    port = machine.get("service_port")
+    if port is None:
+        pytest.skip("no service_port in the fleet file for this machine")
+    assert host.socket(f"tcp://127.0.0.1:{port}").is_listening
+    status = host.check_output(
+        "python3 -c 'import sys, urllib.request; "
+        f'print(urllib.request.urlopen("http://127.0.0.1:{port}/").status)\''
+    )
+    assert status == "200"

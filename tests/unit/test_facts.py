@@ -1,0 +1,55 @@
+"""Fact parsing, from the output the commands print on a machine."""
+
+from facts.machine import SECTION, Machine
+from facts.nix import Generation, NixVersion, SystemGenerations
+from facts.sources import Sources
+
+WEB1 = "/nix/store/60nw2zzmkadwb1ilqj0ssaxm5adp7xd6-nixos-system-web1-1"
+
+
+def test_generations():
+    output = ["   1   2026-11-22 02:56:28   ", "   2   2026-11-22 03:10:02   (current)"]
+    assert SystemGenerations().process(output) == [
+        Generation(1, "2026-11-22 02:56:28", False),
+        Generation(2, "2026-11-22 03:10:02", True),
+    ]
+
+
+def test_nix_version():
+    assert NixVersion().process(["nix (Nix) 2.8.0"]) == "2.8.0"
+
+
+def test_sources_managed_and_foreign():
+    state = Sources().process(
+        ["exists", "managed", "source config .flakefleet/config/abc123", "source notes "]
+    )
+    assert state.exists and state.managed
+    assert state.sources == {"config": "abc123", "notes": None}
+
+
+def test_machine_state_from_one_command():
+    output = [
+        f"{SECTION}current_system",
+        WEB1,
+        f"{SECTION}booted_system",
+        f"{SECTION}profile_system",
+        WEB1,
+        f"{SECTION}generations",
+        "   1   2026-11-22 02:56:28   (current)",
+        f"{SECTION}nix_version",
+        "nix (Nix) 2.8.0",
+        f"{SECTION}var_src",
+    ]
+    state = Machine().process(output)
+    assert state.current_system == WEB1
+    assert state.booted_system is None
+    assert state.profile_system == WEB1
+    assert [g.number for g in state.generations] == [1]
+    assert state.nix_version == "2.8.0"
+    assert not state.var_src.exists
+
+
+def test_machine_command_has_every_section():
+    command = Machine().command()
+    for name in ("current_system", "booted_system", "profile_system", "generations", "var_src"):
+        assert f"{SECTION}{name}" in command

@@ -1,0 +1,99 @@
+"""The fleet file: what is accepted, and the one-line errors for what is not."""
+
+from pathlib import Path
+
+import pytest
+
+from flakefleet.fleet import FleetError, load_fleet
+
+GOOD = """\
+ssh:
+  key: keys/id
+  known_hosts: known_hosts
+data:
+  goal: boot
+machines:
+  - name: web1
+    address: 10.0.0.1
+    port: 2222
+    roles: [web, frontend]
+  - name: mac1
+    address: mac1.lan
+    user: admin
+    class: darwin
+    data: {goal: switch}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_good_fleet_becomes_machines_and_host_data(tmp_path):
+    fleet = load_fleet(write(tmp_path, GOOD))
+    web1, mac1 = fleet.machines
+    assert web1.groups == ("nixos", "web", "frontend")
+    assert mac1.groups == ("darwin",)
+    data = fleet.host_data(web1)
+    assert data["ssh_hostname"] == "10.0.0.1"
+    assert data["ssh_port"] == 2222
+    assert data["ssh_key"] == str(tmp_path / "keys/id")
+    assert data["ssh_known_hosts_file"] == str(tmp_path / "known_hosts")
+    assert data["ssh_strict_host_key_checking"] == "yes"
+    assert data["goal"] == "boot"
+    assert fleet.host_data(mac1)["goal"] == "switch"  # the machine's own data wins
+    assert fleet.host_data(mac1)["ssh_user"] == "admin"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "machines:\n  - name: web1\n    adress: x\n",
+            "machine 'web1': unknown field 'adress'",
+        ),
+        (
+            "machines:\n  - {name: web1, address: a}\n  - {name: web1, address: b}\n",
+            "machine 'web1': field 'name': duplicate machine name",
+        ),
+        ("machines:\n  - name: web1\n", "machine 'web1': field 'address': missing"),
+        (
+            "machines:\n  - {name: web1, address: a, roles: [web-server]}\n",
+            "machine 'web1': field 'roles': 'web-server' is not a valid role name",
+        ),
+        (
+            "machines:\n  - {name: web1, address: a, roles: [nixos]}\n",
+            "machine 'web1': field 'roles': 'nixos' is a reserved group name",
+        ),
+        (
+            "machines:\n  - {name: web1, address: a, class: windows}\n",
+            "machine 'web1': field 'class': 'windows' is not one of nixos, darwin, home",
+        ),
+        (
+            "machines:\n  - {name: web1, address: a, port: 70000}\n",
+            "machine 'web1': field 'port': 70000 is not a port number",
+        ),
+        ("machines:\n  - {name: 'bad name', address: a}\n", "machine 'bad name': field 'name'"),
+        ("machines:\n  - {address: a}\n", "machine #1: field 'name'"),
+        ("machine:\n  - {name: a, address: a}\n", "unknown top-level field 'machine'"),
+        ("machines: []\n", "field 'machines': expected a non-empty list"),
+        ("ssh: {keyfile: x}\nmachines:\n  - {name: a, address: a}\n", "unknown field in 'ssh'"),
+        ("machines:\n  - {name: a, address: a, address: b}\n", "duplicate key 'address'"),
+        ("machines: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_fleet_is_one_line_naming_file_machine_and_field(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(FleetError) as caught:
+        load_fleet(path)
+    text = str(caught.value)
+    assert text.startswith(f"{path}: ")
+    assert message in text
+    assert "\n" not in text
+
+
+def test_missing_fleet_file_is_named(tmp_path):
+    with pytest.raises(FleetError, match="cannot read the fleet file"):
+        load_fleet(tmp_path / "nope.yaml")
