@@ -15,13 +15,13 @@ def ssh_options(data: Mapping[str, Any]) -> list[str]:
     """`ssh` options (no destination) for a machine's pyinfra host data."""
     options = ["-o", "BatchMode=yes"]
     if data.get("ssh_config_file"):
-        options[:0] = ["-F", str(data["ssh_config_file"])]
+        options[:0] = ["-F", str(data.get("ssh_config_file"))]
     if data.get("ssh_port"):
-        options += ["-p", str(data["ssh_port"])]
+        options += ["-p", str(data.get("ssh_port"))]
     if data.get("ssh_key"):
-        options += ["-i", str(data["ssh_key"]), "-o", "IdentitiesOnly=yes"]
+        options += ["-i", str(data.get("ssh_key")), "-o", "IdentitiesOnly=yes"]
     if data.get("ssh_known_hosts_file"):
-        options += ["-o", f"UserKnownHostsFile={data['ssh_known_hosts_file']}"]
+        options += ["-o", f"UserKnownHostsFile={data.get('ssh_known_hosts_file')}"]
     policy = data.get("ssh_strict_host_key_checking")
     if policy:
         options += ["-o", f"StrictHostKeyChecking={policy}"]

@@ -1,0 +1,231 @@
+"""Files the test fleet writes before machines start: keys, each machine's /etc, client files.
+
+A machine's own files are written from outside into the upper layer of its ``/etc`` overlay,
+so nothing inside a machine has to write ``/etc`` before its mounts are verified. The client
+files (``ssh_config``, ``known_hosts``, ``fleet.yaml``) are what the deployer and tests use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from testbed.layout import SSHD_CONFIG, SSHD_DIR, MachinePaths, StatePaths, TestbedError
+from testbed.roster import Machine
+
+HOST_KEY = f"{SSHD_DIR}/ssh_host_ed25519_key"
+AUTHORIZED_KEYS = f"{SSHD_DIR}/authorized_keys"
+
+NIX_CONF = """\
+# Written by the testbed: an offline machine; builds run as root.
+experimental-features = nix-command flakes
+sandbox = false
+substituters =
+build-users-group =
+warn-dirty = false
+trusted-users = root deploy
+"""
+
+
+def sshd_config(port: int) -> str:
+    """The machine's sshd configuration (``/etc/ssh/testbed/sshd_config``)."""
+    return f"""\
+# Written by the testbed at each start of the machine.
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {HOST_KEY}
+PermitRootLogin prohibit-password
+AuthorizedKeysFile {AUTHORIZED_KEYS}
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UseDNS no
+PidFile /run/sshd.pid
+MaxStartups 100:30:200
+# VERBOSE logs every session and command to the console log (bench/ counts them).
+LogLevel VERBOSE
+Subsystem sftp /usr/lib/openssh/sftp-server
+"""
+
+
+def write_file(path: Path, text: str, mode: int = 0o644) -> None:
+    """Replace ``path`` atomically (this also replaces an overlay whiteout left there)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    temporary.chmod(mode)
+    temporary.replace(path)
+
+
+def generate_key(path: Path, comment: str) -> None:
+    """Create an ed25519 key pair at ``path`` unless it exists (keys are kept until purge)."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (path, path.with_name(path.name + ".pub")):
+        stale.unlink(missing_ok=True)
+    result = subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise TestbedError(f"ssh-keygen failed for {path}: {result.stderr.strip()}")
+
+
+def public_key(private_key: Path) -> str:
+    """``ssh-ed25519 AAAA...`` of a key pair, without its comment."""
+    key_type, blob = private_key.with_name(private_key.name + ".pub").read_text().split()[:2]
+    return f"{key_type} {blob}"
+
+
+def _make_upper_dirs(upper: Path, lower: Path, relative: Path) -> None:
+    """Create ``upper/relative`` with the owner and mode of the real directory it shadows."""
+    current_upper, current_lower = upper, lower
+    for part in relative.parts:
+        current_upper, current_lower = current_upper / part, current_lower / part
+        if current_upper.is_dir():
+            continue
+        current_upper.mkdir()
+        if current_lower.is_dir():
+            info = current_lower.stat()
+            os.chown(current_upper, info.st_uid, info.st_gid)
+            current_upper.chmod(info.st_mode & 0o7777)
+        else:
+            current_upper.chmod(0o755)
+
+
+def _init_layer(upper: Path, lower: Path) -> None:
+    """An overlay's root takes its owner and mode from the upper directory: copy the real one."""
+    upper.mkdir(parents=True, exist_ok=True)
+    info = lower.stat()
+    os.chown(upper, info.st_uid, info.st_gid)
+    upper.chmod(info.st_mode & 0o7777)
+
+
+def _merged_text(paths: MachinePaths, etc_path: str) -> str:
+    """What the machine sees at ``/etc/...``: its upper file if there is one, else the real one."""
+    upper = paths.in_etc(etc_path)
+    if upper.is_file():
+        return upper.read_text()
+    if upper.exists() or upper.is_symlink():
+        return ""  # deleted inside the machine (an overlay whiteout)
+    try:
+        return Path(etc_path).read_text()
+    except FileNotFoundError:
+        return ""
+
+
+def prepare_machine(state: StatePaths, machine: Machine) -> None:
+    """Lay out a stopped machine's directory and write its /etc files into the upper layer.
+
+    Kept across starts: the store, /etc and /var changes, the host key, nix.conf and the
+    deploy user. Rewritten at every start: the sshd configuration and authorized keys.
+    """
+    paths = state.machine(machine.name)
+    for directory in (paths.nix, paths.etc_work, paths.var_work):
+        directory.mkdir(parents=True, exist_ok=True)
+    paths.nix.chmod(0o755)
+    paths.home.mkdir(exist_ok=True)
+    paths.home.chmod(0o700)
+    _init_layer(paths.etc_upper, Path("/etc"))
+    _init_layer(paths.var_upper, Path("/var"))
+
+    for etc_path in (SSHD_CONFIG, "/etc/nix/nix.conf"):
+        _make_upper_dirs(paths.etc_upper, Path("/etc"), Path(etc_path).parent.relative_to("/etc"))
+    generate_key(paths.in_etc(HOST_KEY), f"root@{machine.name}")
+    write_file(paths.in_etc(SSHD_CONFIG), sshd_config(machine.port))
+    write_file(paths.in_etc(AUTHORIZED_KEYS), public_key(state.client_key) + "\n")
+
+    if not paths.in_etc("/etc/NIXOS").is_file():
+        write_file(paths.in_etc("/etc/NIXOS"), "")
+    if not paths.in_etc("/etc/nix/nix.conf").is_file():
+        write_file(paths.in_etc("/etc/nix/nix.conf"), NIX_CONF)
+    write_file(paths.in_etc("/etc/hostname"), machine.name + "\n")
+    hosts = _merged_text(paths, "/etc/hosts")
+    if not re.search(rf"^127\.0\.1\.1\s+{re.escape(machine.name)}\s*$", hosts, re.MULTILINE):
+        if hosts and not hosts.endswith("\n"):
+            hosts += "\n"
+        write_file(paths.in_etc("/etc/hosts"), f"{hosts}127.0.1.1\t{machine.name}\n")
+
+
+def host_public_key(state: StatePaths, name: str) -> str:
+    return public_key(state.machine(name).in_etc(HOST_KEY))
+
+
+def render_known_hosts(machines: list[Machine], host_keys: dict[str, str]) -> str:
+    """Every host key under both spellings: ``web1,[127.0.0.1]:22401 ssh-ed25519 AAAA...``."""
+    return "".join(
+        f"{machine.name},[127.0.0.1]:{machine.port} {host_keys[machine.name]}\n"
+        for machine in machines
+    )
+
+
+def render_ssh_config(machines: list[Machine], state: StatePaths) -> str:
+    """One ``Host`` block per machine, strict host key checking, no prompts."""
+    blocks = [
+        f"""\
+Host {machine.name}
+  HostName 127.0.0.1
+  Port {machine.port}
+  User root
+  IdentityFile {state.client_key}
+  IdentitiesOnly yes
+  StrictHostKeyChecking yes
+  BatchMode yes
+  UserKnownHostsFile {state.known_hosts}
+  LogLevel ERROR
+"""
+        for machine in machines
+    ]
+    return "# Written by `python -m testbed up`.\n\n" + "\n".join(blocks)
+
+
+_YAML_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+_YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n"}
+
+
+def _yaml_scalar(text: str) -> str:
+    """``text`` as a YAML scalar: bare when that is unambiguous, else JSON-quoted."""
+    if _YAML_PLAIN.fullmatch(text) and text.lower() not in _YAML_WORDS:
+        return text
+    return json.dumps(text)
+
+
+def render_fleet_file(machines: list[Machine]) -> str:
+    """The test fleet as a flakefleet fleet file (paths relative to the file)."""
+    lines = [
+        "# Written by `python -m testbed up`: the test fleet, as a flakefleet fleet file.",
+        "ssh:",
+        "  key: keys/id_ed25519",
+        "  known_hosts: known_hosts",
+        "data:",
+        "  nix_options:",
+        '    substituters: ""',
+        "machines:",
+    ]
+    for machine in machines:
+        roles = ", ".join(_yaml_scalar(role) for role in machine.roles)
+        lines += [
+            f"  - name: {_yaml_scalar(machine.name)}",
+            "    address: 127.0.0.1",
+            f"    port: {machine.port}",
+            "    user: root",
+            f"    class: {_yaml_scalar(machine.klass)}",
+            f"    roles: [{roles}]",
+        ]
+        if machine.service_port is not None:
+            lines.append(f"    data: {{service_port: {machine.service_port}}}")
+    return "\n".join(lines) + "\n"
+
+
+def write_client_files(state: StatePaths, machines: list[Machine]) -> None:
+    """Write ``known_hosts``, ``ssh_config`` and ``fleet.yaml`` for ``machines``."""
+    host_keys = {machine.name: host_public_key(state, machine.name) for machine in machines}
+    write_file(state.known_hosts, render_known_hosts(machines, host_keys))
+    write_file(state.ssh_config, render_ssh_config(machines, state))
+    write_file(state.fleet_file, render_fleet_file(machines))

@@ -1,0 +1,336 @@
+"""The test fleet's life cycle: up, down, status and reboot.
+
+``up`` prepares each stopped machine's files, starts all of them at once and waits until each
+sshd accepts a login. ``down`` signals each machine's PID 1 and waits until its recorded
+processes are gone. A machine is running when its recorded ``unshare`` PID is alive and still
+names this machine and state directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from testbed import files, processes
+from testbed.layout import (
+    BOOT_ID_FILE,
+    OUTER_PID_ENV,
+    REPO_ROOT,
+    StatePaths,
+    TestbedError,
+    base_port,
+    state_dir,
+)
+from testbed.roster import Machine, load_record, load_roster, save_record, select
+
+MACHINE_ENVIRONMENT = {
+    "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    "PYTHONPATH": str(REPO_ROOT),
+    "LANG": "C.UTF-8",
+    "HOME": "/root",
+}
+NAMESPACES = ["--mount", "--uts", "--ipc", "--pid", "--fork", "--kill-child", "--mount-proc"]
+# Inside a machine only what lives under /usr stays visible after the mounts (a venv under
+# /root or /tmp disappears), so PID 1 runs on the system Python when there is one.
+MACHINE_PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+KILL_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class MachineStatus:
+    machine: Machine
+    running: bool
+    system: str | None  # /run/current-system inside the machine
+
+
+def _state() -> StatePaths:
+    return StatePaths(state_dir())
+
+
+@contextlib.contextmanager
+def _locked(state: StatePaths) -> Iterator[None]:
+    """One life-cycle command at a time per state directory."""
+    state.root.mkdir(parents=True, exist_ok=True)
+    with open(state.root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+# -- up ----------------------------------------------------------------------------------------
+
+
+def up(roster: Path, count: int | None = None) -> list[Machine]:
+    """Start the first ``count`` roster machines (all by default); return those started.
+
+    Machines already running stay as they are. Example: ``up(Path("example/hosts.json"), 3)``.
+    """
+    state = _state()
+    wanted = select(load_roster(roster, base_port()), count)
+    with _locked(state):
+        for directory in (state.keys, state.machines, state.tmp):
+            directory.mkdir(parents=True, exist_ok=True)
+        state.marker.touch()
+        files.generate_key(state.client_key, "flakefleet-testbed")
+
+        previous = {machine.name: machine for machine in load_record(state.record)}
+        running = {name for name in {*previous, *(m.name for m in wanted)} if _pid(state, name)}
+        fleet = _fleet_after_up(wanted, previous, running)
+        to_start = [machine for machine in wanted if machine.name not in running]
+        _check_ports(fleet, to_start)
+
+        for machine in to_start:
+            files.prepare_machine(state, machine)
+        save_record(state.record, fleet)
+        files.write_client_files(state, fleet)
+        for machine in to_start:
+            start_machine(state, machine)
+        _wait_ready(state, to_start)
+    return to_start
+
+
+def _fleet_after_up(
+    wanted: list[Machine], previous: dict[str, Machine], running: set[str]
+) -> list[Machine]:
+    """The wanted machines plus those still running; a running machine keeps its old entry."""
+    fleet = [previous[m.name] if m.name in running and m.name in previous else m for m in wanted]
+    wanted_names = {machine.name for machine in wanted}
+    fleet += [m for name, m in previous.items() if name in running and name not in wanted_names]
+    return fleet
+
+
+def _check_ports(fleet: list[Machine], to_start: list[Machine]) -> None:
+    ports = [machine.port for machine in fleet]
+    if len(set(ports)) != len(ports):
+        raise TestbedError(f"two machines would share a port: {ports} (run down first)")
+    for machine in to_start:
+        if _port_in_use(machine.port):
+            raise TestbedError(
+                f"port 127.0.0.1:{machine.port} for {machine.name} is used by another program"
+                f" (set $FLAKEFLEET_TESTBED_PORT to another base port)"
+            )
+
+
+def _port_in_use(port: int) -> bool:
+    """True if something listens on (or holds) ``127.0.0.1:port``."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ignore TIME_WAIT leftovers
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def start_machine(state: StatePaths, machine: Machine) -> int:
+    """Start a prepared machine's namespace; record and return its ``unshare`` PID."""
+    paths = state.machine(machine.name)
+    command = [
+        *_outer_namespace_prefix(),
+        _which("unshare"),
+        *NAMESPACES,
+        "--propagation",
+        "private",
+        MACHINE_PYTHON,
+        "-m",
+        processes.MACHINE_MODULE,
+        machine.name,
+        str(state.root),
+    ]
+    with open(paths.console_log, "a") as console:
+        console.write(f"== testbed: starting {machine.name} at {time.strftime('%F %T')}\n")
+        console.flush()
+        pid = os.posix_spawn(
+            command[0],
+            command,
+            MACHINE_ENVIRONMENT,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, console.fileno(), 1),
+                (os.POSIX_SPAWN_DUP2, console.fileno(), 2),
+            ],
+            setsid=True,
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+        )
+    files.write_file(paths.pid_file, f"{pid}\n")
+    return pid
+
+
+def _which(program: str) -> str:
+    path = shutil.which(program, path=MACHINE_ENVIRONMENT["PATH"])
+    if path is None:
+        raise TestbedError(f"{program} is not installed")
+    return path
+
+
+def _outer_namespace_prefix() -> list[str]:
+    """Enter the computer's own mount namespace first when run from a runner's namespace."""
+    outer = os.environ.get(OUTER_PID_ENV)
+    if not outer:
+        return []
+    return [_which("nsenter"), f"--mount=/proc/{outer}/ns/mnt", "--"]
+
+
+def _wait_ready(state: StatePaths, machines: list[Machine]) -> None:
+    """Wait (in parallel) until each machine's sshd accepts an ssh login."""
+    if not machines:
+        return
+    with ThreadPoolExecutor(max_workers=len(machines)) as pool:
+        problems = [p for p in pool.map(lambda m: _wait_one(state, m), machines) if p]
+    if problems:
+        raise TestbedError("; ".join(problems))
+
+
+def _wait_one(state: StatePaths, machine: Machine) -> str | None:
+    """None once ``ssh <machine> true`` works, else what went wrong."""
+    paths = state.machine(machine.name)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if _pid(state, machine.name) is None:
+            return f"{machine.name} stopped while booting: {_last_line(paths.console_log)}"
+        if _accepts_tcp(machine.port) and _ssh_true(state, machine, deadline):
+            return None
+        time.sleep(0.05)
+    return f"{machine.name} did not accept ssh within {READY_TIMEOUT:g} s (see {paths.console_log})"
+
+
+def _accepts_tcp(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _ssh_true(state: StatePaths, machine: Machine, deadline: float) -> bool:
+    try:
+        result = subprocess.run(
+            ["ssh", "-F", str(state.ssh_config), "-o", "ConnectTimeout=5", machine.name, "true"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=max(1.0, deadline - time.monotonic()),
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return result.returncode == 0
+
+
+def _last_line(path: Path) -> str:
+    lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    return lines[-1] if lines else "(no output)"
+
+
+# -- down --------------------------------------------------------------------------------------
+
+
+def down(purge: bool = False) -> None:
+    """Stop every machine of the state directory; ``purge`` also deletes the directory."""
+    state = _state()
+    if not state.root.exists():
+        return
+    if purge and not state.marker.exists():
+        raise TestbedError(f"{state.root} is not a testbed state directory; not deleting it")
+    with _locked(state):
+        names = sorted(p.name for p in state.machines.iterdir()) if state.machines.is_dir() else []
+        stop_machines(state, names)
+        if purge:
+            shutil.rmtree(state.root)
+
+
+def stop_machines(state: StatePaths, names: list[str]) -> None:
+    """SIGTERM each machine's PID 1 and wait until its recorded processes are gone."""
+    recorded: dict[str, list[int]] = {}
+    for name in names:
+        pid = _pid(state, name)
+        if pid is None:
+            continue
+        init = processes.namespace_init(pid, name, state.root)
+        recorded[name] = [pid] if init is None else [pid, init]
+        if init is not None:
+            # unshare --fork ignores SIGTERM; its child, PID 1 of the machine, does not.
+            processes.signal_if_alive(init, signal.SIGTERM)
+        else:
+            # No PID 1 (yet): killing unshare also kills its child (--kill-child).
+            processes.signal_if_alive(pid, signal.SIGKILL)
+    alive = processes.wait_gone([pid for pids in recorded.values() for pid in pids], STOP_TIMEOUT)
+    if alive:
+        for name, pids in recorded.items():
+            for pid in pids:
+                if pid in alive and processes.is_machine_process(pid, name, state.root):
+                    processes.signal_if_alive(pid, signal.SIGKILL)
+        alive = processes.wait_gone(alive, KILL_TIMEOUT)
+    if alive:
+        raise TestbedError(f"machine processes {alive} did not exit")
+    for name in names:
+        state.machine(name).pid_file.unlink(missing_ok=True)
+
+
+def _pid(state: StatePaths, name: str) -> int | None:
+    return processes.running_pid(state.machine(name).pid_file, name, state.root)
+
+
+# -- status and reboot -------------------------------------------------------------------------
+
+
+def _inside(state: StatePaths, name: str) -> Path | None:
+    """The machine's root directory as seen from outside (through its PID 1), if running."""
+    pid = _pid(state, name)
+    init = processes.namespace_init(pid, name, state.root) if pid else None
+    return Path(f"/proc/{init}/root") if init else None
+
+
+def status(roster: Path) -> list[MachineStatus]:
+    """The machines of the last ``up`` (else of the roster), running or not."""
+    state = _state()
+    machines = load_record(state.record)
+    if not machines and roster.exists():
+        machines = load_roster(roster, base_port())
+    result = []
+    for machine in machines:
+        root = _inside(state, machine.name)
+        system = None
+        if root is not None:
+            with contextlib.suppress(OSError):
+                system = os.readlink(root / "run/current-system")
+        result.append(MachineStatus(machine, root is not None, system))
+    return result
+
+
+def reboot(name: str) -> str:
+    """Stop the machine's namespace and start it again; return its new boot id.
+
+    ``/run`` comes back empty; the store, /etc and /var persist; the machine boots the system
+    its bootloader selected (``/var/lib/fake-bootloader/default``).
+    """
+    state = _state()
+    machines = {machine.name: machine for machine in load_record(state.record)}
+    if name not in machines:
+        known = ", ".join(machines) or "none; run up first"
+        raise TestbedError(f"unknown machine {name!r} (machines: {known})")
+    machine = machines[name]
+    with _locked(state):
+        stop_machines(state, [name])
+        if _port_in_use(machine.port):
+            raise TestbedError(
+                f"port 127.0.0.1:{machine.port} for {name} is used by another program"
+            )
+        files.prepare_machine(state, machine)
+        start_machine(state, machine)
+        _wait_ready(state, [machine])
+    root = _inside(state, name)
+    if root is None:
+        raise TestbedError(f"{name} stopped right after booting")
+    return (root / BOOT_ID_FILE.lstrip("/")).read_text().strip()

@@ -1,0 +1,156 @@
+"""Where the test fleet keeps things: the state directory, ports and per-machine paths.
+
+Standard library only: ``testbed.machine`` imports this inside a machine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ROSTER = REPO_ROOT / "example" / "hosts.json"
+DEFAULT_BASE_PORT = 22400
+
+STATE_ENV = "FLAKEFLEET_TESTBED_STATE"
+PORT_ENV = "FLAKEFLEET_TESTBED_PORT"
+# Set by a runner that lives in its own mount namespace: machines are then started from the
+# mount namespace of this PID (normally the computer's own), never from the runner's.
+OUTER_PID_ENV = "FLAKEFLEET_TESTBED_OUTER_PID"
+
+# Paths as a machine sees them.
+SSHD_DIR = "/etc/ssh/testbed"
+SSHD_CONFIG = f"{SSHD_DIR}/sshd_config"
+BOOT_ID_FILE = "/run/boot-id"
+BOOTLOADER_DEFAULT = "/var/lib/fake-bootloader/default"
+
+# The state directory ends up in mount options, ssh_config and overlay paths: keep it plain.
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9._/+@-]+")
+# Directories a machine replaces; a state directory inside them would hide itself or overlap.
+_FORBIDDEN_STATE_PARENTS = ("/etc", "/var", "/nix", "/run", "/proc", "/sys", "/dev")
+
+
+class TestbedError(Exception):
+    """A failure with a message the user can act on (printed as one line)."""
+
+
+def state_dir() -> Path:
+    """The state directory: ``$FLAKEFLEET_TESTBED_STATE`` or ``<repo>/.testbed``."""
+    path = Path(os.environ.get(STATE_ENV) or REPO_ROOT / ".testbed").absolute()
+    check_state_dir(path)
+    return path
+
+
+def check_state_dir(path: Path) -> None:
+    """Refuse state directories that a machine could not use safely."""
+    text = str(path)
+    if not _PLAIN_PATH.fullmatch(text):
+        raise TestbedError(f"state directory {text!r} may only contain A-Z a-z 0-9 . _ / + @ -")
+    for parent in _FORBIDDEN_STATE_PARENTS:
+        if text == parent or text.startswith(parent + "/"):
+            raise TestbedError(f"state directory {text} must not be under {parent}")
+    if text == "/":
+        raise TestbedError("state directory must not be /")
+
+
+def base_port() -> int:
+    """The base SSH port: machine ``i`` (0-based) listens on ``base + 1 + i``."""
+    raw = os.environ.get(PORT_ENV) or str(DEFAULT_BASE_PORT)
+    if not raw.isdigit() or not 1024 <= int(raw) <= 65000:
+        raise TestbedError(f"{PORT_ENV}={raw!r} is not a port number between 1024 and 65000")
+    return int(raw)
+
+
+@dataclass(frozen=True)
+class StatePaths:
+    """Files shared by the whole fleet, under the state directory."""
+
+    root: Path
+
+    @property
+    def marker(self) -> Path:
+        """Proves the directory is a testbed state directory (``down --purge`` checks it)."""
+        return self.root / ".testbed-state"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def client_key(self) -> Path:
+        return self.keys / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.root / "known_hosts"
+
+    @property
+    def ssh_config(self) -> Path:
+        return self.root / "ssh_config"
+
+    @property
+    def fleet_file(self) -> Path:
+        return self.root / "fleet.yaml"
+
+    @property
+    def record(self) -> Path:
+        """The machines the last ``up`` brought up, with their ports (JSON)."""
+        return self.root / "machines.json"
+
+    @property
+    def machines(self) -> Path:
+        return self.root / "machines"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    def machine(self, name: str) -> MachinePaths:
+        return MachinePaths(self.machines / name)
+
+
+@dataclass(frozen=True)
+class MachinePaths:
+    """One machine's directory: its store, overlay layers, empty /root and process files."""
+
+    root: Path
+
+    @property
+    def nix(self) -> Path:
+        return self.root / "nix"
+
+    @property
+    def etc_upper(self) -> Path:
+        return self.root / "etc.upper"
+
+    @property
+    def etc_work(self) -> Path:
+        return self.root / "etc.work"
+
+    @property
+    def var_upper(self) -> Path:
+        return self.root / "var.upper"
+
+    @property
+    def var_work(self) -> Path:
+        return self.root / "var.work"
+
+    @property
+    def home(self) -> Path:
+        """Bound on the machine's ``/root``: empty, so no dotfile of this computer runs there."""
+        return self.root / "root"
+
+    @property
+    def pid_file(self) -> Path:
+        """The PID of the machine's ``unshare`` process, as seen from outside."""
+        return self.root / "pid"
+
+    @property
+    def console_log(self) -> Path:
+        return self.root / "console.log"
+
+    def in_etc(self, path: str) -> Path:
+        """Where a machine's ``/etc/...`` file lives in its upper layer."""
+        return self.etc_upper / Path(path).relative_to("/etc")

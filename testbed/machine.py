@@ -1,0 +1,296 @@
+"""PID 1 of one test machine: mount its private filesystems, boot its system, keep sshd up.
+
+Started by ``testbed.fleet`` as ``unshare --mount --uts --ipc --pid --fork ... python -m
+testbed.machine <name> <state dir>``. In order, it
+
+1. refuses to run unless it is PID 1 of a PID namespace with private mount propagation;
+2. mounts ``/nix`` (bind of the machine's store), ``/etc`` and ``/var`` (overlays on the real
+   directories), ``/root`` (bind of an empty directory), ``/run`` and ``/tmp`` (fresh tmpfs),
+   then checks ``/proc/self/mountinfo`` and stops **before writing anything** unless every
+   one of them is the machine's own: this computer's /etc, /var, /root and /nix are never written;
+3. sets the hostname and writes a fresh boot id to ``/run/boot-id`` (the kernel's boot_id is
+   shared by all machines);
+4. creates the ``deploy`` user on first boot and starts ``nix-daemon``;
+5. boots the system selected by ``/var/lib/fake-bootloader/default``, if any: links
+   ``/run/booted-system`` and ``/run/current-system`` and runs its ``activate``
+   (output in ``/var/log/boot.log``);
+6. becomes a tiny init: reaps orphans, restarts sshd one second after it exits, and on
+   SIGTERM stops sshd and exits 0 (the kernel then ends every process of the machine).
+
+The machine's /etc files (hostname, hosts, nix.conf, sshd configuration) are written from
+outside, into the upper layer, before it starts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import signal
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+
+# Everything is imported above: after the mounts, this interpreter's own files may be hidden.
+from testbed.layout import BOOT_ID_FILE, BOOTLOADER_DEFAULT, SSHD_CONFIG, MachinePaths, StatePaths
+
+ENVIRONMENT = {
+    "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "HOME": "/root",
+}
+SSHD = ["/usr/sbin/sshd", "-D", "-e", "-f", SSHD_CONFIG]
+NIX_DAEMON = ["/usr/bin/nix-daemon"]
+CREATE_DEPLOY_USER = [
+    "/usr/sbin/useradd",
+    "--create-home",
+    "--home-dir",
+    "/var/lib/deploy",
+    "--shell",
+    "/bin/sh",
+    "--password",
+    "*",  # not locked ("!"): sshd with UsePAM no refuses locked accounts
+    "deploy",
+]
+ACTIVATION_TIMEOUT = 60.0
+SSHD_RESTART_DELAY = 1.0
+SSHD_STOP_TIMEOUT = 2.0
+# Blocked for the whole life of PID 1 and taken with sigtimedwait: a signal from outside is
+# then never dropped (PID 1 of a namespace ignores signals it has no handler for).
+INIT_SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
+
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_BIND = 0x1000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class MachineError(Exception):
+    """The machine cannot start; PID 1 exits 1 with this message."""
+
+
+def log(message: str) -> None:
+    print(f"init: {message}", file=sys.stderr, flush=True)
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def spawn(argv: list[str], *, output: str | None = None, new_session: bool = False) -> int:
+    """Start ``argv`` with a clean environment and signal mask; return its PID.
+
+    stdin is /dev/null; stdout and stderr go to ``output`` (appended) or stay on the console.
+    """
+    actions: list[tuple] = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)]
+    if output is not None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        actions += [(os.POSIX_SPAWN_OPEN, 1, output, flags, 0o644), (os.POSIX_SPAWN_DUP2, 1, 2)]
+    return os.posix_spawn(
+        argv[0],
+        argv,
+        ENVIRONMENT,
+        file_actions=actions,
+        setsid=new_session,
+        setsigmask=(),
+        # Python ignores these; a child must start with the defaults.
+        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+    )
+
+
+def run(argv: list[str], *, output: str | None = None, timeout: float = 30.0) -> int | None:
+    """Run ``argv`` to completion in its own session; its exit code, or None on timeout."""
+    pid = spawn(argv, output=output, new_session=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+    if not ready:
+        os.killpg(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return None
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+# -- mounts ------------------------------------------------------------------------------------
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    result = _libc.mount(
+        source.encode(), target.encode(), fstype.encode() if fstype else None, flags, data.encode()
+    )
+    if result != 0:
+        error = ctypes.get_errno()
+        raise MachineError(f"mount {source} on {target} failed: {os.strerror(error)}")
+
+
+def read_mountinfo() -> dict[str, tuple[str, list[str]]]:
+    """The topmost mount at each mount point: ``{mount point: (fstype, super options)}``."""
+    mounts = {}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        before, after = line.split(" - ", 1)
+        mount_point = before.split()[4]
+        fstype, _source, super_options = after.split()[:3]
+        mounts[mount_point] = (fstype, super_options.split(","))
+    return mounts
+
+
+def check_private_propagation() -> None:
+    """A mount here must never reach this computer's own mount namespace."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        optional_fields = line.split(" - ", 1)[0].split()[6:]
+        if any(field.startswith("shared:") for field in optional_fields):
+            raise MachineError(
+                "mount propagation is not private (start with --propagation private)"
+            )
+
+
+def identity(path: str | Path) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
+
+
+def mount_filesystems(machine: MachinePaths) -> None:
+    """Give the machine its own /nix, /etc, /var, /root, /run and /tmp, then verify them."""
+    check_private_propagation()
+    binds = {"/nix": machine.nix, "/root": machine.home}
+    expected = {target: identity(source) for target, source in binds.items()}
+    layers = {
+        "/etc": (machine.etc_upper, machine.etc_work),
+        "/var": (machine.var_upper, machine.var_work),
+    }
+
+    # Order matters: the state directory may be under /root or /tmp, which are covered last.
+    mount(str(machine.nix), "/nix", None, MS_BIND)
+    for target, (upper, work) in layers.items():
+        options = f"lowerdir={target},upperdir={upper},workdir={work}"
+        mount("overlay", target, "overlay", 0, options)
+    mount(str(machine.home), "/root", None, MS_BIND)
+    mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+
+    mounts = read_mountinfo()
+    for target, (upper, _work) in layers.items():
+        fstype, options = mounts.get(target, ("", []))
+        if fstype != "overlay" or f"upperdir={upper}" not in options:
+            raise MachineError(f"{target} is not the machine's overlay ({fstype} {options})")
+    for target, source_identity in expected.items():
+        if target not in mounts or identity(target) != source_identity:
+            raise MachineError(f"{target} is not the machine's bind mount")
+    for target in ("/run", "/tmp"):
+        if mounts.get(target, ("",))[0] != "tmpfs":
+            raise MachineError(f"{target} is not a fresh tmpfs")
+
+
+# -- boot --------------------------------------------------------------------------------------
+
+
+def set_identity(name: str) -> str:
+    """Hostname, a fresh boot id and the directories sshd needs; returns the boot id."""
+    socket.sethostname(name)
+    boot_id = str(uuid.uuid4())
+    Path(BOOT_ID_FILE).write_text(boot_id + "\n")
+    for directory, mode in (("/run/sshd", 0o755), ("/run/lock", 0o1777)):
+        os.mkdir(directory)
+        os.chmod(directory, mode)
+    return boot_id
+
+
+def ensure_deploy_user() -> None:
+    """A non-root login (home /var/lib/deploy), created once; it lives in the /etc overlay."""
+    if any(line.startswith("deploy:") for line in Path("/etc/passwd").read_text().splitlines()):
+        return
+    code = run(CREATE_DEPLOY_USER, output="/var/log/boot.log")
+    if code != 0:
+        log(f"useradd deploy failed ({code}); see /var/log/boot.log")
+
+
+def boot_system() -> None:
+    """Stage 2: activate the system the bootloader selected, if there is one."""
+    selected = Path(BOOTLOADER_DEFAULT)
+    if not selected.is_symlink() and not selected.exists():
+        log("no system selected by the bootloader yet")
+        return
+    toplevel = selected.resolve()
+    if not (toplevel / "activate").exists():
+        log(f"selected system {toplevel} has no activate script; not booting it")
+        return
+    for link in ("/run/booted-system", "/run/current-system"):
+        os.symlink(toplevel, link)
+    log(f"activating {toplevel}")
+    with open("/var/log/boot.log", "a") as boot_log:
+        boot_log.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} activating {toplevel}\n")
+    code = run([str(toplevel / "activate")], output="/var/log/boot.log", timeout=ACTIVATION_TIMEOUT)
+    if code != 0:
+        log(f"activation of {toplevel} failed ({code}); see /var/log/boot.log")
+
+
+# -- init --------------------------------------------------------------------------------------
+
+
+def stop(sshd: int | None) -> None:
+    if sshd is None:
+        return
+    os.kill(sshd, signal.SIGTERM)
+    deadline = time.monotonic() + SSHD_STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        if os.waitpid(sshd, os.WNOHANG)[0] == sshd:
+            return
+        time.sleep(0.01)
+
+
+def supervise() -> int:
+    """Keep sshd running and reap orphans until SIGTERM; then stop sshd and return 0."""
+    sshd: int | None = spawn(SSHD)
+    restart_at: float | None = None
+    while True:
+        if restart_at is None:
+            info = signal.sigwaitinfo(INIT_SIGNALS)
+        else:
+            info = signal.sigtimedwait(INIT_SIGNALS, max(0.0, restart_at - time.monotonic()))
+        if info is None:  # the restart delay is over
+            sshd, restart_at = spawn(SSHD), None
+            continue
+        if info.si_signo in (signal.SIGTERM, signal.SIGINT):
+            log("stopping")
+            stop(sshd)
+            return 0
+        while True:  # SIGCHLD: reap every exited child, adopted orphans included
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if pid == sshd:
+                code = os.waitstatus_to_exitcode(status)
+                log(f"sshd (pid {pid}) exited rc={code}; restarting in {SSHD_RESTART_DELAY:g}s")
+                sshd, restart_at = None, time.monotonic() + SSHD_RESTART_DELAY
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m testbed.machine <name> <state dir>", file=sys.stderr)
+        return 1
+    name, state = argv
+    if os.getpid() != 1:
+        print("testbed.machine: refusing to run: not PID 1 of a PID namespace", file=sys.stderr)
+        return 1
+    signal.pthread_sigmask(signal.SIG_BLOCK, INIT_SIGNALS)
+    try:
+        mount_filesystems(StatePaths(Path(state)).machine(name))
+    except (MachineError, OSError) as error:
+        print(f"testbed.machine: refusing to boot {name}: {error}", file=sys.stderr)
+        return 1
+    boot_id = set_identity(name)
+    log(f"{name} booting, boot id {boot_id}")
+    ensure_deploy_user()
+    spawn(NIX_DAEMON, output="/var/log/nix-daemon.log", new_session=True)
+    boot_system()
+    return supervise()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

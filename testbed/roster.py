@@ -1,0 +1,93 @@
+"""The machines of the test fleet: read from the roster, remembered in the state directory.
+
+The roster is the example fleet's ``hosts.json``: ``{"web1": {"class": "nixos", "roles": ["web"],
+...}, ...}``. Key order is machine order; machine ``i`` gets port ``base + 1 + i``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from testbed.layout import TestbedError
+
+# Names become hostnames, directory names and ssh_config host aliases.
+_MACHINE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """One machine of the test fleet."""
+
+    name: str
+    port: int
+    klass: str = "nixos"
+    roles: tuple[str, ...] = ()
+    service_port: int | None = None  # where the machine's role service answers, if it has one
+
+
+def load_roster(path: Path, base_port: int) -> list[Machine]:
+    """Read the roster file; machine ``i`` listens on ``base_port + 1 + i``.
+
+    Example: ``load_roster(Path("example/hosts.json"), 22400)[0].port == 22401``.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TestbedError(f"roster {path} does not exist (pass --roster)") from None
+    except (OSError, ValueError) as error:
+        raise TestbedError(f"roster {path} is not readable JSON: {error}") from None
+    if not isinstance(data, dict) or not data:
+        raise TestbedError(f"roster {path} must be a non-empty JSON object of machines")
+    machines = []
+    for index, (name, attrs) in enumerate(data.items()):
+        if not _MACHINE_NAME.fullmatch(name):
+            raise TestbedError(f"roster {path}: {name!r} is not a valid machine name")
+        if not isinstance(attrs, dict):
+            raise TestbedError(f"roster {path}: {name} must map to an object")
+        klass = attrs.get("class", "nixos")
+        roles = attrs.get("roles", [])
+        if not isinstance(klass, str) or not (
+            isinstance(roles, list) and all(isinstance(role, str) for role in roles)
+        ):
+            raise TestbedError(f"roster {path}: {name} needs a string class and a list of roles")
+        service_port = attrs.get("port")
+        if service_port is not None and not isinstance(service_port, int):
+            raise TestbedError(f"roster {path}: {name}: port must be a number")
+        machines.append(Machine(name, base_port + 1 + index, klass, tuple(roles), service_port))
+    return machines
+
+
+def select(machines: list[Machine], count: int | None) -> list[Machine]:
+    """The first ``count`` machines (all when ``count`` is None)."""
+    if count is None:
+        return machines
+    if not 1 <= count <= len(machines):
+        raise TestbedError(f"--machines must be between 1 and {len(machines)}, not {count}")
+    return machines[:count]
+
+
+def save_record(path: Path, machines: list[Machine]) -> None:
+    """Remember which machines the fleet has (``status``, ``reboot`` and ``down`` read it)."""
+    entries = [asdict(machine) for machine in machines]
+    path.write_text(json.dumps(entries, indent=2) + "\n")
+
+
+def load_record(path: Path) -> list[Machine]:
+    """The machines remembered by the last ``up`` (none if it never ran)."""
+    try:
+        entries = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    return [
+        Machine(
+            entry["name"],
+            entry["port"],
+            entry["klass"],
+            tuple(entry["roles"]),
+            entry.get("service_port"),
+        )
+        for entry in entries
+    ]

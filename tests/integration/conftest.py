@@ -1,0 +1,126 @@
+"""The integration harness: a test fleet of its own, and deploys run the way users run them.
+
+The fleet lives in .testbed-tests/ on its own ports, so a developer's fleet in .testbed/ keeps
+running beside it. Tests that change the fleet's configuration work on a copy of the example
+flake.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flakefleet.fleet import load_fleet
+
+ROOT = Path(__file__).resolve().parents[2]
+STATE = Path(os.environ.get("FLAKEFLEET_TEST_STATE", ROOT / ".testbed-tests"))
+PORT = os.environ.get("FLAKEFLEET_TEST_PORT", "22700")
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Deploy:
+    """What one `pyinfra inventory.py deploy/...` run did."""
+
+    returncode: int
+    output: str
+    report: dict[str, dict[str, Any]]
+
+    def status(self, machine: str) -> str:
+        return self.report[machine]["status"]
+
+
+class Fleet:
+    """The running test fleet, driven through its command line and plain ssh."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.fleet_file = state / "fleet.yaml"
+        self.env = {
+            **os.environ,
+            "FLAKEFLEET_TESTBED_STATE": str(state),
+            "FLAKEFLEET_TESTBED_PORT": PORT,
+            "FLAKEFLEET_FLEET": str(self.fleet_file),
+        }
+
+    def testbed(self, *args: str) -> str:
+        completed = subprocess.run(
+            [sys.executable, "-m", "testbed", *args],
+            cwd=ROOT, env=self.env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert completed.returncode == 0, completed.stderr
+        return completed.stdout
+
+    def ssh(self, machine: str, command: str, check: bool = True) -> str:
+        completed = subprocess.run(
+            ["ssh", "-F", str(self.state / "ssh_config"), machine, command],
+            capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+        if check:
+            assert completed.returncode == 0, f"{machine}: {command}: {completed.stderr}"
+        return completed.stdout.strip()
+
+    def deploy(self, flake: Path, *args: str, deploy_file: str = "deploy/site.py") -> Deploy:
+        report = self.state / "last-report.json"
+        report.unlink(missing_ok=True)
+        completed = subprocess.run(
+            [str(BIN / "pyinfra"), "-y", "inventory.py", deploy_file, "--data", f"flake={flake}",
+             *args],
+            cwd=ROOT, env={**self.env, "FLAKEFLEET_REPORT": str(report)},
+            capture_output=True, text=True, check=False, timeout=600,
+        )  # fmt: skip
+        output = completed.stdout + completed.stderr
+        data = json.loads(report.read_text()) if report.exists() else {}
+        return Deploy(completed.returncode, output, data)
+
+    @property
+    def machines(self) -> list[str]:
+        return [machine.name for machine in load_fleet(self.fleet_file).machines]
+
+
+@pytest.fixture(scope="session")
+def fleet() -> Any:
+    testbed = Fleet(STATE)
+    testbed.testbed("up")
+    try:
+        yield testbed
+    finally:
+        testbed.testbed("down", "--purge")
+
+
+@pytest.fixture(scope="module")
+def flake(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the example flake that a test module may change."""
+    copy = tmp_path_factory.mktemp("flake") / "example"
+    shutil.copytree(ROOT / "example", copy)
+    return copy
+
+
+def set_host(flake: Path, machine: str, **settings: Any) -> None:
+    """Change a machine's entry in the flake's hosts.json (None removes a setting)."""
+    hosts_file = flake / "hosts.json"
+    hosts = json.loads(hosts_file.read_text())
+    for key, value in settings.items():
+        if value is None:
+            hosts[machine].pop(key, None)
+        else:
+            hosts[machine][key] = value
+    hosts_file.write_text(json.dumps(hosts, indent=2))
+
+
+def evaluate(flake: Path, machine: str) -> str:
+    """The system path the flake gives a machine, computed independently of flakefleet."""
+    attribute = f"path:{flake}#nixosConfigurations.{machine}.config.system.build.toplevel.outPath"
+    return subprocess.run(
+        ["nix", "--extra-experimental-features", "nix-command flakes",
+         "--option", "substituters", "", "eval", "--raw", attribute],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip

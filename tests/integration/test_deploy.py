@@ -1,0 +1,77 @@
+"""The walking skeleton end to end: deploy the example flake to the test fleet, redeploy with
+no change, change one machine, and lose one machine, with real Nix, sshd, rsync and pyinfra.
+
+The tests run in order on one fleet: each starts from the state the previous one left.
+"""
+
+from __future__ import annotations
+
+from conftest import evaluate, set_host
+
+SYSTEM_PROFILE = "/nix/var/nix/profiles/system"
+
+
+def remote_state(fleet, machine: str) -> dict[str, str]:
+    """What a deploy may change on a machine, read directly with ssh."""
+    script = (
+        "readlink /run/current-system; readlink -f /nix/var/nix/profiles/system; "
+        f"nix-env -p {SYSTEM_PROFILE} --list-generations | wc -l; "
+        "wc -l < /var/log/activations.log; readlink /var/src/config"
+    )
+    current, profile, generations, activations, sources = fleet.ssh(machine, script).splitlines()
+    return {
+        "current": current,
+        "profile": profile,
+        "generations": generations,
+        "activations": activations,
+        "sources": sources,
+    }
+
+
+def test_first_deploy_converges_every_machine(fleet, flake):
+    result = fleet.deploy(flake)
+    assert result.returncode == 0, result.output
+    for machine in fleet.machines:
+        expected = evaluate(flake, machine)
+        state = remote_state(fleet, machine)
+        assert state["current"] == expected
+        assert state["profile"] == expected
+        assert state["generations"] == "1"
+        assert result.status(machine) == "changed"
+        assert result.report[machine]["system"] == expected
+        assert (
+            fleet.ssh(machine, "cat /var/src/config/hosts.json")
+            == (flake / "hosts.json").read_text().strip()
+        )
+        # The checks ran and passed for every machine.
+        assert any(
+            "smoke checks:" in note and "passed" in note for note in result.report[machine]["notes"]
+        )
+
+
+def test_second_deploy_changes_nothing(fleet, flake):
+    before = {machine: remote_state(fleet, machine) for machine in fleet.machines}
+    result = fleet.deploy(flake)
+    assert result.returncode == 0, result.output
+    for machine in fleet.machines:
+        assert result.status(machine) == "unchanged", result.report[machine]
+        assert remote_state(fleet, machine) == before[machine]
+
+
+def test_changing_one_machine_redeploys_only_that_machine(fleet, flake):
+    before = {machine: remote_state(fleet, machine) for machine in fleet.machines}
+    set_host(flake, "web2", version="2")
+    result = fleet.deploy(flake)
+    assert result.returncode == 0, result.output
+    after = remote_state(fleet, "web2")
+    assert after["current"] == evaluate(flake, "web2") != before["web2"]["current"]
+    assert after["generations"] == "2"
+    assert "switch" in result.report["web2"]["changed"]
+    for machine in fleet.machines:
+        if machine == "web2":
+            continue
+        # The flake tree changed for everyone (sources), but no other system did.
+        assert result.report[machine]["changed"] == ["sources"]
+        state = remote_state(fleet, machine)
+        assert state["current"] == before[machine]["current"]
+        assert state["activations"] == before[machine]["activations"]

@@ -1,0 +1,171 @@
+"""The test fleet's pure parts: roster, client files, state directory rules (no root needed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from testbed import files, layout
+from testbed.cli import main
+from testbed.fleet import _fleet_after_up
+from testbed.layout import REPO_ROOT, StatePaths, check_state_dir
+from testbed.roster import Machine, load_roster, select
+
+ROSTER = Path(__file__).with_name("hosts.json")
+
+
+def test_roster_gives_ports_in_order() -> None:
+    machines = load_roster(ROSTER, 22600)
+    assert [(m.name, m.port) for m in machines[:3]] == [
+        ("web1", 22601),
+        ("web2", 22602),
+        ("db1", 22603),
+    ]
+    assert machines[3] == Machine("app1", 22604, "nixos", ("app", "web"))
+    assert select(machines, 2) == machines[:2]
+    with pytest.raises(layout.TestbedError, match="between 1 and 5"):
+        select(machines, 6)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[]", "non-empty JSON object"),
+        ('{"Web_1": {}}', "not a valid machine name"),
+        ('{"web1": {"roles": "web"}}', "list of roles"),
+        ("{", "not readable JSON"),
+    ],
+)
+def test_roster_errors(tmp_path: Path, content: str, message: str) -> None:
+    roster = tmp_path / "hosts.json"
+    roster.write_text(content)
+    with pytest.raises(layout.TestbedError, match=message):
+        load_roster(roster, 22600)
+
+
+def test_fleet_file_has_the_documented_shape() -> None:
+    machines = [Machine("web1", 22401, "nixos", ("web",)), Machine("db1", 22403, "nixos", ())]
+    text = files.render_fleet_file(machines)
+    assert text.splitlines()[:15] == [
+        "# Written by `python -m testbed up`: the test fleet, as a flakefleet fleet file.",
+        "ssh:",
+        "  key: keys/id_ed25519",
+        "  known_hosts: known_hosts",
+        "data:",
+        "  nix_options:",
+        '    substituters: ""',
+        "machines:",
+        "  - name: web1",
+        "    address: 127.0.0.1",
+        "    port: 22401",
+        "    user: root",
+        "    class: nixos",
+        "    roles: [web]",
+        "  - name: db1",
+    ]
+    assert yaml.safe_load(text)["machines"][1] == {
+        "name": "db1",
+        "address": "127.0.0.1",
+        "port": 22403,
+        "user": "root",
+        "class": "nixos",
+        "roles": [],
+    }
+
+
+def test_fleet_file_quotes_what_yaml_would_misread() -> None:
+    machine = Machine("web1", 22401, "nixos", ("on", "a b", "1.5"))
+    loaded = yaml.safe_load(files.render_fleet_file([machine]))
+    assert loaded["machines"][0]["roles"] == ["on", "a b", "1.5"]
+
+
+def test_known_hosts_and_ssh_config() -> None:
+    machines = [Machine("web1", 22401), Machine("web2", 22402)]
+    keys = {"web1": "ssh-ed25519 AAAA1", "web2": "ssh-ed25519 AAAA2"}
+    assert files.render_known_hosts(machines, keys) == (
+        "web1,[127.0.0.1]:22401 ssh-ed25519 AAAA1\nweb2,[127.0.0.1]:22402 ssh-ed25519 AAAA2\n"
+    )
+    config = files.render_ssh_config(machines, StatePaths(Path("/s")))
+    assert "Host web2\n  HostName 127.0.0.1\n  Port 22402\n  User root\n" in config
+    for line in (
+        "IdentityFile /s/keys/id_ed25519",
+        "IdentitiesOnly yes",
+        "StrictHostKeyChecking yes",
+        "BatchMode yes",
+        "UserKnownHostsFile /s/known_hosts",
+        "LogLevel ERROR",
+    ):
+        assert config.count(f"  {line}\n") == 2
+
+
+def test_sshd_config() -> None:
+    config = files.sshd_config(22401)
+    assert config.splitlines()[1:4] == [
+        "Port 22401",
+        "ListenAddress 127.0.0.1",
+        "HostKey /etc/ssh/testbed/ssh_host_ed25519_key",
+    ]
+    assert "AuthorizedKeysFile /etc/ssh/testbed/authorized_keys\n" in config
+    assert "UsePAM no\n" in config
+
+
+def test_running_machines_keep_their_entries() -> None:
+    old_web1 = Machine("web1", 22501)
+    wanted = [Machine("web1", 22401), Machine("web2", 22402)]
+    previous = {"web1": old_web1, "db1": Machine("db1", 22503), "x": Machine("x", 22504)}
+    fleet = _fleet_after_up(wanted, previous, running={"web1", "db1"})
+    assert fleet == [old_web1, Machine("web2", 22402), Machine("db1", 22503)]
+
+
+@pytest.mark.parametrize("path", ["/etc/tb", "/var/lib/tb", "/nix/tb", "/run/tb", "/a b", "/a,b"])
+def test_unsafe_state_directories_are_refused(path: str) -> None:
+    with pytest.raises(layout.TestbedError):
+        check_state_dir(Path(path))
+
+
+def test_state_directory_may_be_under_tmp_or_the_repository() -> None:
+    check_state_dir(Path("/tmp/pytest-of-root/pytest-1/testbed0"))
+    check_state_dir(REPO_ROOT / ".testbed")
+
+
+def test_cli_errors_are_one_line_and_exit_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FLAKEFLEET_TESTBED_STATE", str(tmp_path / "state"))
+    assert main(["up", "--roster", str(tmp_path / "missing.json")]) == 1
+    assert main(["frobnicate"]) == 1
+    assert main(["reboot", "web1"]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3
+    assert all(line.startswith("testbed: error: ") for line in lines)
+    assert "unknown machine 'web1'" in lines[2]
+
+
+def test_status_without_state_lists_the_roster_as_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FLAKEFLEET_TESTBED_STATE", str(tmp_path / "state"))
+    monkeypatch.setenv("FLAKEFLEET_TESTBED_PORT", "22600")
+    assert main(["status", "--roster", str(ROSTER)]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split() == ["web1", "22601", "down", "-"]
+
+
+def test_machine_refuses_to_run_unless_pid_1() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "testbed.machine", "web1", "/nonexistent"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 1
+    assert "not PID 1" in completed.stderr
+
+
+def test_test_roster_is_valid_json() -> None:
+    assert list(json.loads(ROSTER.read_text())) == ["web1", "web2", "db1", "app1", "app2"]
