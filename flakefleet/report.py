@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pyinfra.api import FunctionCommand
-from pyinfra.api.state import BaseStateCallback, State
+from pyinfra.api.state import State
 
 
 @dataclass
@@ -82,19 +82,12 @@ def _record_failure(state: State, host: Any, reason: str) -> bool:
     return False
 
 
-class _Callbacks(BaseStateCallback):
-    @staticmethod
-    def host_connect_error(state: State, host: Any, error: Any) -> None:
-        failed(host.name, f"unreachable: {error}")
-
-
 def install(state: State) -> None:
     """Collect outcomes for this run and print the summary at exit (idempotent)."""
     global _state
     if _state is state:
         return
     _state = state
-    state.add_callback_handler(_Callbacks())
     atexit.register(_finish)
 
 
@@ -102,6 +95,12 @@ def _explain_failures(state: State) -> None:
     """Give failed machines without a recorded reason the failing operation and its output."""
     for host in state.inventory:
         if host not in state.failed_hosts or outcome(host.name).error:
+            continue
+        if host not in state.activated_hosts:
+            address = (
+                f"{host.data.get('ssh_hostname') or host.name}:{host.data.get('ssh_port', 22)}"
+            )
+            failed(host.name, f"unreachable: could not connect over SSH to {address}")
             continue
         for op_hash in state.get_op_order():
             op_data = state.ops[host].get(op_hash)
@@ -124,7 +123,8 @@ def summary_lines() -> list[str]:
     for name in sorted(_outcomes):
         record = _outcomes[name]
         detail = record.error or (record.system or "-")
-        what = f" ({', '.join(record.changed)})" if record.changed else ""
+        details = record.changed + record.notes
+        what = f" ({'; '.join(details)})" if details else ""
         lines.append(f"{name:<{width}}  {record.status:<9}  {detail}{what}")
     return lines
 

@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="one line per machine: name, port, up/down, system")
     status.add_argument("--roster", type=Path, default=DEFAULT_ROSTER, help=argparse.SUPPRESS)
 
+    stop = commands.add_parser("stop", help="power one machine off (`up` starts it again)")
+    stop.add_argument("host")
+
     reboot = commands.add_parser("reboot", help="restart one machine; prints its new boot id")
     reboot.add_argument("host")
 
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             fleet.down(purge=args.purge)
         elif args.command == "status":
             _status(args)
+        elif args.command == "stop":
+            fleet.stop(args.host)
         elif args.command == "reboot":
             print(fleet.reboot(args.host))
         elif args.command == "ssh":

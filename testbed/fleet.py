@@ -250,6 +250,15 @@ def down(purge: bool = False) -> None:
             shutil.rmtree(state.root)
 
 
+def stop(name: str) -> None:
+    """Power one machine off, as if it crashed or lost power; ``up`` starts it again."""
+    state = _state()
+    if name not in {machine.name for machine in load_record(state.record)}:
+        raise TestbedError(f"no machine {name!r} in this test fleet")
+    with _locked(state):
+        stop_machines(state, [name])
+
+
 def stop_machines(state: StatePaths, names: list[str]) -> None:
     """SIGTERM each machine's PID 1 and wait until its recorded processes are gone."""
     recorded: dict[str, list[int]] = {}

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +67,30 @@ def machine(request: pytest.FixtureRequest) -> dict[str, Any]:
     return {"name": selected.name, **fleet.host_data(selected)}
 
 
+@pytest.fixture(scope="session")
+def _control_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One multiplexed OpenSSH connection per machine, closed when the session ends."""
+    directory = Path(tempfile.mkdtemp(prefix="flakefleet-ssh-"))
+    yield directory
+    for socket in directory.iterdir():
+        subprocess.run(
+            ["ssh", "-o", f"ControlPath={socket}", "-O", "exit", "machine"],
+            capture_output=True,
+            check=False,
+        )
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def host(machine: dict[str, Any]) -> Any:
+def host(machine: dict[str, Any], _control_dir: Path) -> Any:
     """A testinfra host reached with the same address, key and known_hosts as the deploy."""
-    options = [option for option in ssh_options(machine)]
+    options = [
+        *ssh_options(machine),
+        "-o", "ControlMaster=auto",
+        "-o", f"ControlPath={_control_dir / machine['name']}",
+        "-o", "ControlPersist=60",
+    ]  # fmt: skip
     return testinfra.get_host(
         f"ssh://{machine['ssh_user']}@{machine['ssh_hostname']}",
         ssh_extra_args=shlex.join(options),
-        controlpersist=0,
     )

@@ -1,0 +1,93 @@
+"""Faults on the test fleet: bad input, a machine down, an activation that fails, a failing
+smoke check. In each, the other machines converge, the summary names the machine and why,
+and the exit status is non-zero."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from conftest import BIN, ROOT, evaluate, set_host
+from test_deploy import remote_state
+
+
+def sessions(fleet, machine: str) -> int:
+    """How many SSH sessions the machine's sshd has started so far (from its console log)."""
+    log = fleet.state / "machines" / machine / "console.log"
+    return log.read_text().count("Starting session")
+
+
+def test_converge_first(fleet, flake):
+    assert fleet.deploy(flake).returncode == 0
+
+
+def test_bad_fleet_file_stops_before_any_machine_is_contacted(fleet, tmp_path):
+    bad = tmp_path / "fleet.yaml"
+    bad.write_text(fleet.fleet_file.read_text().replace("    port:", "    prot:", 1))
+    before = {machine: sessions(fleet, machine) for machine in fleet.machines}
+    completed = subprocess.run(
+        [str(BIN / "pyinfra"), "-y", "inventory.py", "deploy/site.py"],
+        cwd=ROOT, env={**os.environ, "FLAKEFLEET_FLEET": str(bad)},
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert completed.returncode != 0
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("flakefleet:")]
+    assert errors == [
+        f"flakefleet: {bad}: machine 'web1': unknown field 'prot' "
+        "(expected one of: name, address, port, user, class, roles, data)"
+    ]
+    assert "Connecting" not in completed.stdout + completed.stderr
+    assert {machine: sessions(fleet, machine) for machine in fleet.machines} == before
+
+
+def test_unreachable_machine_fails_alone(fleet, flake):
+    set_host(flake, "web1", version="3")
+    set_host(flake, "db1", version="3")
+    fleet.testbed("stop", "db1")
+    try:
+        result = fleet.deploy(flake)
+    finally:
+        fleet.testbed("up")
+    assert result.returncode != 0
+    assert result.status("db1") == "failed"
+    assert result.report["db1"]["error"].startswith("unreachable")
+    assert "db1" in result.output.split("flakefleet summary")[-1]
+    assert result.status("web1") == "changed"
+    assert remote_state(fleet, "web1")["current"] == evaluate(flake, "web1")
+    # Back up, the machine converges on the next run.
+    again = fleet.deploy(flake)
+    assert again.returncode == 0, again.output
+    assert remote_state(fleet, "db1")["current"] == evaluate(flake, "db1")
+
+
+def test_failed_activation_rolls_back(fleet, flake):
+    before = remote_state(fleet, "web1")
+    set_host(flake, "web1", version="4", failActivation=True)
+    result = fleet.deploy(flake)
+    assert result.returncode != 0
+    assert result.status("web1") == "failed"
+    assert "rolled back to " + before["current"] in result.report["web1"]["error"]
+    after = remote_state(fleet, "web1")
+    assert after["current"] == before["current"]
+    assert after["profile"] == before["profile"]
+    assert after["generations"] == before["generations"]  # the failed generation is gone
+    assert fleet.ssh("web1", "cat /etc/fleet-release") == "web1 3"
+    for machine in fleet.machines:
+        if machine != "web1":
+            assert result.status(machine) in ("unchanged", "changed")
+            assert result.report[machine]["error"] is None
+    set_host(flake, "web1", failActivation=None)
+    assert fleet.deploy(flake).returncode == 0
+
+
+def test_failing_smoke_check_fails_the_machine(fleet, flake):
+    fleet.ssh("web2", "kill $(cat /run/services/web.pid)")
+    try:
+        result = fleet.deploy(flake)
+    finally:
+        fleet.ssh("web2", "/run/current-system/bin/switch-to-configuration test")
+    assert result.returncode != 0
+    assert result.status("web2") == "failed"
+    assert "smoke checks failed: test_service_answers" in result.report["web2"]["error"]
+    assert result.status("web1") == "unchanged"
+    assert fleet.deploy(flake).returncode == 0
