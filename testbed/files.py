@@ -146,11 +146,15 @@ def prepare_machine(state: StatePaths, machine: Machine) -> None:
     if not paths.in_etc("/etc/nix/nix.conf").is_file():
         write_file(paths.in_etc("/etc/nix/nix.conf"), NIX_CONF)
     write_file(paths.in_etc("/etc/hostname"), machine.name + "\n")
-    hosts = _merged_text(paths, "/etc/hosts")
-    if not re.search(rf"^127\.0\.1\.1\s+{re.escape(machine.name)}\s*$", hosts, re.MULTILINE):
-        if hosts and not hosts.endswith("\n"):
-            hosts += "\n"
-        write_file(paths.in_etc("/etc/hosts"), f"{hosts}127.0.1.1\t{machine.name}\n")
+    # The machine's name resolves to its own loopback address (sudo needs it resolvable too).
+    hosts = [
+        line
+        for line in _merged_text(paths, "/etc/hosts").splitlines()
+        if machine.name not in line.split()[1:]
+    ]
+    write_file(
+        paths.in_etc("/etc/hosts"), "\n".join([*hosts, f"{machine.address}\t{machine.name}"]) + "\n"
+    )
 
 
 def host_public_key(state: StatePaths, name: str) -> str:
@@ -219,7 +223,10 @@ def render_fleet_file(machines: list[Machine]) -> str:
             f"    roles: [{roles}]",
         ]
         if machine.service_port is not None:
-            lines.append(f"    data: {{service_port: {machine.service_port}}}")
+            lines.append(
+                f"    data: {{service_address: {machine.address}, "
+                f"service_port: {machine.service_port}}}"
+            )
     return "\n".join(lines) + "\n"
 
 

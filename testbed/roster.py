@@ -27,6 +27,14 @@ class Machine:
     roles: tuple[str, ...] = ()
     service_port: int | None = None  # where the machine's role service answers, if it has one
 
+    @property
+    def address(self) -> str:
+        """The machine's own loopback address, which its name resolves to inside it.
+
+        Services bind to it, so two test fleets (distinct ssh ports) never collide on a port.
+        """
+        return f"127.{(self.port >> 8) & 255}.{self.port & 255}.1"
+
 
 def load_roster(path: Path, base_port: int) -> list[Machine]:
     """Read the roster file; machine ``i`` listens on ``base_port + 1 + i``.

@@ -35,14 +35,14 @@ let
     web = ''
       dir=/var/src/web-app-dist
       [ -d "$dir" ] || dir=/etc/static/www
-      exec /usr/bin/python3 -m http.server ${toString host.port} --bind 127.0.0.1 --directory "$dir"
+      exec /usr/bin/python3 -m http.server ${toString host.port} --bind ${host.name} --directory "$dir"
     '';
     db = ''
       mkdir -p /var/lib/db && echo "${host.name} accepting connections" > /var/lib/db/status
-      exec /usr/bin/python3 -m http.server ${toString host.port} --bind 127.0.0.1 --directory /var/lib/db
+      exec /usr/bin/python3 -m http.server ${toString host.port} --bind ${host.name} --directory /var/lib/db
     '';
     vpn = ''
-      exec /usr/bin/python3 -m http.server ${toString host.port} --bind 127.0.0.1 --directory /etc/static/vpn
+      exec /usr/bin/python3 -m http.server ${toString host.port} --bind ${host.name} --directory /etc/static/vpn
     '';
   };
 in

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -87,27 +86,8 @@ class Fleet:
         return [machine.name for machine in load_fleet(self.fleet_file).machines]
 
 
-def _busy_service_ports() -> list[int]:
-    """The example machines' service ports that something else already listens on."""
-    hosts = json.loads((ROOT / "example" / "hosts.json").read_text())
-    busy = []
-    for host in hosts.values():
-        if "port" in host:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", host["port"])) == 0:
-                    busy.append(host["port"])
-    return busy
-
-
 @pytest.fixture(scope="session")
 def fleet() -> Any:
-    # Test fleets share this machine's loopback: the example's services need their ports.
-    busy = _busy_service_ports()
-    if busy:
-        pytest.fail(
-            f"ports {busy} are in use: is another test fleet running the example? "
-            "(stop it with `python -m testbed down`)"
-        )
     testbed = Fleet(STATE)
     testbed.testbed("up")
     try:

@@ -9,9 +9,10 @@ def test_service_answers(host, machine):
     port = machine.get("service_port")
     if port is None:
         pytest.skip("no service_port in the fleet file for this machine")
-    assert host.socket(f"tcp://127.0.0.1:{port}").is_listening
+    address = machine.get("service_address", "127.0.0.1")
+    assert host.socket(f"tcp://{address}:{port}").is_listening
     status = host.check_output(
-        "python3 -c 'import sys, urllib.request; "
-        f'print(urllib.request.urlopen("http://127.0.0.1:{port}/").status)\''
+        "python3 -c 'import urllib.request; "
+        f'print(urllib.request.urlopen("http://{address}:{port}/").status)\''
     )
     assert status == "200"

@@ -151,7 +151,10 @@ def test_each_machine_has_its_own_store(testbed: Fleet) -> None:
 
 
 def test_etc_writes_stay_inside(testbed: Fleet) -> None:
-    testbed.output("web1", "echo probe > /etc/testbed-probe; grep -q '^127.0.1.1.*web1' /etc/hosts")
+    testbed.output(
+        "web1",
+        "echo probe > /etc/testbed-probe; getent hosts web1 | grep -q '^127\\.[0-9.]* *web1$'",
+    )
     assert not Path("/etc/testbed-probe").exists()
     assert (testbed.state / "machines/web1/etc.upper/testbed-probe").exists()
 
