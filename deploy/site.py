@@ -10,13 +10,13 @@ from pyinfra import host, state
 
 from facts.machine import Machine
 from flakefleet import report
-from operations import sources, system, verify
+from operations import activation, closure, sources, verify
 
 report.install(state)
 goal = host.data.get("goal", "switch")
 
 machine = host.get_fact(Machine)  # preflight: systems, generations and /var/src in one round trip
-target = system.evaluate(machine)  # one Nix evaluation for every selected machine
+target = closure.evaluate(machine)  # one Nix evaluation for every selected machine
 
 if target is not None:
     sources.tree(
@@ -25,8 +25,8 @@ if target is not None:
         path=host.data.get("flake"),
         var_src=machine.var_src,
     )
-    system.build(name="Build the system", system=target, machine=machine)
-    system.copy(name="Copy the closure", system=target, machine=machine)
-    system.activate(name=f"Activate ({goal})", system=target, machine=machine, goal=goal)
+    closure.build(name="Build the system", system=target, machine=machine)
+    closure.copy(name="Copy the closure", system=target, machine=machine)
+    activation.activate(name=f"Activate ({goal})", system=target, machine=machine, goal=goal)
     if goal in ("switch", "test"):
         verify.smoke_checks(name="Smoke checks")

@@ -4,7 +4,8 @@ import pytest
 
 from facts.machine import MachineState
 from flakefleet.ssh import ssh_destination, ssh_options
-from operations.system import has_closure, has_system
+from operations.activation import has_system
+from operations.closure import has_closure
 
 OLD, NEW = "/nix/store/old-system", "/nix/store/new-system"
 

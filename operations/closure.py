@@ -1,38 +1,19 @@
-"""A machine's system: build it, copy its closure, activate it.
+"""A machine's system on its way to the machine: evaluate it, build it, copy its closure.
 
-Each operation compares the machine's state (read once, by ``facts.machine.Machine``) with
-the evaluated system and does nothing when the machine already has what the goal asks for.
+Each operation compares the machine's state (read once, by ``facts.machine.Machine``) with the
+evaluated system and does nothing when the machine already has it.
 """
 
 from __future__ import annotations
 
-from importlib.resources import files
 from typing import Any
 
 from pyinfra import host, state
-from pyinfra.api import FunctionCommand, StringCommand, operation
+from pyinfra.api import FunctionCommand, operation
 
 from facts.machine import MachineState
-from facts.nix import SYSTEM_PROFILE
 from flakefleet import builds, nix, report
 from flakefleet.ssh import ssh_destination, ssh_options
-
-GOALS = ("switch", "boot", "test", "dry-activate", "build")
-
-ACTIVATE_SCRIPT = files("operations").joinpath("scripts/activate.sh").read_text()
-
-
-def has_system(goal: str, machine: MachineState, system: str) -> bool:
-    """Whether the machine already is where `goal` would put it."""
-    running = machine.current_system == system
-    selected = machine.profile_system == system
-    return {
-        "switch": running and selected,
-        "boot": selected,
-        "test": running,
-        "dry-activate": False,  # changes nothing, so it always runs
-        "build": running or selected,
-    }[goal]
 
 
 def has_closure(machine: MachineState, system: str) -> bool:
@@ -105,26 +86,3 @@ def _copy(state: Any, host: Any, path: str) -> bool:
         return False
     report.changed(host.name, f"copied {sent} paths")
     return True
-
-
-@operation()
-def activate(system: nix.System, machine: MachineState, goal: str = "switch"):
-    """Make the system what the machine runs (switch, test), boots (boot), or show what would
-    change (dry-activate). A failed activation rolls the machine back and fails it.
-
-    Example:
-
-    .. code:: python
-
-        system.activate(name="Activate", system=target, machine=machine, goal="boot")
-    """
-    if goal not in GOALS:
-        yield report.stop(f"activate: unknown goal {goal!r} (one of {', '.join(GOALS)})")
-        return
-    report.outcome(host.name).goal = goal
-    if goal == "build" or has_system(goal, machine, system.out):
-        host.noop(f"{host.name} is already on {system.out} for {goal}")
-        return
-    yield StringCommand("sh", "-s", "--", goal, system.out, SYSTEM_PROFILE, _stdin=ACTIVATE_SCRIPT)
-    if goal != "dry-activate":
-        yield report.change(goal)
