@@ -2,21 +2,27 @@
 
     pyinfra -y inventory.py deploy/site.py [--limit ROLE | --limit CLASS | --limit 'web*']
 
-Each step does nothing on a machine that is already where it should be, so a second run
+The goal is `switch` unless the data says otherwise (deploy/boot.py, deploy/test.py, ... set
+it). Each step does nothing on a machine that is already where it should be, so a second run
 changes nothing.
 """
 
 from pyinfra import host, state
 
-from facts.machine import Machine
+from facts.machine import Preflight
 from flakefleet import report
-from operations import activation, closure, sources, verify
+from flakefleet.lock import this_deployer
+from flakefleet.remote import state_dir
+from operations import activation, closure, lock, reboot, sources, verify
 
 report.install(state)
 goal = host.data.get("goal", "switch")
 
-machine = host.get_fact(Machine)  # preflight: systems, generations and /var/src in one round trip
-target = closure.evaluate(machine)  # one Nix evaluation for every selected machine
+# Preflight: take the machine's deploy lock and read its systems, generations and /var/src,
+# in one round trip.
+preflight = host.get_fact(Preflight, lock_dir=state_dir(host.data), holder=str(this_deployer()))
+machine = preflight.machine
+target = closure.evaluate(machine) if lock.hold(preflight) else None  # one evaluation for all
 
 if target is not None:
     sources.tree(
@@ -27,6 +33,20 @@ if target is not None:
     )
     closure.build(name="Build the system", system=target, machine=machine)
     closure.copy(name="Copy the closure", system=target, machine=machine)
-    activation.activate(name=f"Activate ({goal})", system=target, machine=machine, goal=goal)
-    if goal in ("switch", "test"):
-        verify.smoke_checks(name="Smoke checks")
+    activation.activate(
+        name=f"Activate ({goal})",
+        system=target,
+        machine=machine,
+        goal=goal,
+        confirm_timeout=host.data.get("confirm_timeout", 30),
+    )
+    if goal in ("switch", "test"):  # the new system runs: check it, then confirm or roll back
+        verify.health_gate(name="Health checks", on_failure=host.data.get("on_check_failure"))
+    reboot.reboot(
+        name="Reboot if needed",
+        system=target,
+        goal=goal,
+        policy=host.data.get("reboot", "never"),
+        timeout=host.data.get("reboot_timeout", 300),
+    )
+    lock.release(name="Release the deploy lock")

@@ -15,6 +15,7 @@ from facts.nix import (
     SystemProfile,
 )
 from facts.sources import Sources, VarSrc
+from flakefleet import lock
 
 SECTION = "@@flakefleet-fact "
 
@@ -68,3 +69,30 @@ class Machine(FactBase[MachineState]):
             instance = fact()
             values[name] = instance.process(lines) if lines else instance.default()
         return MachineState(**values)
+
+
+@dataclass(frozen=True)
+class PreflightState:
+    """The machine's state, and whether this deploy now holds its lock (else who does)."""
+
+    lock_acquired: bool
+    lock_holder: str
+    machine: MachineState
+
+
+class Preflight(FactBase[PreflightState]):
+    """Take the machine's deploy lock and read its state, in one round trip.
+
+    Output: ``lock acquired`` or ``lock held <holder>``, then the ``Machine`` fact's sections.
+    """
+
+    def command(self, lock_dir: str, holder: str) -> str:
+        return f"{lock.acquire_command(lock_dir, holder)}; {Machine().command()}"
+
+    def process(self, output: list[str]) -> PreflightState:
+        first = output[0].strip() if output else ""
+        return PreflightState(
+            lock_acquired=first == "lock acquired",
+            lock_holder=first.removeprefix("lock held").strip(),
+            machine=Machine().process(output[1:]),
+        )

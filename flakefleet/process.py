@@ -26,8 +26,12 @@ def run(
     stdin: str | None = None,
     cwd: str | None = None,
     check: bool = True,
+    timeout: float | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a command to completion, capturing its output; `env` adds to the current environment."""
+    """Run a command to completion, capturing its output; `env` adds to the current environment.
+
+    Raises subprocess.TimeoutExpired (after killing the command) when `timeout` passes.
+    """
     completed = subprocess.run(
         list(argv),
         input=stdin,
@@ -36,6 +40,7 @@ def run(
         cwd=cwd,
         env={**os.environ, **env} if env else None,
         check=False,
+        timeout=timeout,
     )
     if check and completed.returncode != 0:
         raise CommandError(argv, completed.returncode, completed.stderr or completed.stdout)

@@ -1,7 +1,8 @@
-"""Verification: the pytest-testinfra smoke suites of tests/smoke/, run from the controller.
+"""Verification and the health gate: smoke suites and declared checks, then confirmation.
 
-All machines that reach this step together are checked by one pytest process (one start-up
-instead of one per machine); each machine then passes or fails on its own tests.
+The pytest-testinfra smoke suites of tests/smoke/ run from the controller; all machines that
+reach this step together are checked by one pytest process (one start-up instead of one per
+machine), and each machine passes or fails on its own tests.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import Any
 from pyinfra import host
 from pyinfra.api import FunctionCommand, operation
 
-from flakefleet import report
+from flakefleet import checks, report
 from flakefleet.process import run
+from operations import activation
 
 SMOKE_SUITES = "tests/smoke"
 
@@ -38,19 +40,28 @@ class Verdict:
 
 
 @operation(is_idempotent=False)
-def smoke_checks():
-    """Run the smoke suites that match the machine's roles against it; fail it if any fails.
+def health_gate(on_failure: str = "rollback"):
+    """Check the machine (smoke suites for its roles, and the `checks` in its data), then
+    confirm its pending activation, or roll it back when a check fails.
+
+    + on_failure: what a failed check does to a machine that was just activated:
+      ``rollback`` it, ``keep`` the new system (the machine is still reported failed), or
+      ``stop`` (roll back and activate no further machine in this run)
 
     Checks change nothing on the machine; they run on every deploy.
     """
-    yield FunctionCommand(_check, (host.current_op_hash,), {})
+    if on_failure not in POLICIES:
+        yield report.stop(f"health gate: on_check_failure must be one of {', '.join(POLICIES)}")
+        return
+    yield FunctionCommand(_gate, (host.current_op_hash, on_failure), {})
 
 
+POLICIES = ("rollback", "keep", "stop")
 _lock = threading.Lock()
 _verdicts: dict[tuple[str, str], Verdict] = {}
 
 
-def _check(state: Any, host: Any, op_hash: str) -> bool:
+def _gate(state: Any, host: Any, op_hash: str, on_failure: str) -> bool:
     with _lock:
         if (op_hash, host.name) not in _verdicts:
             machines = [
@@ -59,11 +70,28 @@ def _check(state: Any, host: Any, op_hash: str) -> bool:
             for name, verdict in run_smoke_checks(machines, Path(state.cwd or ".")).items():
                 _verdicts[op_hash, name] = verdict
     verdict = _verdicts[op_hash, host.name]
-    if verdict.failures:
-        report.failed(host.name, f"smoke checks failed: {', '.join(verdict.failures)}")
-        return False
-    report.note(host.name, f"smoke checks: {verdict.summary()}")
-    return True
+    failures = verdict.failures + checks.run_checks(host.name, host.data)
+    if not failures:
+        report.note(host.name, f"smoke checks: {verdict.summary()}")
+        if activation.pending(host.name):
+            confirmed, message = activation.confirm(host)
+            if not confirmed:
+                report.failed(host.name, f"activation: {message}")
+                return False
+        return True
+
+    reason = f"checks failed: {', '.join(failures)}"
+    if activation.pending(host.name):
+        if on_failure == "keep":
+            _confirmed, message = activation.confirm(host)
+            reason += f"; kept the new system ({message})"
+        else:
+            outcome = activation.abort(host, reason)
+            reason = outcome if outcome.startswith(reason) else f"{reason}; {outcome}"
+            if on_failure == "stop":
+                activation.stop_rollout(f"{host.name} failed its checks")
+    report.failed(host.name, reason)
+    return False
 
 
 def run_smoke_checks(machines: list[str], cwd: Path) -> dict[str, Verdict]:

@@ -210,6 +210,8 @@ def render_fleet_file(machines: list[Machine]) -> str:
         "data:",
         "  nix_options:",
         '    substituters: ""',
+        "  # A test machine reboots when its PID 1 gets SIGUSR1 (see testbed/machine.py).",
+        '  reboot_command: "kill -USR1 1"',
         "machines:",
     ]
     for machine in machines:

@@ -59,12 +59,22 @@ SSHD_RESTART_DELAY = 1.0
 SSHD_STOP_TIMEOUT = 2.0
 # Blocked for the whole life of PID 1 and taken with sigtimedwait: a signal from outside is
 # then never dropped (PID 1 of a namespace ignores signals it has no handler for).
-INIT_SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
+# SIGUSR1 asks for a reboot from inside the machine (`kill -USR1 1`, the fleet file's
+# reboot_command): every process dies, /run and /tmp start empty, and the system boots again.
+INIT_SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+KERNEL_BOOT_ID = "/proc/sys/kernel/random/boot_id"
+MNT_DETACH = 2
 
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_BIND = 0x1000
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def umount(target: str) -> None:
+    if _libc.umount2(target.encode(), MNT_DETACH) != 0:
+        error = ctypes.get_errno()
+        raise MachineError(f"umount {target} failed: {os.strerror(error)}")
 
 
 class MachineError(Exception):
@@ -192,6 +202,9 @@ def set_identity(name: str) -> str:
     socket.sethostname(name)
     boot_id = str(uuid.uuid4())
     Path(BOOT_ID_FILE).write_text(boot_id + "\n")
+    # The kernel's boot id is shared by every machine: show this machine's own in its place,
+    # so tools read boot ids where they always do.
+    mount(BOOT_ID_FILE, KERNEL_BOOT_ID, None, MS_BIND)
     for directory, mode in (("/run/sshd", 0o755), ("/run/lock", 0o1777)):
         os.mkdir(directory)
         os.chmod(directory, mode)
@@ -241,9 +254,34 @@ def stop(sshd: int | None) -> None:
         time.sleep(0.01)
 
 
-def supervise() -> int:
+def start_services() -> int:
+    """What a boot starts after the mounts: nix-daemon, the selected system, then sshd."""
+    spawn(NIX_DAEMON, output="/var/log/nix-daemon.log", new_session=True)
+    boot_system()
+    return spawn(SSHD)
+
+
+def reboot_in_place(name: str, sshd: int | None) -> int:
+    """Reboot without leaving the namespaces: kill every other process, give the machine an
+    empty /run and /tmp and a new boot id, and boot the selected system again."""
+    log("rebooting")
+    stop(sshd)
+    os.kill(-1, signal.SIGKILL)  # in a PID namespace: every process but this one
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:
+            break
+    for target in (KERNEL_BOOT_ID, "/run", "/tmp"):
+        umount(target)
+    mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    log(f"{name} booting, boot id {set_identity(name)}")
+    return start_services()
+
+
+def supervise(name: str, sshd: int | None) -> int:
     """Keep sshd running and reap orphans until SIGTERM; then stop sshd and return 0."""
-    sshd: int | None = spawn(SSHD)
     restart_at: float | None = None
     while True:
         if restart_at is None:
@@ -257,6 +295,9 @@ def supervise() -> int:
             log("stopping")
             stop(sshd)
             return 0
+        if info.si_signo == signal.SIGUSR1:
+            sshd, restart_at = reboot_in_place(name, sshd), None
+            continue
         while True:  # SIGCHLD: reap every exited child, adopted orphans included
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -287,9 +328,7 @@ def main(argv: list[str]) -> int:
     boot_id = set_identity(name)
     log(f"{name} booting, boot id {boot_id}")
     ensure_deploy_user()
-    spawn(NIX_DAEMON, output="/var/log/nix-daemon.log", new_session=True)
-    boot_system()
-    return supervise()
+    return supervise(name, start_services())
 
 
 if __name__ == "__main__":

@@ -82,6 +82,9 @@ done || failed=1
 
 echo "$(date -u +%FT%TZ) activated $system" >> /var/log/activations.log
 
+# A slow activation, for tests that act while one is under way.
+[ -z "@activationDelay@" ] || sleep "@activationDelay@"
+
 if [ -n "@failActivation@" ]; then
   say "error: unit fleet-check.service failed (failActivation is set for @name@)"
   exit 4

@@ -71,6 +71,7 @@ in
         name = host.name;
         failActivation = flag (host.failActivation or false);
         breakSsh = flag (host.breakSsh or false);
+        activationDelay = toString (host.activationDelay or "");
       };
       toplevel = shell "nixos-system-${host.name}-${version}" ({
         inherit etc sw version;

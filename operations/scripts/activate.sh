@@ -1,50 +1,105 @@
-# flakefleet's remote half of an activation, run as `sh -s -- GOAL SYSTEM [PROFILE]`.
-# Sets the profile (switch, boot), runs the system's switch-to-configuration, and when that
-# fails puts the machine back on what it ran before: profile and activation both, and the
-# failed generation is deleted. The last line on stderr says what happened.
+# flakefleet's activation worker: the remote half of an activation, started detached on the
+# machine so that a dropped SSH connection cannot kill it halfway:
+#
+#   sh activate.sh DIR CLASS GOAL SYSTEM PROFILE CONFIRM_TIMEOUT
+#
+# It sets the profile (switch, boot), activates SYSTEM the way its class does, and then, when
+# CONFIRM_TIMEOUT > 0, waits that many seconds for DIR/confirm, made by the deployer over a new
+# SSH connection after its checks pass. Without it (the machine became unreachable), or with
+# DIR/abort (the checks failed), and whenever activation fails, it puts the machine back on
+# what it ran before: profile and activation both, deleting the new generation.
+#
+# Progress is in DIR/phase (running, awaiting-confirmation, succeeded, failed, rolled-back,
+# rollback-failed) with one line in DIR/message; everything it prints goes to DIR/log.
 set -u
-goal=$1
-system=$2
-profile=${3:-/nix/var/nix/profiles/system}
+dir=$1
+class=$2
+goal=$3
+system=$4
+profile=$5
+confirm_timeout=$6
+exec >>"$dir/log" 2>&1 </dev/null
 
-say() { echo "flakefleet: $*" >&2; }
+phase() {
+  printf '%s\n' "$2" >"$dir/message.new" && mv "$dir/message.new" "$dir/message"
+  printf '%s\n' "$1" >"$dir/phase.new" && mv "$dir/phase.new" "$dir/phase"
+  echo "flakefleet: $1: $2"
+}
 
-running=$(readlink /run/current-system 2>/dev/null || true)
-previous_generation=$(readlink "$profile" 2>/dev/null || true)   # e.g. system-4-link
+# What the machine runs now, for its class.
+running() {
+  case $class in
+    home) readlink -f "$profile" 2>/dev/null || true ;;
+    *) readlink -f /run/current-system 2>/dev/null || true ;;
+  esac
+}
+
+# Make a system live the way its class does.
+activate() {  # SYSTEM GOAL
+  case $class in
+    nixos) "$1/bin/switch-to-configuration" "$2" ;;
+    darwin) HOME=/var/root "$1/activate" ;;  # nix-darwin activates as root
+    home) "$1/activate" ;;                   # home-manager activates as the user
+    *) echo "unknown machine class $class"; return 1 ;;
+  esac
+}
+
+# Put back what ran before, then stop with the reason.
+roll_back() {  # REASON
+  case $goal in
+    switch | boot)
+      new_generation=$(readlink "$profile")
+      if [ -z "$previous_generation" ] || [ "$new_generation" = "$previous_generation" ]; then
+        phase failed "$1; no previous generation to roll back to"
+        exit 1
+      fi
+      number=${new_generation%-link}
+      number=${number##*-}
+      if ! nix-env -p "$profile" --rollback || ! nix-env -p "$profile" --delete-generations "$number"
+      then
+        phase rollback-failed "$1; could not restore $profile to $previous_generation"
+        exit 1
+      fi
+      restore=$(readlink -f "$profile") ;;
+    *) restore=$previously_running ;;
+  esac
+  if [ -z "$restore" ]; then
+    phase failed "$1; nothing ran before, nothing to roll back to"
+  elif activate "$restore" "$goal"; then
+    phase rolled-back "$1; rolled back to $restore"
+  else
+    phase rollback-failed "$1; re-activating $restore failed too"
+  fi
+  exit 1
+}
+
+previously_running=$(running)
+previous_generation=$(readlink "$profile" 2>/dev/null || true)
+phase running "activating $system ($goal)"
 
 case $goal in
   switch | boot)
-    nix-env -p "$profile" --set "$system" || { say "could not set $profile to $system"; exit 1; } ;;
+    if ! nix-env -p "$profile" --set "$system"; then
+      phase failed "could not set $profile to $system"
+      exit 1
+    fi ;;
 esac
 
-"$system/bin/switch-to-configuration" "$goal" && exit 0
+activate "$system" "$goal"
 status=$?
-say "switch-to-configuration $goal failed with exit status $status"
+[ "$goal" = dry-activate ] && { phase succeeded "dry activation (exit $status)"; exit 0; }
+[ $status -eq 0 ] || roll_back "activation failed (exit $status)"
 
-case $goal in
-  switch | boot)
-    new_generation=$(readlink "$profile")
-    if [ -z "$previous_generation" ] || [ "$new_generation" = "$previous_generation" ]; then
-      say "activation failed (exit $status); no previous generation to roll back to"
-      exit 2
-    fi
-    number=${new_generation#*-}
-    number=${number%-link}
-    nix-env -p "$profile" --rollback >/dev/null 2>&1 \
-      && nix-env -p "$profile" --delete-generations "$number" >/dev/null 2>&1 \
-      || { say "ROLLBACK FAILED: could not restore $profile to $previous_generation"; exit 3; }
-    restore=$(readlink -f "$profile") ;;
-  test) restore=$running ;;
-  *) say "dry activation failed (exit $status); nothing was changed"; exit 2 ;;
-esac
-
-if [ -z "$restore" ]; then
-  say "activation failed (exit $status); nothing ran before, nothing to roll back to"
-  exit 2
+if [ "$confirm_timeout" -gt 0 ]; then
+  phase awaiting-confirmation "activated $system; waiting ${confirm_timeout}s for confirmation"
+  ticks=0
+  while [ ! -e "$dir/confirm" ] && [ ! -e "$dir/abort" ] && [ $ticks -lt $((confirm_timeout * 10)) ]
+  do
+    sleep 0.1
+    ticks=$((ticks + 1))
+  done
+  [ -e "$dir/confirm" ] && { phase succeeded "activated $system, confirmed"; exit 0; }
+  [ -e "$dir/abort" ] && roll_back "$(cat "$dir/abort")"
+  roll_back "not confirmed within ${confirm_timeout}s (no new SSH connection could confirm it)"
 fi
-if "$restore/bin/switch-to-configuration" "$goal" >&2; then
-  say "activation failed (exit $status); rolled back to $restore"
-  exit 2
-fi
-say "ROLLBACK FAILED: activation failed (exit $status) and re-activating $restore failed too"
-exit 3
+phase succeeded "activated $system"

@@ -88,6 +88,6 @@ def test_failing_smoke_check_fails_the_machine(fleet, flake):
         fleet.ssh("web2", "/run/current-system/bin/switch-to-configuration test")
     assert result.returncode != 0
     assert result.status("web2") == "failed"
-    assert "smoke checks failed: test_service_answers" in result.report["web2"]["error"]
+    assert "checks failed: test_service_answers" in result.report["web2"]["error"]
     assert result.status("web1") == "unchanged"
     assert fleet.deploy(flake).returncode == 0

@@ -1,0 +1,73 @@
+"""The deploy lock: taken in the preflight round trip, released at the end of the run.
+
+A machine whose deploy fails keeps no lock: whatever pyinfra skipped, the locks this run
+still holds are released over new connections when it exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+from typing import Any
+
+from pyinfra import host
+from pyinfra.api import FunctionCommand, StringCommand, operation
+
+from facts.machine import PreflightState
+from flakefleet import report
+from flakefleet.lock import Holder, release_command, take_over_command, this_deployer
+from flakefleet.remote import Unreachable, run_on, state_dir
+
+# Machines whose lock this run holds, with their host data for the release at exit.
+_held: dict[str, Any] = {}
+
+
+def hold(preflight: PreflightState) -> bool:
+    """Decide, at prepare time, whether this run may deploy the machine.
+
+    The lock was taken by the preflight fact, or it is taken over from a dead deployer
+    (an operation), or the machine is failed naming the live holder.
+    """
+    if not _held:
+        atexit.register(_release_all)
+    if preflight.lock_acquired:
+        _held[host.name] = host.data
+        return True
+    holder = Holder.parse(preflight.lock_holder)
+    if holder is not None and holder.is_dead():
+        _take_over(name="Take over a stale lock", stale=str(holder))
+        _held[host.name] = host.data
+        report.note(host.name, f"took over the lock of a deployer that died ({holder.describe()})")
+        return True
+    who = holder.describe() if holder else preflight.lock_holder or "unknown holder"
+    _refuse(name="Deploy lock", reason=f"locked by another deploy ({who})")
+    return False
+
+
+@operation(is_idempotent=False)
+def _take_over(stale: str):
+    yield StringCommand(take_over_command(state_dir(host.data), stale, this_deployer()))
+
+
+@operation(is_idempotent=False)
+def _refuse(reason: str):
+    yield report.stop(reason)
+
+
+@operation(is_idempotent=False)
+def release():
+    """Release this run's lock on the machine."""
+    yield StringCommand(release_command(state_dir(host.data), this_deployer()))
+    yield FunctionCommand(_released, (), {})
+
+
+def _released(state: Any, host: Any) -> bool:
+    _held.pop(host.name, None)
+    return True
+
+
+def _release_all() -> None:
+    for name, data in list(_held.items()):
+        try:
+            run_on(data, name, release_command(state_dir(data), this_deployer()), timeout=30)
+        except Unreachable:
+            report.note(name, "could not release the deploy lock (unreachable)")

@@ -1,0 +1,90 @@
+"""Reboots: when the new system needs one (or always), reboot, wait for the machine to come
+back on the expected system, and check it again.
+
+`reboot` data: ``never`` (default), ``when-needed``, ``always``. A reboot is needed when the
+machine should boot a system it does not run (goal ``boot``), or when the booted kernel,
+initrd or kernel modules differ from the new system's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+from pyinfra import host
+from pyinfra.api import FunctionCommand, operation
+
+from flakefleet import checks, nix, report
+from flakefleet.remote import Unreachable, run_on
+from operations.verify import run_smoke_checks
+
+POLICIES = ("never", "when-needed", "always")
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+# Parts of a system that only a reboot puts in place.
+BOOT_PARTS = ("kernel", "initrd", "kernel-modules")
+
+
+def needs_reboot_command(system: str, goal: str) -> str:
+    """Print the boot id, then `needed` or `not-needed` for the new system."""
+    differs = " || ".join(
+        f'[ "$(readlink -f /run/booted-system/{part})" != "$(readlink -f {system}/{part})" ]'
+        for part in BOOT_PARTS
+    )
+    running = f'[ "$(readlink -f /run/current-system)" != {system} ]' if goal == "boot" else "false"
+    return f"cat {BOOT_ID}; if {running} || {differs}; then echo needed; else echo not-needed; fi"
+
+
+@operation(is_idempotent=False)
+def reboot(system: nix.System, goal: str, policy: str = "never", timeout: int = 300):
+    """Reboot the machine if `policy` says so, and wait until it runs `system` again."""
+    if policy not in POLICIES:
+        yield report.stop(f"reboot: {policy!r} is not one of {', '.join(POLICIES)}")
+        return
+    if policy == "never" or goal not in ("switch", "boot"):
+        host.noop("no reboot")
+        return
+    yield FunctionCommand(_reboot, (system.out, goal, policy, timeout), {})
+
+
+def _reboot(state: Any, host: Any, system: str, goal: str, policy: str, timeout: int) -> bool:
+    try:
+        boot_id, verdict = run_on(
+            host.data, host.name, needs_reboot_command(system, goal), timeout=60
+        ).stdout.split()[:2]
+    except (Unreachable, ValueError) as error:
+        report.failed(host.name, f"reboot: could not read the boot state ({error})")
+        return False
+    if policy == "when-needed" and verdict != "needed":
+        report.note(host.name, "no reboot needed")
+        return True
+
+    command = str(host.data.get("reboot_command") or "reboot")
+    with contextlib.suppress(Unreachable):  # it may already be gone
+        # The connection usually dies with the machine; that is expected.
+        run_on(
+            host.data, host.name, f"nohup sh -c 'sleep 1; {command}' >/dev/null 2>&1 &", timeout=30
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        try:
+            lines = run_on(
+                host.data, host.name, f"cat {BOOT_ID}; readlink -f /run/current-system", timeout=15
+            ).stdout.split()
+        except Unreachable:
+            continue
+        if len(lines) == 2 and lines[0] != boot_id:
+            if lines[1] != system:
+                report.failed(host.name, f"reboot: came back on {lines[1]}, expected {system}")
+                return False
+            report.changed(host.name, "rebooted")
+            failures = run_smoke_checks([host.name], Path(state.cwd or "."))[host.name].failures
+            failures += checks.run_checks(host.name, host.data)
+            if failures:
+                report.failed(host.name, f"after the reboot, checks failed: {', '.join(failures)}")
+                return False
+            return True
+    report.failed(host.name, f"reboot: not back with a new boot id within {timeout}s")
+    return False
