@@ -9,20 +9,14 @@ changes nothing.
 
 from pyinfra import host, state
 
-from facts.machine import Preflight
 from flakefleet import report
-from flakefleet.lock import this_deployer
-from flakefleet.remote import state_dir
 from operations import activation, closure, lock, reboot, sources, verify
 
 report.install(state)
 goal = host.data.get("goal", "switch")
 
-# Preflight: take the machine's deploy lock and read its systems, generations and /var/src,
-# in one round trip.
-preflight = host.get_fact(Preflight, lock_dir=state_dir(host.data), holder=str(this_deployer()))
-machine = preflight.machine
-target = closure.evaluate(machine) if lock.hold(preflight) else None  # one evaluation for all
+machine = lock.preflight()  # the deploy lock, systems, generations and /var/src: one round trip
+target = closure.evaluate(machine) if machine else None  # one Nix evaluation for all machines
 
 if target is not None:
     sources.tree(

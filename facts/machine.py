@@ -78,21 +78,33 @@ class PreflightState:
     lock_acquired: bool
     lock_holder: str
     machine: MachineState
+    activations_in_progress: int = 0  # workers still activating or awaiting confirmation
 
 
 class Preflight(FactBase[PreflightState]):
     """Take the machine's deploy lock and read its state, in one round trip.
 
-    Output: ``lock acquired`` or ``lock held <holder>``, then the ``Machine`` fact's sections.
+    Output: ``lock acquired`` or ``lock held <holder>``, the number of activations still in
+    progress, then the ``Machine`` fact's sections.
     """
 
+    @staticmethod
+    def default() -> PreflightState:
+        return PreflightState(lock_acquired=False, lock_holder="", machine=MachineState())
+
     def command(self, lock_dir: str, holder: str) -> str:
-        return f"{lock.acquire_command(lock_dir, holder)}; {Machine().command()}"
+        busy = (
+            f"cat {lock_dir}/activation/*/phase 2>/dev/null"
+            " | grep -c -x -e running -e awaiting-confirmation"
+        )
+        return f"{lock.acquire_command(lock_dir, holder)}; {busy}; {Machine().command()}"
 
     def process(self, output: list[str]) -> PreflightState:
         first = output[0].strip() if output else ""
+        busy = output[1].strip() if len(output) > 1 else "0"
         return PreflightState(
             lock_acquired=first == "lock acquired",
             lock_holder=first.removeprefix("lock held").strip(),
-            machine=Machine().process(output[1:]),
+            machine=Machine().process(output[2:]),
+            activations_in_progress=int(busy) if busy.isdigit() else 0,
         )

@@ -21,6 +21,7 @@ class Generation:
     number: int
     created: str
     current: bool
+    system: str | None = None  # the store path the generation links to
 
 
 class CurrentSystem(FactBase[str | None]):
@@ -51,12 +52,14 @@ class SystemProfile(CurrentSystem):
 
 
 class SystemGenerations(FactBase[list[Generation]]):
-    """The system profile's generations, oldest first.
+    """The system profile's generations, oldest first, with the system each one links to.
 
     Example output::
 
            1   2026-11-22 02:56:28
            2   2026-11-22 03:10:02   (current)
+        link system-1-link /nix/store/60nw...-nixos-system-web1-1
+        link system-2-link /nix/store/3b0i...-nixos-system-web1-2
     """
 
     @staticmethod
@@ -64,15 +67,25 @@ class SystemGenerations(FactBase[list[Generation]]):
         return []
 
     def command(self) -> str:
-        return f"nix-env -p {SYSTEM_PROFILE} --list-generations 2>/dev/null || true"
+        return (
+            f"nix-env -p {SYSTEM_PROFILE} --list-generations 2>/dev/null; "
+            f'for l in {SYSTEM_PROFILE}-*-link; do [ -L "$l" ] && '
+            'printf "link %s %s\\n" "${l##*/}" "$(readlink "$l")"; done; true'
+        )
 
     def process(self, output: list[str]) -> list[Generation]:
+        systems = {}
+        for line in output:
+            match = re.match(r"link \S+-(\d+)-link (\S+)", line)
+            if match:
+                systems[int(match.group(1))] = match.group(2)
         generations = []
         for line in output:
             match = re.match(r"\s*(\d+)\s+(\S+ \S+)\s*(\(current\))?", line)
             if match:
+                number = int(match.group(1))
                 generations.append(
-                    Generation(int(match.group(1)), match.group(2), bool(match.group(3)))
+                    Generation(number, match.group(2), bool(match.group(3)), systems.get(number))
                 )
         return generations
 

@@ -7,6 +7,7 @@ activation, which must prove that a *new* login still works.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import subprocess
 from collections.abc import Mapping
@@ -64,3 +65,16 @@ def state_dir(data: Mapping[str, Any]) -> str:
     if data.get("machine_class") == "home":
         return f"/tmp/flakefleet-{data.get('ssh_user') or 'user'}"
     return "/run/flakefleet"
+
+
+def reconnect(host: Any, reason: str) -> bool:
+    """Give pyinfra a new connection to a machine after its old one was cut (a reboot, a
+    dropped network), so the run's later steps still reach it. Returns whether it worked."""
+    with contextlib.suppress(Exception):
+        host.disconnect()
+    host.connected = False
+    try:
+        host.connect(reason=reason, raise_exceptions=True)
+    except Exception:  # pyinfra raises ConnectError, paramiko its own errors
+        return False
+    return True

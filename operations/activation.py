@@ -23,7 +23,7 @@ from pyinfra.api import FunctionCommand, operation
 from facts.machine import MachineState
 from facts.nix import SYSTEM_PROFILE
 from flakefleet import nix, report
-from flakefleet.remote import Unreachable, run_on
+from flakefleet.remote import Unreachable, reconnect, run_on, state_dir
 
 GOALS = ("switch", "boot", "test", "dry-activate", "build")
 # Goals each machine class supports (nix-darwin and home-manager only ever switch).
@@ -33,7 +33,6 @@ CLASS_GOALS = {
     "home": ("switch", "build"),
 }
 WORKER = files("operations").joinpath("scripts/activate.sh").read_text()
-ACTIVATIONS = "/run/flakefleet/activation"
 # Phases after which the worker has nothing more to do.
 FINAL_PHASES = ("succeeded", "failed", "rolled-back", "rollback-failed")
 
@@ -68,10 +67,12 @@ class Activation:
     system: str
     profile: str
     confirm_timeout: int
+    base: str  # flakefleet's runtime directory on the machine (flakefleet.remote.state_dir)
+    generation: int | None = None  # switch the profile to this existing generation (rollback)
 
     @property
     def directory(self) -> str:
-        return f"{ACTIVATIONS}/{self.id}"
+        return f"{self.base}/activation/{self.id}"
 
     def launch_command(self) -> str:
         """Start the worker detached (script on stdin), then wait for it to leave `running`."""
@@ -79,7 +80,7 @@ class Activation:
         arguments = shlex.join(
             [
                 "/bin/sh", worker, self.directory, self.machine_class, self.goal, self.system,
-                self.profile, str(self.confirm_timeout),
+                self.profile, str(self.confirm_timeout), str(self.generation or ""),
             ]
         )  # fmt: skip
         unit = f"flakefleet-activation-{self.id}"
@@ -145,6 +146,47 @@ def activate(
         system=system.out,
         profile=profile_path(machine_class, host.data.get("ssh_user") or "root"),
         confirm_timeout=confirm_timeout if goal in ("switch", "test") else 0,
+        base=state_dir(host.data),
+    )
+    yield FunctionCommand(_activate, (activation,), {})
+
+
+@operation()
+def roll_back(machine: MachineState, generation: int | None = None, confirm_timeout: int = 30):
+    """Switch the machine back one generation, or to `generation`, and activate it, with the
+    same safety as a deploy (detached, confirmed after the health checks, rolled back on failure).
+
+    Example:
+
+    .. code:: python
+
+        activation.roll_back(name="Roll back", machine=machine, generation=41)
+    """
+    machine_class = host.data.get("machine_class", "nixos")
+    current = next((g for g in machine.generations if g.current), None)
+    if generation is None:
+        older = [g for g in machine.generations if current and g.number < current.number]
+        target = older[-1] if older else None
+        missing = "there is no generation older than the current one"
+    else:
+        target = next((g for g in machine.generations if g.number == generation), None)
+        missing = f"generation {generation} does not exist"
+    if target is None or target.system is None:
+        yield report.stop(f"rollback: {missing}")
+        return
+    report.outcome(host.name).system = target.system
+    if target.current and machine.current_system == target.system:
+        host.noop(f"{host.name} already runs generation {target.number}")
+        return
+    activation = Activation(
+        id=uuid.uuid4().hex[:12],
+        machine_class=machine_class,
+        goal="switch",
+        system=target.system,
+        profile=profile_path(machine_class, host.data.get("ssh_user") or "root"),
+        confirm_timeout=confirm_timeout,
+        base=state_dir(host.data),
+        generation=target.number,
     )
     yield FunctionCommand(_activate, (activation,), {})
 
@@ -157,8 +199,11 @@ def _activate(state: Any, host: Any, activation: Activation) -> bool:
     try:
         phase, message = _ask(host, activation.launch_command(), stdin=WORKER)
     except Unreachable as error:
-        report.note(host.name, f"connection lost during activation ({error}); reconnecting")
+        # The worker goes on without us: wait for it over new connections, and give pyinfra
+        # a new connection too, as its own was most likely cut at the same time.
+        report.note(host.name, f"connection lost during activation ({error}); reconnected")
         phase, message = _wait(host, activation, ("running",))
+        reconnect(host, reason="after the connection was lost")
     if phase == "missing":
         report.failed(host.name, "activation: could not start it (connection failed)")
         return False

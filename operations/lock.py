@@ -12,13 +12,23 @@ from typing import Any
 from pyinfra import host
 from pyinfra.api import FunctionCommand, StringCommand, operation
 
-from facts.machine import PreflightState
+from facts.machine import MachineState, Preflight, PreflightState
 from flakefleet import report
 from flakefleet.lock import Holder, release_command, take_over_command, this_deployer
 from flakefleet.remote import Unreachable, run_on, state_dir
 
 # Machines whose lock this run holds, with their host data for the release at exit.
 _held: dict[str, Any] = {}
+
+
+def preflight() -> MachineState | None:
+    """Take the machine's deploy lock and read its state, in one round trip.
+
+    Returns the machine's state, or None when another deploy holds the machine (it is then
+    failed with the holder's name, and the deploy file skips its steps).
+    """
+    state = host.get_fact(Preflight, lock_dir=state_dir(host.data), holder=str(this_deployer()))
+    return state.machine if hold(state) else None
 
 
 def hold(preflight: PreflightState) -> bool:
@@ -33,6 +43,13 @@ def hold(preflight: PreflightState) -> bool:
         _held[host.name] = host.data
         return True
     holder = Holder.parse(preflight.lock_holder)
+    if holder is not None and holder.is_dead() and preflight.activations_in_progress:
+        _refuse(
+            name="Deploy lock",
+            reason=f"locked: a deployer that died ({holder.describe()}) left an activation in "
+            "progress; it completes or rolls back by itself within its confirmation timeout",
+        )
+        return False
     if holder is not None and holder.is_dead():
         _take_over(name="Take over a stale lock", stale=str(holder))
         _held[host.name] = host.data

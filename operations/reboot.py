@@ -17,7 +17,7 @@ from pyinfra import host
 from pyinfra.api import FunctionCommand, operation
 
 from flakefleet import checks, nix, report
-from flakefleet.remote import Unreachable, run_on
+from flakefleet.remote import Unreachable, reconnect, run_on
 from operations.verify import run_smoke_checks
 
 POLICIES = ("never", "when-needed", "always")
@@ -80,6 +80,9 @@ def _reboot(state: Any, host: Any, system: str, goal: str, policy: str, timeout:
                 report.failed(host.name, f"reboot: came back on {lines[1]}, expected {system}")
                 return False
             report.changed(host.name, "rebooted")
+            if not reconnect(host, reason="after the reboot"):
+                report.failed(host.name, "reboot: back, but pyinfra could not reconnect")
+                return False
             failures = run_smoke_checks([host.name], Path(state.cwd or "."))[host.name].failures
             failures += checks.run_checks(host.name, host.data)
             if failures:

@@ -94,6 +94,12 @@ def _gate(state: Any, host: Any, op_hash: str, on_failure: str) -> bool:
     return False
 
 
+def expected(machines: list[str]) -> list[tuple[str, str]]:
+    """The system each machine should run now, as this run decided it."""
+    systems = [(name, report.outcome(name).system) for name in machines]
+    return [(name, system) for name, system in systems if system]
+
+
 def run_smoke_checks(machines: list[str], cwd: Path) -> dict[str, Verdict]:
     """Run the smoke suites against machines in one pytest process; a verdict per machine."""
     fleet = os.environ.get("FLAKEFLEET_FLEET") or "fleet.yaml"
@@ -104,6 +110,7 @@ def run_smoke_checks(machines: list[str], cwd: Path) -> dict[str, Verdict]:
                 sys.executable, "-m", "pytest", SMOKE_SUITES, "-q", "-p", "no:cacheprovider",
                 "--fleet", fleet, f"--junitxml={junit}",
                 *(f"--machine={name}" for name in machines),
+                *(f"--expect-system={name}={system}" for name, system in expected(machines)),
             ],
             cwd=str(cwd),
             check=False,

@@ -1,7 +1,10 @@
 # flakefleet's activation worker: the remote half of an activation, started detached on the
 # machine so that a dropped SSH connection cannot kill it halfway:
 #
-#   sh activate.sh DIR CLASS GOAL SYSTEM PROFILE CONFIRM_TIMEOUT
+#   sh activate.sh DIR CLASS GOAL SYSTEM PROFILE CONFIRM_TIMEOUT [GENERATION]
+#
+# With GENERATION (a rollback), the profile is switched to that existing generation, SYSTEM,
+# instead of gaining a new one, and a failure switches it back without deleting anything.
 #
 # It sets the profile (switch, boot), activates SYSTEM the way its class does, and then, when
 # CONFIRM_TIMEOUT > 0, waits that many seconds for DIR/confirm, made by the deployer over a new
@@ -18,6 +21,7 @@ goal=$3
 system=$4
 profile=$5
 confirm_timeout=$6
+generation=${7:-}
 exec >>"$dir/log" 2>&1 </dev/null
 
 phase() {
@@ -53,10 +57,14 @@ roll_back() {  # REASON
         phase failed "$1; no previous generation to roll back to"
         exit 1
       fi
-      number=${new_generation%-link}
-      number=${number##*-}
-      if ! nix-env -p "$profile" --rollback || ! nix-env -p "$profile" --delete-generations "$number"
-      then
+      if [ -n "$generation" ]; then
+        number=${previous_generation%-link}
+        nix-env -p "$profile" --switch-generation "${number##*-}"
+      else
+        number=${new_generation%-link}
+        nix-env -p "$profile" --rollback && nix-env -p "$profile" --delete-generations "${number##*-}"
+      fi
+      if [ $? -ne 0 ]; then
         phase rollback-failed "$1; could not restore $profile to $previous_generation"
         exit 1
       fi
@@ -79,10 +87,11 @@ phase running "activating $system ($goal)"
 
 case $goal in
   switch | boot)
-    if ! nix-env -p "$profile" --set "$system"; then
-      phase failed "could not set $profile to $system"
-      exit 1
-    fi ;;
+    if [ -n "$generation" ]; then
+      nix-env -p "$profile" --switch-generation "$generation"
+    else
+      nix-env -p "$profile" --set "$system"
+    fi || { phase failed "could not set $profile to $system"; exit 1; } ;;
 esac
 
 activate "$system" "$goal"

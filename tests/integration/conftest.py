@@ -12,6 +12,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,17 +71,39 @@ class Fleet:
         return completed.stdout.strip()
 
     def deploy(self, flake: Path, *args: str, deploy_file: str = "deploy/site.py") -> Deploy:
-        report = self.state / "last-report.json"
-        report.unlink(missing_ok=True)
-        completed = subprocess.run(
+        """Run a deploy to the end, as a user would."""
+        return self.finish(self.start(flake, *args, deploy_file=deploy_file))
+
+    def start(
+        self, flake: Path, *args: str, deploy_file: str = "deploy/site.py"
+    ) -> subprocess.Popen[str]:
+        """Start a deploy in the background (for tests that act while it runs)."""
+        report = Path(tempfile.mkstemp(prefix="report-", suffix=".json", dir=self.state)[1])
+        process = subprocess.Popen(
             [str(BIN / "pyinfra"), "-y", "inventory.py", deploy_file, "--data", f"flake={flake}",
              *args],
             cwd=ROOT, env={**self.env, "FLAKEFLEET_REPORT": str(report)},
-            capture_output=True, text=True, check=False, timeout=600,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
-        output = completed.stdout + completed.stderr
-        data = json.loads(report.read_text()) if report.exists() else {}
-        return Deploy(completed.returncode, output, data)
+        process.report = report  # type: ignore[attr-defined]
+        return process
+
+    def finish(self, process: subprocess.Popen[str]) -> Deploy:
+        output, _ = process.communicate(timeout=600)
+        report: Path = process.report  # type: ignore[attr-defined]
+        data = json.loads(report.read_text()) if report.stat().st_size else {}
+        report.unlink()
+        return Deploy(process.returncode, output, data)
+
+    def wait_for(self, machine: str, command: str, timeout: float = 60) -> str:
+        """Poll a command on a machine until it prints something; returns that."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            output = self.ssh(machine, command, check=False)
+            if output:
+                return output
+            time.sleep(0.2)
+        raise AssertionError(f"{machine}: {command!r} printed nothing within {timeout}s")
 
     @property
     def machines(self) -> list[str]:

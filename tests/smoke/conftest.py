@@ -30,6 +30,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--fleet", default=os.environ.get("FLAKEFLEET_FLEET") or "fleet.yaml")
     group.addoption("--machine", action="append", default=[], help="check only these machines")
     group.addoption("--role", action="append", default=[], help="check only machines with a role")
+    group.addoption(
+        "--expect-system",
+        action="append",
+        default=[],
+        metavar="MACHINE=PATH",
+        help="the system a machine should run (the deploy passes what it deployed)",
+    )
 
 
 def _selected(config: pytest.Config) -> tuple[Fleet, list[Machine]]:
@@ -65,6 +72,13 @@ def machine(request: pytest.FixtureRequest) -> dict[str, Any]:
     """The machine's pyinfra host data, with its name."""
     fleet, selected = request.param
     return {"name": selected.name, **fleet.host_data(selected)}
+
+
+@pytest.fixture(scope="module")
+def expected_system(request: pytest.FixtureRequest, machine: dict[str, Any]) -> str | None:
+    """The system the machine should run, when the caller said (`--expect-system`)."""
+    expected = dict(item.split("=", 1) for item in request.config.getoption("expect_system"))
+    return expected.get(machine["name"])
 
 
 @pytest.fixture(scope="session")

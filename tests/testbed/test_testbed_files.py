@@ -51,7 +51,7 @@ def test_roster_errors(tmp_path: Path, content: str, message: str) -> None:
 def test_fleet_file_has_the_documented_shape() -> None:
     machines = [Machine("web1", 22401, "nixos", ("web",)), Machine("db1", 22403, "nixos", ())]
     text = files.render_fleet_file(machines)
-    assert text.splitlines()[:15] == [
+    assert text.splitlines()[:17] == [
         "# Written by `python -m testbed up`: the test fleet, as a flakefleet fleet file.",
         "ssh:",
         "  key: keys/id_ed25519",
@@ -59,6 +59,8 @@ def test_fleet_file_has_the_documented_shape() -> None:
         "data:",
         "  nix_options:",
         '    substituters: ""',
+        "  # A test machine reboots when its PID 1 gets SIGUSR1 (see testbed/machine.py).",
+        '  reboot_command: "kill -USR1 1"',
         "machines:",
         "  - name: web1",
         "    address: 127.0.0.1",

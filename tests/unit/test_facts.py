@@ -8,10 +8,15 @@ WEB1 = "/nix/store/60nw2zzmkadwb1ilqj0ssaxm5adp7xd6-nixos-system-web1-1"
 
 
 def test_generations():
-    output = ["   1   2026-11-22 02:56:28   ", "   2   2026-11-22 03:10:02   (current)"]
+    output = [
+        "   1   2026-11-22 02:56:28   ",
+        "   2   2026-11-22 03:10:02   (current)",
+        "link system-1-link /nix/store/aaa-nixos-system-web1-1",
+        "link system-2-link /nix/store/bbb-nixos-system-web1-2",
+    ]
     assert SystemGenerations().process(output) == [
-        Generation(1, "2026-11-22 02:56:28", False),
-        Generation(2, "2026-11-22 03:10:02", True),
+        Generation(1, "2026-11-22 02:56:28", False, "/nix/store/aaa-nixos-system-web1-1"),
+        Generation(2, "2026-11-22 03:10:02", True, "/nix/store/bbb-nixos-system-web1-2"),
     ]
 
 

@@ -1,0 +1,201 @@
+"""Safe activation on the test fleet: every goal, rollbacks (automatic, magic, health-gated),
+reboots, a connection cut during activation, and the deploy lock.
+
+The tests run in order on one fleet; each leaves its machines on a working generation.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from conftest import evaluate, set_host
+from test_deploy import remote_state
+
+BOOT_ID = "cat /proc/sys/kernel/random/boot_id"
+LATEST_PHASE = "cat $(ls -td /run/flakefleet/activation/*/ | head -1)phase 2>/dev/null"
+
+
+def same_system(state: dict[str, str], before: dict[str, str]) -> bool:
+    """Running, selected and kept generations are as before (activations are logged, though)."""
+    keys = ("current", "profile", "generations")
+    return all(state[key] == before[key] for key in keys)
+
+
+def test_converge_first(fleet, flake):
+    assert fleet.deploy(flake).returncode == 0
+
+
+def test_boot_selects_without_switching_then_a_reboot_runs_it(fleet, flake):
+    before = remote_state(fleet, "web1")
+    set_host(flake, "web1", version="boot")
+    new = evaluate(flake, "web1")
+    result = fleet.deploy(flake, "--limit", "web1", deploy_file="deploy/boot.py")
+    assert result.returncode == 0, result.output
+    state = remote_state(fleet, "web1")
+    assert state["profile"] == new
+    assert state["current"] == before["current"]
+    assert int(state["generations"]) == int(before["generations"]) + 1
+
+    boot_id = fleet.ssh("web1", BOOT_ID)
+    result = fleet.deploy(
+        flake, "--limit", "web1", "--data", "reboot=when-needed", deploy_file="deploy/boot.py"
+    )
+    assert result.returncode == 0, result.output
+    assert "rebooted" in result.report["web1"]["changed"]
+    assert fleet.ssh("web1", BOOT_ID) != boot_id
+    assert remote_state(fleet, "web1")["current"] == new
+    assert fleet.ssh("web1", "readlink -f /run/booted-system") == new
+
+
+def test_test_switches_without_changing_the_boot_default(fleet, flake):
+    before = remote_state(fleet, "web1")
+    set_host(flake, "web1", version="test")
+    result = fleet.deploy(flake, "--limit", "web1", deploy_file="deploy/test.py")
+    assert result.returncode == 0, result.output
+    state = remote_state(fleet, "web1")
+    assert state["current"] == evaluate(flake, "web1")
+    assert state["profile"] == before["profile"]
+    assert state["generations"] == before["generations"]
+
+
+def test_dry_activate_and_build_change_nothing_running(fleet, flake):
+    before = remote_state(fleet, "web1")
+    set_host(flake, "web1", version="dry")
+    new = evaluate(flake, "web1")
+    for goal in ("dry-activate", "build"):
+        result = fleet.deploy(flake, "--limit", "web1", deploy_file=f"deploy/{goal}.py")
+        assert result.returncode == 0, result.output
+        state = remote_state(fleet, "web1")
+        assert (state["current"], state["profile"]) == (before["current"], before["profile"])
+        assert state["activations"] == before["activations"]
+    # build left the closure on the machine, ready for a switch.
+    assert fleet.ssh("web1", f"nix-store --check-validity {new} && echo valid") == "valid"
+    assert fleet.deploy(flake, "--limit", "web1").returncode == 0
+    assert remote_state(fleet, "web1")["current"] == new
+
+
+def test_rollback_to_the_previous_and_to_a_named_generation(fleet, flake):
+    generations = fleet.ssh("web1", "nix-env -p /nix/var/nix/profiles/system --list-generations")
+    numbers = [int(line.split()[0]) for line in generations.splitlines()]
+    current = remote_state(fleet, "web1")["current"]
+    result = fleet.deploy(flake, "--limit", "web1", deploy_file="deploy/rollback.py")
+    assert result.returncode == 0, result.output
+    previous = fleet.ssh("web1", f"readlink /nix/var/nix/profiles/system-{numbers[-2]}-link")
+    assert remote_state(fleet, "web1")["current"] == previous
+    back = fleet.deploy(
+        flake, "--limit", "web1", "--data", f"generation={numbers[-1]}",
+        deploy_file="deploy/rollback.py",
+    )  # fmt: skip
+    assert back.returncode == 0, back.output
+    assert remote_state(fleet, "web1")["current"] == current
+
+
+def test_config_that_breaks_sshd_rolls_itself_back(fleet, flake):
+    before = remote_state(fleet, "web2")
+    set_host(flake, "web2", version="nossh", breakSsh=True)
+    result = fleet.deploy(flake, "--limit", "web2", "--data", "confirm_timeout=5")
+    assert result.returncode != 0
+    assert result.status("web2") == "failed"
+    assert "rolled back to " + before["current"] in result.report["web2"]["error"]
+    # Reachable on its own port again, on its previous generation, the broken one deleted.
+    assert same_system(remote_state(fleet, "web2"), before)
+    set_host(flake, "web2", version="1", breakSsh=None)
+
+
+def test_failing_health_check_rolls_back(fleet, flake):
+    before = remote_state(fleet, "web1")
+    set_host(flake, "web1", version="unhealthy")
+    result = fleet.deploy(
+        flake, "--limit", "web1", "--data", 'checks=[{"command": "test -e /nonexistent"}]'
+    )
+    assert result.returncode != 0
+    error = result.report["web1"]["error"]
+    assert "checks failed: command 'test -e /nonexistent' exited 1" in error
+    assert "rolled back to " + before["current"] in error
+    assert same_system(remote_state(fleet, "web1"), before)
+
+
+def test_failing_health_check_with_keep_keeps_the_new_system(fleet, flake):
+    result = fleet.deploy(
+        flake, "--limit", "web1", "--data", 'checks=[{"command": "false"}]',
+        "--data", "on_check_failure=keep",
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "kept the new system" in result.report["web1"]["error"]
+    assert remote_state(fleet, "web1")["current"] == evaluate(flake, "web1")
+
+
+def test_failing_health_check_with_stop_stops_the_rollout(fleet, flake):
+    web1, web2 = remote_state(fleet, "web1"), remote_state(fleet, "web2")
+    set_host(flake, "web1", version="stop")
+    set_host(flake, "web2", version="stop")
+    result = fleet.deploy(
+        flake, "--limit", "web", "--serial", "--data", "on_check_failure=stop",
+        "--data", 'checks=[{"http": "http://127.0.0.1:1/", "timeout": 2}]',
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "rolled back to " + web1["current"] in result.report["web1"]["error"]
+    assert "rollout stopped" in result.report["web2"]["error"]
+    assert remote_state(fleet, "web1")["current"] == web1["current"]
+    assert remote_state(fleet, "web2")["current"] == web2["current"]
+
+
+def test_activation_survives_a_cut_connection(fleet, flake):
+    set_host(flake, "web1", version="cut", activationDelay=4)
+    set_host(flake, "web2", version="1")
+    new = evaluate(flake, "web1")
+    deploy = fleet.start(flake, "--limit", "web1")
+    assert fleet.wait_for("web1", f"{LATEST_PHASE} | grep -x running") == "running"
+    # Kill every SSH session but sshd itself and the one doing the killing.
+    fleet.ssh(
+        "web1",
+        'mine=$$; while [ $mine -gt 1 ]; do keep="$keep $mine"; '
+        "mine=$(awk '{print $4}' /proc/$mine/stat); done; "
+        "for pid in $(pgrep -x sshd); do [ $pid = $(cat /run/sshd.pid) ] && continue; "
+        'case " $keep " in *" $pid "*) ;; *) kill -9 $pid ;; esac; done',
+    )
+    result = fleet.finish(deploy)
+    # The activation finished, the deployer reconnected, checked and confirmed it: the run
+    # succeeds, and its summary says the connection was lost.
+    assert result.returncode == 0, result.output
+    assert remote_state(fleet, "web1")["current"] == new
+    assert fleet.ssh("web1", LATEST_PHASE) == "succeeded"
+    assert any("connection lost during activation" in n for n in result.report["web1"]["notes"])
+    # No lock is left behind.
+    assert fleet.ssh("web1", "ls /run/flakefleet") == "activation"
+    set_host(flake, "web1", activationDelay=None)
+    assert fleet.deploy(flake, "--limit", "web1").returncode == 0
+
+
+def test_a_second_deploy_fails_fast_naming_the_holder(fleet, flake):
+    set_host(flake, "web1", version="locked", activationDelay=4)
+    first = fleet.start(flake, "--limit", "web1")
+    fleet.wait_for("web1", "cat /run/flakefleet/lock/holder 2>/dev/null")
+    second = fleet.deploy(flake, "--limit", "web1")
+    assert second.returncode != 0
+    assert (
+        f"locked by another deploy (deployer PID {first.pid} on " in second.report["web1"]["error"]
+    )
+    assert fleet.finish(first).returncode == 0
+    assert remote_state(fleet, "web1")["current"] == evaluate(flake, "web1")
+
+
+def test_lock_of_a_deployer_that_died_is_cleared_safely(fleet, flake):
+    before = remote_state(fleet, "web1")
+    set_host(flake, "web1", version="orphan", activationDelay=3)
+    dead = fleet.start(flake, "--limit", "web1", "--data", "confirm_timeout=3")
+    assert fleet.wait_for("web1", f"{LATEST_PHASE} | grep -x running") == "running"
+    os.kill(dead.pid, signal.SIGKILL)
+    fleet.finish(dead)
+    # Its activation is still under way: wait for it rather than deploy over it.
+    refused = fleet.deploy(flake, "--limit", "web1")
+    assert "left an activation in progress" in refused.report["web1"]["error"]
+    # Unconfirmed, the machine rolls itself back; then the lock can be taken over.
+    fleet.wait_for("web1", f"{LATEST_PHASE} | grep -x rolled-back", timeout=30)
+    assert remote_state(fleet, "web1")["current"] == before["current"]
+    set_host(flake, "web1", activationDelay=None)
+    result = fleet.deploy(flake, "--limit", "web1")
+    assert result.returncode == 0, result.output
+    assert any("took over the lock" in note for note in result.report["web1"]["notes"])
+    assert remote_state(fleet, "web1")["current"] == evaluate(flake, "web1")
