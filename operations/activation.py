@@ -211,11 +211,30 @@ def _activate(state: Any, host: Any, activation: Activation) -> bool:
         _pending[host.name] = (activation, host.data)  # changed once confirmed
         return True
     if phase != "succeeded":
-        report.failed(host.name, f"activation: {message}")
+        report.failed(host.name, f"activation: {_loud(host, phase, message)}")
         return False
     if activation.goal != "dry-activate":
         report.changed(host.name, activation.goal)
     return True
+
+
+def _loud(host: Any, phase: str, message: str) -> str:
+    """The worker's message; a failed rollback is shouted, with where the machine stands."""
+    if phase != "rollback-failed":
+        return message
+    try:
+        running, selected = run_on(
+            host.data,
+            host.name,
+            f"readlink -f /run/current-system; readlink -f {SYSTEM_PROFILE}",
+            timeout=30,
+        ).stdout.split()[:2]
+    except (Unreachable, ValueError):
+        return f"ROLLBACK FAILED: {message}; the machine's state could not be read"
+    return (
+        f"ROLLBACK FAILED: {message}; the machine runs {running} and its profile selects "
+        f"{selected}: fix it by hand"
+    )
 
 
 def _ask(host: Any, command: str, stdin: str | None = None) -> tuple[str, str]:
@@ -265,11 +284,12 @@ def confirm(host: Any) -> tuple[bool, str]:
     except Unreachable as error:
         # The new system may have broken logins: the machine rolls itself back on time.
         phase, message = _wait(host, activation, ("running", "awaiting-confirmation"))
+        message = _loud(host, phase, message)
         return False, f"could not confirm over a new SSH connection ({error}); {message}"
     phase, message = _wait(host, activation, ("running", "awaiting-confirmation"))
     if phase == "succeeded":
         report.changed(host.name, activation.goal)
-    return phase == "succeeded", message
+    return phase == "succeeded", _loud(host, phase, message)
 
 
 def abort(host: Any, reason: str) -> str:
@@ -284,5 +304,5 @@ def abort(host: Any, reason: str) -> str:
             stdin=reason,
             timeout=30,
         )
-    _phase, message = _wait(host, activation, ("running", "awaiting-confirmation"))
-    return message
+    phase, message = _wait(host, activation, ("running", "awaiting-confirmation"))
+    return _loud(host, phase, message)

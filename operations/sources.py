@@ -1,41 +1,319 @@
 """Sources in /var/src, krops' layout: each source is /var/src/<name>.
 
 A source's tree lives in /var/src/.flakefleet/<name>/<digest>, and /var/src/<name> is a symlink
-to it. A sync copies into a new `<digest>.partial` directory (hard-linking unchanged files from
-the live tree) and then swaps the symlink with one rename, so /var/src/<name> is always wholly
-old or wholly new, whenever the deploy is interrupted.
+to it; that holds for every type (a pipe's file, a symlink's link and a derivation's result
+link sit at the same place). A sync copies into a new `<digest>.partial` (hard-linking unchanged
+files from the live tree), then one command on the machine renames it into place and swaps
+each symlink with one rename, so /var/src/<name> is always wholly old or wholly new, whenever
+the deploy is interrupted. Whether a source changed is decided from the digest computed on the
+controller and the one the preflight read: a machine whose sources are all in place costs no
+command at all here.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyinfra import host
+from pyinfra import host, logger, state
 from pyinfra.api import FunctionCommand, StringCommand, operation
 
-from facts.sources import SOURCES_ROOT, STORE_DIR, VarSrc
+from facts.sources import STORE_DIR, VarSrc
 from flakefleet import report
-from flakefleet.digest import DEFAULT_EXCLUDES, tree_digest
 from flakefleet.process import CommandError, run
-from flakefleet.ssh import ssh_command, ssh_destination
+from flakefleet.remote import KEEPALIVE
+from flakefleet.sources import (
+    BuildError,
+    MachineSources,
+    Ready,
+    RunSources,
+    SourcesInvalid,
+    check_run,
+    config_layer,
+    filter_options,
+    layers,
+)
+from flakefleet.ssh import ssh_destination, ssh_options
+
+# The checked sources of each run (one per pyinfra State), or why they were refused.
+_runs: dict[int, RunSources | SourcesInvalid] = {}
+_runs_lock = threading.Lock()
+# Local builds run in parallel across machines, at most one per core.
+_build_slots = threading.BoundedSemaphore(os.cpu_count() or 2)
+
+
+def declared() -> MachineSources:
+    """This machine's sources, checked and digested on the controller.
+
+    The first call of a run checks every selected machine's declarations (types, names,
+    local paths, git URLs and refs, pipe commands), before anything is copied to any machine;
+    bad input stops the whole run with one line per problem, naming machine and source.
+    """
+    with _runs_lock:
+        checked = _runs.get(id(state))
+        if checked is None:
+            checked = _runs[id(state)] = _check_selected()
+    if isinstance(checked, SourcesInvalid):
+        _stop(checked)
+    return checked.machines[host.name]
+
+
+def _check_selected() -> RunSources | SourcesInvalid:
+    fleet_file = os.environ.get("FLAKEFLEET_FLEET") or "fleet.yaml"
+    machines = [
+        (
+            each.name,
+            [*config_layer(each.data.get("flake")), *layers(each, state.inventory, fleet_file)],
+            each.data,
+        )
+        for each in state.inventory.get_active_hosts()
+    ]
+    try:
+        return check_run(Path(state.cwd or "."), machines)
+    except SourcesInvalid as error:
+        return error
+
+
+def _stop(error: SourcesInvalid) -> None:
+    """Fail every selected machine (the summary stays true) and end the run at once."""
+    reasons = {bad.machine: f"sources: {bad.detail}" for bad in error.errors}
+    for each in state.inventory.get_active_hosts():
+        report.failed(
+            each.name, reasons.get(each.name, "not deployed: bad sources stopped the run")
+        )
+    raise SystemExit("\n".join(f"flakefleet: {line}" for line in error.lines))
 
 
 @operation()
-def tree(source: str, path: str, var_src: VarSrc):
-    """Copy a local directory to /var/src/<source>, unless its content is already there.
+def sync(wanted: MachineSources, var_src: VarSrc):
+    """Make the machine's /var/src hold exactly its declared sources.
 
-    + source: the name under /var/src (e.g. ``config``)
-    + path: the local directory
+    Builds that are not cached run first (a failure stops the machine before anything of it
+    is copied); then every changed file, git or pipe source is sent with rsync, and one
+    command installs them, links symlinks, realises derivations and removes sources no longer
+    declared.
+
+    + wanted: the machine's sources, from ``declared()``
     + var_src: the machine's /var/src as read by the ``Sources`` fact
 
     Example:
 
     .. code:: python
 
-        sources.tree(name="Flake", source="config", path="example", var_src=machine.var_src)
+        sources.sync(name="Sources", wanted=sources.declared(), var_src=machine.var_src)
     """
+    refusal = guard(wanted, var_src)
+    if refusal:
+        yield report.stop(f"sources: {refusal}")
+        return
+    built: dict[str, Ready] = {}
+    for item in wanted.pending_builds():
+        yield FunctionCommand(_build, (item, built), {})
+    changes = plan(wanted.finalize(built), var_src, wanted)
+    if not changes:
+        host.noop(f"{var_src.root} already holds its {len(wanted.sources)} sources")
+        return
+    for item, tree in changes.install:
+        if item.local is not None:
+            yield FunctionCommand(_push, (item, tree, var_src, wanted.rsync_options), {})
+    yield StringCommand(install_script(changes, var_src.root))
+    yield report.change("sources")
+
+
+def guard(wanted: MachineSources, var_src: VarSrc) -> str | None:
+    """Why /var/src must not be touched (another tool's tree), or None.
+
+    Like krops' sentinel: a /var/src that holds anything but lacks flakefleet's marker is left
+    alone, and so is any entry flakefleet did not make, unless the data forces it.
+    """
+    if wanted.force:
+        return None
+    root = var_src.root
+    if var_src.exists and not var_src.managed and not var_src.empty:
+        return (
+            f"{root} holds files but no flakefleet marker ({root}/{STORE_DIR}): another tool's "
+            "tree, or a wrong address? Deploy with --data sources_force=true to take it over"
+        )
+    for item in wanted.sources:
+        name = item.source.name
+        if name in var_src.sources and var_src.sources[name] is None:
+            return (
+                f"{root}/{name} exists and was not put there by flakefleet "
+                "(--data sources_force=true moves it aside)"
+            )
+    return None
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What one sync does to a machine's /var/src."""
+
+    install: tuple[tuple[Ready, str], ...] = ()  # each source to install, with its tree's name
+    remove: tuple[str, ...] = ()  # sources no longer declared
+    orphans: tuple[str, ...] = ()  # store directories nothing links to (an interrupted sync)
+    displace: tuple[str, ...] = ()  # foreign entries moved aside (forced)
+
+    def __bool__(self) -> bool:
+        return bool(self.install or self.remove or self.orphans or self.displace)
+
+
+def plan(items: list[Ready], var_src: VarSrc, wanted: MachineSources) -> Changes:
+    """Compare the sources' digests with the machine's: what to install and what to remove."""
+    install = []
+    displace = []
+    for item in items:
+        name = item.source.name
+        current = var_src.sources.get(name, "absent")
+        if current == item.digest and not wanted.resync:
+            continue
+        if current is None:
+            displace.append(name)
+        assert item.digest is not None
+        install.append((item, tree_name(item.digest, var_src.live.get(name))))
+    names = {item.source.name for item in items}
+    remove = sorted(
+        name
+        for name, digest in var_src.sources.items()
+        if digest is not None and name not in names and not wanted.keep_undeclared
+    )
+    orphans = sorted(var_src.stored - set(var_src.live) - names)
+    return Changes(tuple(install), tuple(remove), tuple(orphans), tuple(displace))
+
+
+def tree_name(digest: str, live: str | None) -> str:
+    """The store directory for a new tree: its digest, unless that is the live tree's name
+    (a resync), which must not be touched before the swap."""
+    return digest if live != digest else f"{digest}.{time.time_ns()}"
+
+
+def _build(state: Any, host: Any, item: Ready, built: dict[str, Ready]) -> bool:
+    """Run a source's build stage on the controller (in parallel with other machines')."""
+    checked = _runs[id(state)]
+    assert isinstance(checked, RunSources)
+    try:
+        with _build_slots:
+            built[item.source.name] = checked.built(item)
+    except BuildError as error:
+        logger.error(f"{host.print_prefix}build of {item.source.name} failed:\n{error.output}")
+        report.failed(host.name, f"sources: {item.source.name}: {error}")
+        return False
+    return True
+
+
+def _push(state: Any, host: Any, item: Ready, tree: str, var_src: VarSrc, options: tuple) -> bool:
+    """rsync one source into <store>/<tree>.partial on the machine."""
+    store = f"{var_src.root}/{STORE_DIR}/{item.source.name}"
+    argv = rsync_command(item, tree, store, var_src.live.get(item.source.name), host, options)
+    try:
+        run(argv)
+    except CommandError as error:
+        report.failed(host.name, f"sources: {item.source.name}: {error}")
+        return False
+    return True
+
+
+def rsync_command(
+    item: Ready, tree: str, store: str, live: str | None, machine: Any, options: tuple = ()
+) -> list[str]:
+    """The rsync command line that sends a source's local file or tree into the store.
+
+    Files are compared by content (`checksum`) or by size and time to the nanosecond, so a
+    change rsync would miss cannot hide behind a new digest.
+    """
+    assert item.local is not None
+    data = machine.data
+    sudo = "sudo -n " if data.get("_sudo") else ""
+    directory = item.local.is_dir()
+    argv = [
+        "rsync",
+        "--archive",
+        "--stats",
+        "--checksum" if item.checksum else "--modify-window=-1",
+        *filter_options(item.source.include, item.source.exclude),
+        *options,
+        "--rsh",
+        shlex.join(["ssh", *ssh_options(data), *KEEPALIVE]),
+        "--rsync-path",
+        f"{sudo}mkdir -p {shlex.quote(store)} && {sudo}rsync",
+    ]
+    if directory and live:
+        argv.append(f"--link-dest=../{live}")
+    destination = f"{ssh_destination(data, machine.name)}:{store}/{tree}.partial"
+    if directory:
+        return [*argv, f"{item.local}/", f"{destination}/"]
+    return [*argv, str(item.local), destination]
+
+
+# The remote half: one POSIX sh script per sync (GNU or BSD tools).
+_SCRIPT_HEAD = """\
+set -e
+s="$r/{store}"
+mkdir -p "$s"
+if mv --version >/dev/null 2>&1; then mvt="mv -T"; else mvt="mv -h"; fi
+live() {{  # make tree $2 the live /var/src/$1 with one rename, then drop the source's others
+  ln -sfn "{store}/$1/$2" "$r/.$1.flakefleet-new"
+  $mvt "$r/.$1.flakefleet-new" "$r/$1"
+  find "$s/$1" -mindepth 1 -maxdepth 1 ! -name "$2" -exec rm -rf {{}} +
+}}
+realise() {{  # source name, then a Nix command; on failure, say which source and why
+  name=$1; shift
+  if ! log=$("$@" 2>&1); then
+    printf '%s\\n' "$log" >&2
+    why=$(printf '%s\\n' "$log" | grep -m1 'error' || printf '%s\\n' "$log" | tail -n1)
+    echo "source '$name': $1 failed: $why" >&2
+    exit 1
+  fi
+}}"""
+
+
+def install_script(changes: Changes, root: str) -> str:
+    """The one command that installs a sync's trees, links and derivations, in order, and
+    removes what is no longer declared."""
+    lines = [f"r={shlex.quote(root)}", _SCRIPT_HEAD.format(store=STORE_DIR)]
+    if any(item.source.type == "derivation" for item, _ in changes.install):
+        lines.append('NIX_PATH="$r"; export NIX_PATH  # <name> is /var/src/name, as with krops')
+    for name in map(shlex.quote, changes.displace):
+        lines += ['mkdir -p "$s/.displaced"', f'mv "$r"/{name} "$s/.displaced/"{name}.$(date +%s)']
+    for item, tree in changes.install:
+        lines += _install_lines(item, tree)
+    for name in map(shlex.quote, changes.remove):
+        lines += [f'rm -f "$r"/{name}', f'rm -rf "$s"/{name}']
+    lines += [f'rm -rf "$s"/{shlex.quote(name)}' for name in changes.orphans]
+    return "\n".join(lines)
+
+
+def _install_lines(item: Ready, tree: str) -> list[str]:
+    source = item.source
+    name, path = shlex.quote(source.name), f'"$s"/{shlex.quote(source.name)}/{shlex.quote(tree)}'
+    if item.local is not None:
+        return [f"rm -rf {path}", f"mv {path}.partial {path}", f"live {name} {shlex.quote(tree)}"]
+    lines = [f'mkdir -p "$s"/{name}', f"rm -rf {path}"]
+    if source.type == "symlink":
+        target = source.target if source.target.startswith("/") else f"../../{source.target}"
+        lines.append(f"ln -s {shlex.quote(target)} {path}")
+    elif source.expression:
+        expression = shlex.quote(source.expression)
+        lines.append(f"realise {name} nix-build --quiet -E {expression} -o {path}")
+    else:
+        nix = "nix --extra-experimental-features 'nix-command flakes'"
+        lines.append(f"realise {name} {nix} build --out-link {path} {shlex.quote(source.flake)}")
+    return [*lines, f"live {name} {shlex.quote(tree)}"]
+
+
+# --- transitional: the walking skeleton's operation, until deploy/site.py calls `sync` ---
+from facts.sources import SOURCES_ROOT  # noqa: E402
+from flakefleet.digest import DEFAULT_EXCLUDES, tree_digest  # noqa: E402
+from flakefleet.ssh import ssh_command  # noqa: E402
+
+
+@operation()
+def tree(source: str, path: str, var_src: VarSrc):
+    """Copy a local directory to /var/src/<source>, unless its content is already there."""
     local = Path(path)
     digest = tree_digest(local)
     current = var_src.sources.get(source, "absent")
@@ -45,26 +323,19 @@ def tree(source: str, path: str, var_src: VarSrc):
     if source in var_src.sources and current is None:
         yield report.stop(f"sources: /var/src/{source} exists and was not put there by flakefleet")
         return
-
     store = f"{SOURCES_ROOT}/{STORE_DIR}/{source}"
-    yield FunctionCommand(_push, (local, store, digest, current), {})
-    yield StringCommand(_swap_script(source, store, digest))
+    yield FunctionCommand(_old_push, (local, store, digest, current), {})
+    yield StringCommand(_old_swap_script(source, store, digest))
     yield report.change("sources")
 
 
-def _push(state: Any, host: Any, local: Path, store: str, digest: str, previous: str) -> bool:
-    """rsync the tree into <store>/<digest>.partial, hard-linking what the live tree has."""
+def _old_push(state: Any, host: Any, local: Path, store: str, digest: str, previous: str) -> bool:
     argv = [
-        "rsync",
-        "--archive",
-        "--delete",
-        "--stats",
+        "rsync", "--archive", "--delete", "--stats",
         *(f"--exclude=/{name}" for name in DEFAULT_EXCLUDES),
-        "--rsh",
-        ssh_command(host.data),
-        "--rsync-path",
-        f"mkdir -p {shlex.quote(store)} && rsync",
-    ]
+        "--rsh", ssh_command(host.data),
+        "--rsync-path", f"mkdir -p {shlex.quote(store)} && rsync",
+    ]  # fmt: skip
     if previous not in ("absent", None):
         argv.append(f"--link-dest=../{previous}")
     argv += [f"{local}/", f"{ssh_destination(host.data, host.name)}:{store}/{digest}.partial/"]
@@ -76,8 +347,7 @@ def _push(state: Any, host: Any, local: Path, store: str, digest: str, previous:
     return True
 
 
-def _swap_script(source: str, store: str, digest: str) -> str:
-    """Make <digest> the live tree of the source with one rename, then drop older trees."""
+def _old_swap_script(source: str, store: str, digest: str) -> str:
     link = f"{SOURCES_ROOT}/{source}"
     tmp_link = f"{SOURCES_ROOT}/.{source}.flakefleet-new"
     return " && ".join(

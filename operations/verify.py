@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import threading
@@ -26,6 +27,7 @@ from flakefleet.process import run
 from operations import activation
 
 SMOKE_SUITES = "tests/smoke"
+SMOKE_TIMEOUT = 600  # seconds for all machines' suites; a hung check must not hang the deploy
 
 
 @dataclass
@@ -105,17 +107,19 @@ def run_smoke_checks(machines: list[str], cwd: Path) -> dict[str, Verdict]:
     fleet = os.environ.get("FLAKEFLEET_FLEET") or "fleet.yaml"
     with tempfile.TemporaryDirectory(prefix="flakefleet-smoke-") as scratch:
         junit = Path(scratch) / "junit.xml"
-        completed = run(
-            [
-                sys.executable, "-m", "pytest", SMOKE_SUITES, "-q", "-p", "no:cacheprovider",
-                "--fleet", fleet, f"--junitxml={junit}",
-                *(f"--machine={name}" for name in machines),
-                *(f"--expect-system={name}={system}" for name, system in expected(machines)),
-            ],
-            cwd=str(cwd),
-            check=False,
-        )  # fmt: skip
         verdicts = {name: Verdict() for name in machines}
+        argv = [
+            sys.executable, "-m", "pytest", SMOKE_SUITES, "-q", "-p", "no:cacheprovider",
+            "--fleet", fleet, f"--junitxml={junit}",
+            *(f"--machine={name}" for name in machines),
+            *(f"--expect-system={name}={system}" for name, system in expected(machines)),
+        ]  # fmt: skip
+        try:
+            completed = run(argv, cwd=str(cwd), check=False, timeout=SMOKE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for verdict in verdicts.values():
+                verdict.failures.append(f"smoke checks did not finish within {SMOKE_TIMEOUT}s")
+            return verdicts
         if not junit.exists():
             reason = (completed.stderr or completed.stdout).strip().splitlines()[-1:] or ["?"]
             for verdict in verdicts.values():

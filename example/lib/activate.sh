@@ -85,6 +85,12 @@ echo "$(date -u +%FT%TZ) activated $system" >> /var/log/activations.log
 # A slow activation, for tests that act while one is under way.
 [ -z "@activationDelay@" ] || sleep "@activationDelay@"
 
+# Fault injection on the machine itself: while this file exists every activation fails, the
+# previous system's too (to test a rollback that fails).
+if [ -e /run/fail-every-activation ]; then
+  say "error: /run/fail-every-activation exists"
+  exit 4
+fi
 if [ -n "@failActivation@" ]; then
   say "error: unit fleet-check.service failed (failActivation is set for @name@)"
   exit 4

@@ -116,6 +116,24 @@ def test_failing_health_check_rolls_back(fleet, flake):
     assert same_system(remote_state(fleet, "web1"), before)
 
 
+def test_a_rollback_that_fails_is_reported_loudly(fleet, flake):
+    set_host(flake, "web1", version="doomed", failActivation=True)
+    fleet.ssh("web1", "touch /run/fail-every-activation")
+    try:
+        result = fleet.deploy(flake, "--limit", "web1")
+    finally:
+        fleet.ssh("web1", "rm /run/fail-every-activation")
+    assert result.returncode != 0
+    error = result.report["web1"]["error"]
+    assert error.startswith(
+        "activation: ROLLBACK FAILED: activation failed (exit 4); re-activating"
+    )
+    assert "the machine runs /nix/store/" in error and "fix it by hand" in error
+    # By hand: activate what the profile selects again, now that activations work.
+    fleet.ssh("web1", "/nix/var/nix/profiles/system/bin/switch-to-configuration switch")
+    set_host(flake, "web1", version="unhealthy", failActivation=None)
+
+
 def test_failing_health_check_with_keep_keeps_the_new_system(fleet, flake):
     result = fleet.deploy(
         flake, "--limit", "web1", "--data", 'checks=[{"command": "false"}]',
