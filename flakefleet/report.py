@@ -132,6 +132,10 @@ def summary_lines() -> list[str]:
 def _finish() -> None:
     if _state is None or not _outcomes:
         return
+    if not _state.is_executing:
+        # --dry, or the run stopped while preparing: nothing was changed.
+        print("\n--> flakefleet: nothing was executed", file=sys.stderr)
+        return
     _explain_failures(_state)
     print("\n--> flakefleet summary", file=sys.stderr)
     for line in summary_lines():
