@@ -10,7 +10,7 @@ changes nothing.
 from pyinfra import host, state
 
 from flakefleet import report
-from operations import activation, closure, lock, reboot, sources, verify
+from operations import activation, closure, generations, lock, reboot, sources, verify
 
 report.install(state)
 goal = host.data.get("goal", "switch")
@@ -19,10 +19,9 @@ machine = lock.preflight()  # the deploy lock, systems, generations and /var/src
 target = closure.evaluate(machine) if machine else None  # one Nix evaluation for all machines
 
 if target is not None:
-    sources.tree(
-        name="Sync the flake to /var/src/config",
-        source="config",
-        path=host.data.get("flake"),
+    sources.sync(
+        name="Sync the sources to /var/src",
+        wanted=sources.declared(),  # the first call checks every selected machine's sources
         var_src=machine.var_src,
     )
     closure.build(name="Build the system", system=target, machine=machine)
@@ -42,5 +41,12 @@ if target is not None:
         goal=goal,
         policy=host.data.get("reboot", "never"),
         timeout=host.data.get("reboot_timeout", 300),
+    )
+    generations.prune(
+        name="Prune old generations",
+        system=target,
+        machine=machine,
+        goal=goal,
+        keep=host.data.get("keep_generations"),
     )
     lock.release(name="Release the deploy lock")

@@ -1,8 +1,9 @@
 # The example fleet. It imitates NixOS so the whole deploy pipeline can run on a machine with
 # no nixpkgs and no network: every system is a plain derivation built with the host's /bin/sh,
 # laid out like a NixOS toplevel (bin/switch-to-configuration, activate, nixos-version, etc, sw,
-# kernel, initrd). A real fleet's flake plugs in unchanged: flakefleet only reads
-# nixosConfigurations.<machine>.config.system.build.toplevel.
+# kernel, initrd). A darwin machine gets darwinConfigurations.<machine>.system (nix-darwin's
+# layout) and a home-manager-only machine homeConfigurations."<user>@<machine>".activationPackage.
+# A real fleet's flake plugs in unchanged: flakefleet reads only those attributes.
 {
   description = "flakefleet example fleet (NixOS imitation, builds offline)";
 
@@ -17,5 +18,12 @@
     in
     {
       nixosConfigurations = configurations "nixos" imitation.nixosSystem;
+      darwinConfigurations = configurations "darwin" imitation.darwinSystem;
+      homeConfigurations = builtins.listToAttrs (map
+        (name: let host = hosts.${name} // { inherit name; }; in {
+          name = "${host.user}@${name}";
+          value = imitation.homeConfiguration host;
+        })
+        (ofClass "home"));
     };
 }

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pyinfra.api import FactBase
 
 from facts.nix import (
+    RUNNING_SYSTEM,
+    SYSTEM_PROFILE,
     BootedSystem,
     CurrentSystem,
     Generation,
@@ -44,16 +46,27 @@ PARTS: dict[str, type[FactBase]] = {
 
 
 class Machine(FactBase[MachineState]):
-    """Runs every fact in PARTS as one command, each output behind a section line."""
+    """Runs every fact in PARTS as one command, each output behind a section line.
+
+    `profile` is the profile holding the machine's generations (the system profile, or a
+    home-manager user's), `running` what links to the system it runs (a home-manager machine
+    runs what its profile selects).
+    """
 
     @staticmethod
     def default() -> MachineState:
         return MachineState()
 
-    def command(self) -> str:
-        return "; ".join(
-            f"echo '{SECTION}{name}'; {{ {fact().command()}; }}" for name, fact in PARTS.items()
-        )
+    def command(self, profile: str = SYSTEM_PROFILE, running: str = RUNNING_SYSTEM) -> str:
+        commands = {
+            "current_system": CurrentSystem().command(running),
+            "booted_system": BootedSystem().command(),
+            "profile_system": SystemProfile().command(profile),
+            "generations": SystemGenerations().command(profile),
+            "nix_version": NixVersion().command(),
+            "var_src": Sources().command(),
+        }
+        return "; ".join(f"echo '{SECTION}{name}'; {{ {commands[name]}; }}" for name in PARTS)
 
     def process(self, output: list[str]) -> MachineState:
         sections: dict[str, list[str]] = {}
@@ -92,12 +105,19 @@ class Preflight(FactBase[PreflightState]):
     def default() -> PreflightState:
         return PreflightState(lock_acquired=False, lock_holder="", machine=MachineState())
 
-    def command(self, lock_dir: str, holder: str) -> str:
+    def command(
+        self,
+        lock_dir: str,
+        holder: str,
+        profile: str = SYSTEM_PROFILE,
+        running: str = RUNNING_SYSTEM,
+    ) -> str:
         busy = (
             f"cat {lock_dir}/activation/*/phase 2>/dev/null"
             " | grep -c -x -e running -e awaiting-confirmation"
         )
-        return f"{lock.acquire_command(lock_dir, holder)}; {busy}; {Machine().command()}"
+        machine = Machine().command(profile, running)
+        return f"{lock.acquire_command(lock_dir, holder)}; {busy}; {machine}"
 
     def process(self, output: list[str]) -> PreflightState:
         first = output[0].strip() if output else ""

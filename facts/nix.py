@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pyinfra.api import FactBase
 
 SYSTEM_PROFILE = "/nix/var/nix/profiles/system"
+RUNNING_SYSTEM = "/run/current-system"
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,13 @@ class Generation:
 class CurrentSystem(FactBase[str | None]):
     """The store path the machine runs now (`/run/current-system`), or None.
 
+    A home-manager machine has no system: pass its profile as `link`.
+
     Example output: ``/nix/store/60nw...-nixos-system-web1-1``
     """
 
-    def command(self) -> str:
-        return "readlink /run/current-system || true"
+    def command(self, link: str = RUNNING_SYSTEM) -> str:
+        return f"readlink -f {link} || true"
 
     def process(self, output: list[str]) -> str | None:
         return output[0].strip() or None if output else None
@@ -45,10 +48,10 @@ class BootedSystem(CurrentSystem):
 
 
 class SystemProfile(CurrentSystem):
-    """The store path the system profile selects: what the next boot runs (NixOS), or None."""
+    """The store path a profile selects (the system profile: what the next boot runs)."""
 
-    def command(self) -> str:
-        return f"readlink -f {SYSTEM_PROFILE} || true"
+    def command(self, profile: str = SYSTEM_PROFILE) -> str:
+        return f"readlink -f {profile} || true"
 
 
 class SystemGenerations(FactBase[list[Generation]]):
@@ -66,10 +69,10 @@ class SystemGenerations(FactBase[list[Generation]]):
     def default() -> list[Generation]:
         return []
 
-    def command(self) -> str:
+    def command(self, profile: str = SYSTEM_PROFILE) -> str:
         return (
-            f"nix-env -p {SYSTEM_PROFILE} --list-generations 2>/dev/null; "
-            f'for l in {SYSTEM_PROFILE}-*-link; do [ -L "$l" ] && '
+            f"nix-env -p {profile} --list-generations 2>/dev/null; "
+            f'for l in {profile}-*-link; do [ -L "$l" ] && '
             'printf "link %s %s\\n" "${l##*/}" "$(readlink "$l")"; done; true'
         )
 

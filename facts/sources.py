@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pyinfra.api import FactBase
 
 SOURCES_ROOT = "/var/src"
+# Where a login without root keeps its sources (a home-manager machine cannot write /var/src).
+USER_SOURCES_ROOT = "$HOME/.var/src"
 # flakefleet's own directory in /var/src: its presence is the marker that flakefleet manages
 # this /var/src, and it holds every source's trees, one per content digest.
 STORE_DIR = ".flakefleet"
@@ -15,22 +17,34 @@ STORE_DIR = ".flakefleet"
 @dataclass(frozen=True)
 class VarSrc:
     """What /var/src holds: whether flakefleet manages it, and each source's content digest
-    (None for an entry flakefleet did not put there)."""
+    (None for an entry flakefleet did not put there).
+
+    `live` names the directory in the store each managed source points to (its digest, or
+    ``<digest>.<n>`` after a resync rebuilt a tree with an unchanged digest); `stored` names
+    every source directory in the store, linked or not (an interrupted first sync leaves one).
+    """
 
     exists: bool = False
     managed: bool = False
     sources: dict[str, str | None] = field(default_factory=dict)
+    root: str = SOURCES_ROOT
+    empty: bool = False
+    live: dict[str, str] = field(default_factory=dict)
+    stored: frozenset[str] = frozenset()
 
 
 class Sources(FactBase[VarSrc]):
-    """The state of /var/src, read in one command.
+    """The state of /var/src, read in one command (root's /var/src; a login without root uses
+    ``~/.var/src``).
 
     Example output::
 
+        root /var/src
         exists
         managed
         source config .flakefleet/config/3f9c...e1
         source notes
+        stored config
     """
 
     @staticmethod
@@ -39,21 +53,49 @@ class Sources(FactBase[VarSrc]):
 
     def command(self) -> str:
         return (
-            f"if [ -d {SOURCES_ROOT} ]; then echo exists; "
-            f"[ -d {SOURCES_ROOT}/{STORE_DIR} ] && echo managed; "
-            f'for f in {SOURCES_ROOT}/*; do [ -e "$f" ] || [ -L "$f" ] || continue; '
-            'printf "source %s %s\\n" "${f##*/}" "$(readlink "$f")"; done; fi; true'
+            f'r={SOURCES_ROOT}; [ "$(id -u)" = 0 ] || r="{USER_SOURCES_ROOT}"; echo "root $r"; '
+            'if [ -d "$r" ]; then echo exists; '
+            f'[ -d "$r/{STORE_DIR}" ] && echo managed; '
+            '[ -n "$(ls -A "$r")" ] || echo empty; '
+            'for f in "$r"/*; do [ -e "$f" ] || [ -L "$f" ] || continue; '
+            'printf "source %s %s\\n" "${f##*/}" "$(readlink "$f")"; done; '
+            f'for f in "$r/{STORE_DIR}"/*; do [ -d "$f" ] && printf "stored %s\\n" "${{f##*/}}"; '
+            "done; fi; true"
         )
 
     def process(self, output: list[str]) -> VarSrc:
         flags = {line.strip() for line in output}
+        root = SOURCES_ROOT
         sources: dict[str, str | None] = {}
+        live: dict[str, str] = {}
+        stored: set[str] = set()
         for line in output:
             kind, _, rest = line.strip().partition(" ")
-            if kind != "source":
-                continue
-            name, _, target = rest.partition(" ")
-            parts = target.split("/")
-            managed = len(parts) == 3 and parts[0] == STORE_DIR and parts[1] == name
-            sources[name] = parts[2] if managed else None
-        return VarSrc(exists="exists" in flags, managed="managed" in flags, sources=sources)
+            if kind == "root" and rest:
+                root = rest
+            elif kind == "stored" and rest:
+                stored.add(rest)
+            elif kind == "source":
+                name, _, target = rest.partition(" ")
+                tree = _managed_tree(name, target)
+                sources[name] = tree.split(".")[0] if tree else None
+                if tree:
+                    live[name] = tree
+        return VarSrc(
+            exists="exists" in flags,
+            managed="managed" in flags,
+            sources=sources,
+            root=root,
+            empty="empty" in flags,
+            live=live,
+            stored=frozenset(stored),
+        )
+
+
+def _managed_tree(name: str, target: str) -> str | None:
+    """The store directory a /var/src entry links to, if flakefleet made it
+    (``.flakefleet/<name>/<tree>``)."""
+    parts = target.split("/")
+    if len(parts) == 3 and parts[0] == STORE_DIR and parts[1] == name and parts[2]:
+        return parts[2]
+    return None

@@ -1,18 +1,99 @@
-"""One evaluation and one build for all selected machines of a run.
+"""One evaluation, one build per place, and one upload per path for all selected machines.
 
 A deploy file runs once per machine, but Nix is fastest when asked once: the first machine to
-ask for its system evaluates every selected machine that shares its flake and Nix settings, and
-the first to need a build builds every machine of that batch that needs one.
+ask for its system evaluates every selected machine that shares its flake and Nix settings;
+the first to need a build builds every machine of that batch that is built in the same place
+(`build_on`); the first to copy signs every closure of the batch, and the first to use a cache
+uploads every closure that goes through it.
+
+Where a system is built (`build_on`, per machine or group):
+
+- ``local`` (default): on the controller, one ``nix-store --realise`` for the batch;
+- ``target``: on the machine itself, from the flake the sources step put in /var/src/config;
+- a fleet machine's name, or an ``ssh://`` / ``ssh-ng://`` URL: on that builder, one build
+  for every machine it builds for; the builder then sends each machine its closure directly.
+
+Wherever it is built, the path must be the one evaluated here, or the machine fails with both.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from flakefleet import nix
+from flakefleet import cache as caches
+from flakefleet import nix, signing
+from flakefleet.remote import Unreachable, run_on
+from flakefleet.ssh import relay_options, ssh_destination, ssh_options
+
+GCROOTS = ".flakefleet/gcroots"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a machine's system is built: ``local``, ``target`` or ``builder`` (named)."""
+
+    kind: str
+    builder: str = ""  # a fleet machine's name, or an ssh:// / ssh-ng:// URL
+
+
+def placement(value: Any, machines: Collection[str]) -> Placement:
+    """Read a `build_on` setting.
+
+    Example: ``placement("build1", {"build1"}) == Placement("builder", "build1")``.
+    """
+    value = str(value or "local")
+    if value in ("local", "target"):
+        return Placement(value)
+    if value in machines or value.startswith(("ssh://", "ssh-ng://")):
+        return Placement("builder", value)
+    raise ValueError(
+        f"build_on: {value!r} is not local, target, a fleet machine or an ssh:// or ssh-ng:// URL"
+    )
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A machine flakefleet runs Nix commands on besides the one it deploys: a builder or a
+    cache machine, reached with its fleet data or, for a URL, the user's own ssh settings."""
+
+    name: str
+    data: Mapping[str, Any]
+    protocol: str = "ssh"
+
+    @property
+    def store(self) -> str:
+        """Its store, as the controller's Nix reaches it."""
+        return nix.store_url(
+            self.protocol,
+            ssh_destination(self.data, self.name),
+            nix_dir=self.data.get("remote_nix_dir"),
+        )
+
+    def run(self, command: str) -> str:
+        """Run a command there; its stdout, or NixError with its last words."""
+        try:
+            completed = run_on(self.data, self.name, command, timeout=3600)
+        except Unreachable as error:
+            raise nix.NixError(str(error)) from error
+        if completed.returncode != 0:
+            raise nix.NixError(f"on {self.name}: {nix.copy_error(completed.stderr)}")
+        return completed.stdout
+
+
+def peer(spec: str, hosts: Mapping[str, Any]) -> Peer:
+    """The builder or cache machine named by `spec`: a fleet machine, or an ssh URL."""
+    if spec in hosts:
+        data = hosts[spec]
+        return Peer(spec, data, str(data.get("copy_protocol") or "ssh"))
+    url = urlsplit(spec)
+    data = {"ssh_hostname": url.hostname or spec, "ssh_user": url.username}
+    return Peer(url.hostname or spec, data, url.scheme)
 
 
 @dataclass
@@ -21,25 +102,33 @@ class _Batch:
 
     flake: Path
     options: dict[str, str]
-    attributes: dict[str, list[str]]
+    attributes: dict[str, nix.Attributes]
     systems: dict[str, nix.System] | None = None
     needed: set[str] = field(default_factory=set)
     attempted: set[str] = field(default_factory=set)
     build_log: str = ""
+    built_on: dict[str, str] = field(default_factory=dict)  # out path -> builder that has it
+    build_errors: dict[str, str] = field(default_factory=dict)  # machine -> why
+    signed: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class FleetBuilds:
-    """Evaluations and builds of one run, keyed by machine name."""
+    """Evaluations, builds and uploads of one run, keyed by machine name."""
 
-    def __init__(self) -> None:
+    def __init__(self, cwd: Path, hosts: Mapping[str, Any]) -> None:
+        self.cwd = cwd
+        self._hosts = hosts  # every machine's data, selected or not (builders may be either)
         self._batches: dict[tuple[str, tuple[tuple[str, str], ...]], _Batch] = {}
         self._by_machine: dict[str, _Batch] = {}
+        self._placements: dict[str, Placement] = {}
+        self._invalid: dict[str, str] = {}  # machines whose settings cannot be used, and why
+        self._pushed: dict[caches.Cache, set[str]] = {}
         self._lock = threading.Lock()
 
-    def add(self, name: str, data: Any, cwd: Path) -> None:
+    def add(self, name: str, data: Any) -> None:
         """Register a machine (from its pyinfra host data) before any evaluation."""
-        flake = (cwd / str(data.get("flake", "."))).resolve()
+        flake = (self.cwd / str(data.get("flake", "."))).resolve()
         options = {str(k): str(v) for k, v in (data.get("nix_options") or {}).items()}
         key = (str(flake), tuple(sorted(options.items())))
         with self._lock:
@@ -50,53 +139,267 @@ class FleetBuilds:
                 data.get("machine_class", "nixos"), name, data.get("ssh_user") or "root"
             )
             self._by_machine[name] = batch
+            try:
+                self._placements[name] = placement(data.get("build_on"), self._hosts)
+                cache_of(data, self.cwd, self._hosts)
+            except ValueError as error:
+                self._placements[name] = Placement("local")
+                self._invalid[name] = str(error)
+
+    def placement(self, name: str) -> Placement:
+        return self._placements[name]
+
+    def cache(self, name: str) -> caches.Cache | None:
+        """The cache the machine's closure goes through, if any."""
+        return cache_of(self._hosts[name], self.cwd, self._hosts)
 
     def system(self, name: str) -> nix.System:
-        """The machine's evaluated system; raises NixError if it does not evaluate."""
+        """The machine's evaluated system; raises NixError if it does not evaluate (or its
+        settings cannot be used)."""
+        if name in self._invalid:
+            raise nix.NixError(self._invalid[name])
         batch = self._by_machine[name]
         with batch.lock:
             if batch.systems is None:
                 batch.systems = nix.evaluate_systems(batch.flake, batch.attributes, batch.options)
         if name not in batch.systems:
+            attribute = nix.describe_attribute(batch.attributes[name])
             reason = nix.evaluation_error(batch.flake, batch.attributes[name], batch.options)
-            raise nix.NixError(f"evaluation of {'.'.join(batch.attributes[name])} failed: {reason}")
+            raise nix.NixError(f"evaluation of {attribute} failed: {reason}")
         return batch.systems[name]
 
+    def attributes(self, name: str) -> nix.Attributes:
+        return self._by_machine[name].attributes[name]
+
     def need(self, name: str) -> None:
-        """Mark a machine's system as needing a build in this run."""
+        """Mark a machine's system as needing a build and a copy in this run."""
         self._by_machine[name].needed.add(name)
 
+    # -- building --------------------------------------------------------------------------
+
     def build(self, name: str) -> str:
-        """Build the machine's system (with every needed system of its batch); returns its path."""
+        """Build the machine's system where it is placed (with every needed system of its
+        batch placed there); returns its path. Target builds are the machine's own business
+        (see operations.closure)."""
+        where = self._placements[name]
+        if where.kind == "builder":
+            return self._build_on_builder(name, where.builder)
+        return self._build_locally(name)
+
+    def _build_locally(self, name: str) -> str:
         batch = self._by_machine[name]
         system = self.system(name)
         with batch.lock:
             assert batch.systems is not None
-            if system.drv not in batch.attempted:
-                drvs = [
-                    batch.systems[machine].drv
-                    for machine in sorted(batch.needed | {name})
-                    if machine in batch.systems
-                    and batch.systems[machine].drv not in batch.attempted
-                    and not Path(batch.systems[machine].out).exists()
-                ]
-                if drvs:
-                    batch.build_log += nix.realise(drvs, batch.options)
-                batch.attempted.update(drvs)
+            machines = self._placed(batch, name, Placement("local"))
+            drvs = [
+                batch.systems[machine].drv
+                for machine in machines
+                if batch.systems[machine].drv not in batch.attempted
+                and not Path(batch.systems[machine].out).exists()
+            ]
+            if drvs:
+                batch.build_log += nix.realise(drvs, batch.options)
+            batch.attempted.update(drvs)
+            # Rooted before anything else happens: a garbage collection on the controller
+            # between this build and the copy cannot take the closures away.
+            for machine in machines:
+                if Path(batch.systems[machine].out).exists():
+                    self._root(machine, batch.systems[machine].out)
         if not Path(system.out).exists():
             raise nix.NixError(f"build failed: {nix.build_failure(batch.build_log, system.drv)}")
         return system.out
+
+    def _build_on_builder(self, name: str, builder: str) -> str:
+        """Copy the derivations to the builder and build them there, once for every machine
+        of the batch it builds for; the closures stay on the builder."""
+        batch = self._by_machine[name]
+        system = self.system(name)
+        with batch.lock:
+            assert batch.systems is not None
+            machines = [
+                m
+                for m in self._placed(batch, name, Placement("builder", builder))
+                if batch.systems[m].drv not in batch.attempted
+            ]
+            if machines:
+                self._realise_on(peer(builder, self._hosts), batch, machines)
+        if name in batch.build_errors:
+            raise nix.NixError(batch.build_errors[name])
+        return system.out
+
+    def _realise_on(self, builder: Peer, batch: _Batch, machines: list[str]) -> None:
+        assert batch.systems is not None
+        drvs = [batch.systems[m].drv for m in machines]
+        batch.attempted.update(drvs)
+        try:
+            nix.copy_derivations(drvs, builder.store, ssh_options(builder.data), batch.options)
+            built = set(
+                builder.run(nix.remote_realise_command(drvs, builder.data.get("remote_nix_dir")))
+                .strip()
+                .splitlines()
+            )
+        except nix.NixError as error:
+            for machine in machines:
+                batch.build_errors[machine] = f"build on {builder.name} failed: {error}"
+            return
+        for machine in machines:
+            out = batch.systems[machine].out
+            if out in built:
+                batch.built_on[out] = builder.name
+            else:
+                batch.build_errors[machine] = mismatch(builder.name, sorted(built), out)
+
+    def _placed(self, batch: _Batch, name: str, where: Placement) -> list[str]:
+        """The batch's machines that need a build in the same place as `name`, and it."""
+        assert batch.systems is not None
+        return [
+            machine
+            for machine in sorted(batch.needed | {name})
+            if machine in batch.systems and self._placements[machine] == where
+        ]
+
+    # -- what the controller keeps and sends -----------------------------------------------
+
+    def root(self, name: str) -> None:
+        """Keep the machine's system alive in the controller's store (.flakefleet/gcroots/)."""
+        self._root(name, self.system(name).out)
+
+    def _root(self, name: str, out: str) -> None:
+        link = self.cwd / GCROOTS / name
+        if os.path.islink(link) and os.readlink(link) == out:
+            return
+        nix.add_root(link, out)
+
+    def sign(self, name: str, key: Path) -> None:
+        """Sign the closures of the machine's batch (all at once, once) with `key`."""
+        batch = self._by_machine[name]
+        with batch.lock:
+            assert batch.systems is not None
+            outs = sorted(
+                {batch.systems[m].out for m in batch.needed | {name} if m in batch.systems}
+                - batch.signed
+            )
+            outs = [out for out in outs if Path(out).exists()]
+            if outs:
+                nix.sign_paths(outs, str(key))
+                batch.signed.update(outs)
+
+    def push(self, name: str, cache: caches.Cache, key: Path | None) -> int:
+        """Upload the machine's closure to the cache, with every other closure of the run that
+        goes through it, all in one copy; returns how many paths this call uploaded."""
+        with self._lock:
+            pushed = self._pushed.setdefault(cache, set())
+            if self.system(name).out in pushed:
+                return 0
+            outs = sorted(
+                {
+                    self.system(m).out
+                    for m in self._users_of(cache) | {name}
+                    if Path(self.system(m).out).exists()
+                }
+                - pushed
+            )
+            if key is not None:
+                for machine in self._users_of(cache) | {name}:
+                    self.sign(machine, key)
+            if cache.machine:
+                target = peer(cache.machine, self._hosts)
+                store, options = target.store, ssh_options(target.data)
+            else:
+                store, options = cache.store, []
+            sent = nix.copy_paths(outs, store, options, self._by_machine[name].options)
+            pushed.update(outs)
+            return sent
+
+    def _users_of(self, cache: caches.Cache) -> set[str]:
+        """The machines of this run that need a copy through `cache`."""
+        return {
+            machine
+            for machine, batch in self._by_machine.items()
+            if machine in batch.needed
+            and self._placements[machine].kind == "local"
+            and cache_of(self._hosts.get(machine, {}), self.cwd, self._hosts) == cache
+            and self._evaluated(machine)
+        }
+
+    def _evaluated(self, name: str) -> bool:
+        systems = self._by_machine[name].systems
+        return systems is not None and name in systems
+
+    def relay(
+        self, name: str, source: str, destination: Mapping[str, Any], key: Path | None,
+        sign_there: bool = False,
+    ) -> int:  # fmt: skip
+        """Have `source` (the builder or cache machine holding the closure) send it to the
+        machine directly; the controller only asks. Returns how many paths were sent.
+
+        `sign_there`: sign the closure in the holder's store first (a builder's own builds);
+        only the signatures travel, computed here with the fleet's key.
+        """
+        holder = peer(source, self._hosts)
+        out = self.system(name).out
+        if key is not None and sign_there:
+            nix.sign_paths([out], str(key), _ssh_ng(holder), ssh_options(holder.data))
+        target = nix.store_url(
+            str(destination.get("copy_protocol") or "ssh"),
+            ssh_destination(destination, name),
+            compress=bool(destination.get("copy_compress")),
+            nix_dir=destination.get("remote_nix_dir"),
+        )
+        command = nix.remote_copy_command(
+            [out],
+            target,
+            relay_options(destination),
+            holder.data.get("remote_nix_dir"),
+            nix.copy_flags(check_sigs=key is not None),
+        )
+        return nix.copied_count(holder_log(holder, command))
+
+
+def holder_log(holder: Peer, command: str) -> str:
+    """Run a copy on the holder; Nix reports what it copied on stderr, so keep both."""
+    return holder.run(f"{{ {command}; }} 2>&1")
+
+
+def _ssh_ng(holder: Peer) -> str:
+    """The holder's store over ssh-ng, which can take signatures made here."""
+    return nix.store_url(
+        "ssh-ng",
+        ssh_destination(holder.data, holder.name),
+        nix_dir=holder.data.get("remote_nix_dir"),
+    )
+
+
+def mismatch(where: str, built: list[str], evaluated: str) -> str:
+    """Why a machine stops when the path built elsewhere is not the one evaluated here."""
+    got = ", ".join(built) or "nothing"
+    return f"build on {where} gave {got}, but the flake evaluates to {evaluated} here"
+
+
+def cache_of(data: Mapping[str, Any], cwd: Path, hosts: Collection[str]) -> caches.Cache | None:
+    """The cache a machine's closures go through, if any."""
+    return caches.parse(data.get("cache"), cwd, hosts)
+
+
+def signing_key(data: Mapping[str, Any], cwd: Path) -> Path | None:
+    return signing.key_for(data, cwd)
 
 
 _runs: dict[int, FleetBuilds] = {}
 
 
 def for_run(state: Any) -> FleetBuilds:
-    """The FleetBuilds of a pyinfra run (one per State), with every active machine registered."""
-    builds = _runs.get(id(state))
+    """The FleetBuilds of a pyinfra run (one per State), with every active machine registered.
+
+    Keyed by the run's inventory: deploy files see pyinfra's context proxy of the State,
+    operations' commands the State itself, and both must find the same builds.
+    """
+    key = id(state.inventory)
+    builds = _runs.get(key)
     if builds is None:
-        builds = _runs[id(state)] = FleetBuilds()
-        cwd = Path(state.cwd or ".")
+        hosts = {host.name: host.data for host in state.inventory}
+        builds = _runs[key] = FleetBuilds(Path(state.cwd or "."), hosts)
         for host in state.inventory.get_active_hosts():
-            builds.add(host.name, host.data, cwd)
+            builds.add(host.name, host.data)
     return builds

@@ -1,4 +1,6 @@
-"""The controller's Nix commands: evaluate, build and copy systems.
+"""The controller's Nix commands (evaluate, build, sign, copy, root systems), and the Nix
+command lines flakefleet runs on machines (builds on a target or builder, copies from a
+builder or cache).
 
 Every call passes its settings explicitly (experimental features, `--option`s) instead of
 relying on the controller's nix.conf.
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +19,26 @@ from flakefleet.process import CommandError, run
 
 FEATURES = ["--extra-experimental-features", "nix-command flakes"]
 
-# Where each machine class keeps its system in the flake, as attribute paths.
-CONFIGURATION_ATTRIBUTES = {
-    "nixos": ("nixosConfigurations", "{name}", "config", "system", "build", "toplevel"),
-    "darwin": ("darwinConfigurations", "{name}", "system"),
-    "home": ("homeConfigurations", "{user}@{name}", "activationPackage"),
+# Where each machine class keeps its system in the flake, as attribute paths: the first one
+# the flake has is used (home-manager flakes name a configuration "user@host" or just "user").
+CONFIGURATION_ATTRIBUTES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "nixos": (("nixosConfigurations", "{name}", "config", "system", "build", "toplevel"),),
+    "darwin": (("darwinConfigurations", "{name}", "system"),),
+    "home": (
+        ("homeConfigurations", "{user}@{name}", "activationPackage"),
+        ("homeConfigurations", "{user}", "activationPackage"),
+    ),
 }
+
+# The Nix profile holding each class's generations (home-manager's is the SSH user's own).
+PROFILES = {
+    "nixos": "/nix/var/nix/profiles/system",
+    "darwin": "/nix/var/nix/profiles/system",
+    "home": "/nix/var/nix/profiles/per-user/{user}/home-manager",
+}
+
+# Nix's own words when a destination refuses a path for want of a trusted signature.
+UNTRUSTED = ("lacks a valid signature", "is not signed by any of the keys")
 
 
 class NixError(RuntimeError):
@@ -41,13 +58,33 @@ def option_flags(options: Mapping[str, str]) -> list[str]:
     return [flag for name, value in options.items() for flag in ("--option", name, str(value))]
 
 
-def configuration_attribute(machine_class: str, name: str, user: str) -> list[str]:
-    """The flake attribute path of a machine's system, e.g. nixosConfigurations.web1...toplevel."""
-    return [part.format(name=name, user=user) for part in CONFIGURATION_ATTRIBUTES[machine_class]]
+def configuration_attribute(machine_class: str, name: str, user: str) -> list[list[str]]:
+    """The flake attribute paths a machine's system may have, most specific first.
+
+    Example: ``configuration_attribute("home", "home1", "deploy")[0] ==
+    ["homeConfigurations", "deploy@home1", "activationPackage"]``.
+    """
+    return [
+        [part.format(name=name, user=user) for part in path]
+        for path in CONFIGURATION_ATTRIBUTES[machine_class]
+    ]
+
+
+def profile_path(machine_class: str, user: str) -> str:
+    """The profile a machine class keeps its generations in, e.g. the system profile."""
+    return PROFILES[machine_class].format(user=user)
+
+
+def describe_attribute(alternatives: Sequence[Sequence[str]]) -> str:
+    """An attribute path for messages: ``nixosConfigurations.web1.config.system...``."""
+    return " or ".join(".".join(path) for path in alternatives)
+
+
+Attributes = Sequence[Sequence[str]]  # alternative attribute paths of one system
 
 
 def evaluate_systems(
-    flake: Path, attributes: Mapping[str, Sequence[str]], options: Mapping[str, str]
+    flake: Path, attributes: Mapping[str, Attributes], options: Mapping[str, str]
 ) -> dict[str, System]:
     """Evaluate many machines' systems in one Nix evaluation.
 
@@ -68,7 +105,7 @@ def evaluate_systems(
     return systems
 
 
-def evaluation_error(flake: Path, attribute: Sequence[str], options: Mapping[str, str]) -> str:
+def evaluation_error(flake: Path, attribute: Attributes, options: Mapping[str, str]) -> str:
     """Why one machine's system does not evaluate (used after a failed batch)."""
     try:
         _evaluate(flake, {"machine": attribute}, options)
@@ -77,18 +114,36 @@ def evaluation_error(flake: Path, attribute: Sequence[str], options: Mapping[str
     return "evaluation succeeded on retry"
 
 
-def _evaluate(
-    flake: Path, attributes: Mapping[str, Sequence[str]], options: Mapping[str, str]
-) -> dict[str, System]:
+def systems_expression(flake: str, attributes: Mapping[str, Attributes]) -> str:
+    """A Nix expression: each machine's system from a flake, as ``{ <machine> = <drv>; }``.
+
+    `flake` is a Nix expression for the flake reference, e.g. ``"path:/repo/example"``: the
+    same text evaluates here and builds on a machine.
+    """
     # JSON strings are valid Nix strings for the names and paths allowed in a fleet file.
     entries = " ".join(
-        f"{json.dumps(name)} = paths (get {_nix_list(path)});" for name, path in attributes.items()
+        f"{json.dumps(name)} = pick [ {' '.join(_nix_list(path) for path in alternatives)} ];"
+        for name, alternatives in attributes.items()
     )
-    expression = (
-        f"let flake = builtins.getFlake {json.dumps(f'path:{flake}')}; "
-        "get = builtins.foldl' (set: key: builtins.getAttr key set) flake; "
-        "paths = system: { drv = system.drvPath; out = system.outPath; }; "
+    return (
+        f"let flake = builtins.getFlake ({flake}); "
+        "step = found: key: if found != null && builtins.isAttrs found && found ? ${key} "
+        "then found.${key} else null; "
+        "lookup = builtins.foldl' step flake; "
+        "found = builtins.filter (path: lookup path != null); "
+        "pick = paths: let hits = found paths; in "
+        "builtins.foldl' (set: key: builtins.getAttr key set) flake "
+        "(if hits == [ ] then builtins.head paths else builtins.head hits); "
         f"in {{ {entries} }}"
+    )
+
+
+def _evaluate(
+    flake: Path, attributes: Mapping[str, Attributes], options: Mapping[str, str]
+) -> dict[str, System]:
+    expression = (
+        f"builtins.mapAttrs (name: system: {{ drv = system.drvPath; out = system.outPath; }}) "
+        f"({systems_expression(json.dumps(f'path:{flake}'), attributes)})"
     )
     completed = run(
         [
@@ -124,31 +179,179 @@ def build_failure(log: str, drv: str) -> str:
     return _nix_error("\n".join(lines)) if lines else "build failed"
 
 
-def copy_closure(
-    path: str, destination: str, ssh_command_options: Sequence[str], options: Mapping[str, str]
-) -> int:
-    """Copy a closure to a machine over `ssh://`, sending only the paths it lacks.
+def store_url(
+    protocol: str, destination: str, *, compress: bool = False, nix_dir: str | None = None
+) -> str:
+    """A Nix store URL for a machine over SSH, e.g. ``ssh-ng://root@web1?compress=true``.
 
-    Returns how many store paths were sent.
+    `nix_dir` is where the machine keeps Nix when its SSH sessions do not have it on their
+    PATH (nix-darwin: /nix/var/nix/profiles/default/bin).
     """
+    if protocol not in ("ssh", "ssh-ng"):
+        raise ValueError(f"copy_protocol must be ssh or ssh-ng, not {protocol!r}")
+    parameters = []
+    if compress:
+        parameters.append("compress=true")
+    if nix_dir:
+        program = "nix-daemon" if protocol == "ssh-ng" else "nix-store"
+        parameters.append(f"remote-program={nix_dir.rstrip('/')}/{program}")
+    return f"{protocol}://{destination}" + ("?" + "&".join(parameters) if parameters else "")
+
+
+def copy_flags(
+    *, substitute: bool = False, check_sigs: bool = True, protocol: str = "ssh"
+) -> list[str]:
+    """`nix copy` flags for where the machine may fetch from and whether it checks signatures."""
+    flags = []
+    if substitute:
+        flags.append("--substitute-on-destination")
+        if protocol == "ssh-ng":  # before Nix 2.20, ssh-ng substitutes only with this setting
+            flags += ["--option", "builders-use-substitutes", "true"]
+    if not check_sigs:
+        flags.append("--no-check-sigs")
+    return flags
+
+
+def copy_paths(
+    paths: Sequence[str],
+    destination: str,
+    ssh_command_options: Sequence[str],
+    options: Mapping[str, str],
+    flags: Sequence[str] = (),
+) -> int:
+    """Copy closures to a store (a machine over SSH, or a binary cache), sending only the
+    paths it lacks. Returns how many store paths were sent."""
     env = {"NIX_SSHOPTS": " ".join(ssh_command_options)}
+    argv = ["nix", *FEATURES, *option_flags(options), "copy", *flags, "--to", destination, *paths]
     try:
-        completed = run(
-            [
-                "nix",
-                *FEATURES,
-                *option_flags(options),
-                "copy",
-                "--to",
-                f"ssh://{destination}",
-                path,
-            ],
-            env=env,
-        )
+        completed = run(argv, env=env)
     except CommandError as error:
-        raise NixError(f"copy to {destination} failed: {_nix_error(error.output)}") from error
-    match = re.search(r"copying (\d+) paths", completed.stderr)
+        raise NixError(
+            f"copy to {_safe_url(destination)} failed: {copy_error(error.output)}"
+        ) from error
+    return copied_count(completed.stderr)
+
+
+def copy_derivations(
+    drvs: Sequence[str],
+    destination: str,
+    ssh_command_options: Sequence[str],
+    options: Mapping[str, str],
+) -> int:
+    """Copy derivations (and what building them needs) to a builder's store."""
+    return copy_paths(drvs, destination, ssh_command_options, options, ["--derivation"])
+
+
+def copied_count(log: str) -> int:
+    """How many paths a `nix copy` sent, from its ``copying N paths...`` line."""
+    match = re.search(r"copying (\d+) paths", log)
     return int(match.group(1)) if match else 0
+
+
+def copy_error(output: str) -> str:
+    """Why a copy failed, saying so plainly when the destination refused a signature."""
+    error = _nix_error(output)
+    if any(words in output for words in UNTRUSTED):
+        return (
+            "the destination does not trust the closure's signatures (sign it with a key the "
+            f"machine lists in trusted-public-keys): {error}"
+        )
+    return error
+
+
+def sign_paths(
+    paths: Sequence[str],
+    key_file: str,
+    store: str | None = None,
+    ssh_command_options: Sequence[str] = (),
+) -> None:
+    """Sign closures recursively with a secret key, in the local store or (`store`) in a
+    builder's store over ssh-ng, where only the signatures travel."""
+    argv = ["nix", *FEATURES, "store", "sign", "--recursive", "--key-file", key_file]
+    if store:
+        argv += ["--store", store]
+    try:
+        run([*argv, *paths], env={"NIX_SSHOPTS": " ".join(ssh_command_options)})
+    except CommandError as error:
+        raise NixError(f"signing failed: {_nix_error(error.output)}") from error
+
+
+def add_root(link: Path, path: str) -> None:
+    """Make `link` a garbage collector root for `path` in the controller's store."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run(["nix-store", "--add-root", str(link), "--indirect", "--realise", path])
+    except CommandError as error:
+        raise NixError(f"cannot add a GC root for {path}: {_nix_error(error.output)}") from error
+
+
+# -- command lines run on machines --------------------------------------------------------------
+
+
+def remote_nix(nix_dir: str | None, program: str = "nix") -> str:
+    """A Nix program on a machine: from `nix_dir` when its SSH sessions lack Nix on PATH."""
+    return f"{nix_dir.rstrip('/')}/{program}" if nix_dir else program
+
+
+def remote_build_command(flake: str, name: str, attributes: Attributes, nix_dir: str | None) -> str:
+    """Build one machine's system from a flake directory on the machine itself (a symlink,
+    as /var/src/config is, is resolved first); prints `nix build`'s JSON."""
+    reference = '("path:" + builtins.getEnv "FLAKEFLEET_FLAKE")'
+    expression = f"({systems_expression(reference, {name: attributes})}).{json.dumps(name)}"
+    argv = [remote_nix(nix_dir), *FEATURES, "build", "--impure", "--no-link", "--json"]
+    return (
+        f"FLAKEFLEET_FLAKE=$(readlink -f {shell_path(flake)}) "
+        f"{shlex.join([*argv, '--expr', expression])}"
+    )
+
+
+def shell_path(path: str) -> str:
+    """A path as one shell word; a leading ``$HOME/`` stays expandable (a user's sources)."""
+    if path.startswith("$HOME/"):
+        return '"$HOME"/' + shlex.quote(path.removeprefix("$HOME/"))
+    return shlex.quote(path)
+
+
+def built_path(output: str) -> str:
+    """The output path in `nix build --json`'s answer."""
+    try:
+        return json.loads(output)[0]["outputs"]["out"]
+    except (ValueError, LookupError, TypeError) as error:
+        raise NixError(f"unexpected answer from nix build: {output.strip()[:200]!r}") from error
+
+
+def remote_realise_command(drvs: Sequence[str], nix_dir: str | None) -> str:
+    """Build derivations on a builder; prints the output paths it built."""
+    return shlex.join([remote_nix(nix_dir, "nix-store"), "--realise", "--keep-going", *drvs])
+
+
+def remote_copy_command(
+    paths: Sequence[str], destination: str, ssh_command_options: Sequence[str],
+    nix_dir: str | None, flags: Sequence[str] = (),
+) -> str:  # fmt: skip
+    """Copy closures from this machine's store to another store (a builder or cache machine
+    sending a closure straight to a machine)."""
+    argv = [remote_nix(nix_dir), *FEATURES, "copy", *flags, "--to", destination, *paths]
+    return f"NIX_SSHOPTS={shlex.quote(' '.join(ssh_command_options))} {shlex.join(argv)}"
+
+
+def fetch_command(
+    source: str, paths: Sequence[str], nix_dir: str | None, check_sigs: bool = True
+) -> str:
+    """Fetch closures from a binary cache into this machine's store (a cache fan-out).
+
+    Answers "not in the cache" are not remembered: the machine may have asked before the
+    upload (Nix would otherwise believe them for an hour).
+    """
+    argv = [remote_nix(nix_dir), *FEATURES, "copy", "--option", "narinfo-cache-negative-ttl", "0"]
+    if not check_sigs:
+        argv.append("--no-check-sigs")
+    return shlex.join([*argv, "--from", source, *paths])
+
+
+def _safe_url(url: str) -> str:
+    """A store URL without its query (which may name a secret key file)."""
+    return url.split("?", 1)[0]
 
 
 def _nix_error(output: str) -> str:

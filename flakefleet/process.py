@@ -50,3 +50,39 @@ def run(
 def describe(argv: Sequence[str]) -> str:
     """A command line as a user would type it, for logs."""
     return shlex.join(argv)
+
+
+def start(argv: Sequence[str], *, log: str, cwd: str | None = None) -> subprocess.Popen[bytes]:
+    """Start a long-running helper (e.g. a cache's HTTP server) that the caller stops by PID.
+
+    Its output goes to `log`. It gets SIGTERM if the controller dies first, so a crashed or
+    killed deploy never leaves it running.
+    """
+    with open(log, "ab") as output:
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            preexec_fn=_die_with_parent,
+        )
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """Stop a helper started by `start`: SIGTERM, then SIGKILL if it lingers."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -43,6 +43,10 @@ def run_on(
 
     Raises Unreachable when ssh itself fails (exit 255) or the timeout passes.
     """
+    if data.get("remote_nix_dir"):  # sessions without Nix on PATH (nix-darwin)
+        command = (
+            f"PATH={shlex.quote(str(data.get('remote_nix_dir')))}:$PATH; export PATH; {command}"
+        )
     if data.get("_sudo"):
         command = f"sudo -n sh -c {shlex.quote(command)}"
     argv = ["ssh", *ssh_options(data), *KEEPALIVE, ssh_destination(data, name), command]

@@ -104,7 +104,8 @@ def _explain_failures(state: State) -> None:
             continue
         for op_hash in state.get_op_order():
             op_data = state.ops[host].get(op_hash)
-            if op_data is None or not op_data.operation_meta.did_error():
+            meta = op_data.operation_meta if op_data else None
+            if meta is None or not meta.is_complete() or not meta.did_error():
                 continue
             meta = op_data.operation_meta
             lines = [line for line in meta.stderr_lines if line.strip()] or [

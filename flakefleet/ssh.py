@@ -38,3 +38,14 @@ def ssh_destination(data: Mapping[str, Any], name: str) -> str:
 def ssh_command(data: Mapping[str, Any]) -> str:
     """The `ssh ...` program line for `rsync -e` and `NIX_SSHOPTS`-style uses."""
     return shlex.join(["ssh", *ssh_options(data)])
+
+
+def relay_options(data: Mapping[str, Any]) -> list[str]:
+    """`ssh` options for another machine (a builder or cache) to reach this one.
+
+    Only the port: keys and known hosts are that machine's own, as for Nix remote builders.
+    """
+    options = ["-o", "BatchMode=yes"]
+    if data.get("ssh_port"):
+        options += ["-p", str(data.get("ssh_port"))]
+    return options

@@ -33,3 +33,54 @@ reboot_command = "reboot"
 # Extra Nix settings for the controller's Nix commands, as `--option NAME VALUE`
 # (the test fleet sets `substituters: ""` because this machine is offline).
 nix_options: dict[str, str] = {}
+
+# Where each machine's system is built: "local" (this controller, one build for all machines),
+# "target" (the machine builds it from /var/src/config), or a builder: a fleet machine's name
+# or an ssh:// / ssh-ng:// URL (one build there for all its machines; it then sends each
+# machine its closure itself, so it must be able to ssh to them, as a Nix remote builder does).
+build_on = "local"
+
+# How closures travel to a machine: "ssh" (nix-store --serve) or "ssh-ng" (the Nix daemon
+# protocol, which checks signatures); copy_compress compresses the SSH stream;
+# substitute_on_destination lets the machine take paths from its own substituters first.
+copy_protocol = "ssh"
+copy_compress = False
+substitute_on_destination = False
+
+# Closures are signed with the fleet's key before they leave the controller; machines list its
+# public half (<key>.pub) in trusted-public-keys. Made on first use; sign_closures = False
+# copies unsigned instead (ssh-ng copies then pass --no-check-sigs: trusted users only).
+signing_key = ".flakefleet/keys/signing.sec"
+sign_closures = True
+
+# Fan-out for large fleets: upload each closure once to a binary cache and let every machine
+# fetch from it, instead of one upload per machine, e.g.
+#   cache = {"store": "file://.flakefleet/cache", "url": "http://10.0.0.5:8370", "serve": True}
+#   cache = {"machine": "build1"}
+cache: dict | None = None
+
+# How many generations a machine keeps (the one it runs always stays); older ones are deleted
+# and their store paths collected after the deploy. None keeps them all.
+keep_generations: int | None = None
+
+# Where Nix is on machines whose SSH sessions lack it on PATH (group_data/darwin.py sets it).
+remote_nix_dir: str | None = None
+
+# Sources for /var/src besides the flake (always `config`), krops' layout: name -> source, e.g.
+#   sources = {
+#       "nixpkgs": {"type": "git", "url": "https://github.com/NixOS/nixpkgs", "ref": "nixos-24.05"},
+#       "config-machine": {"type": "file", "path": "machines/{machine}"},
+#   }
+# Groups (group_data/<role>.py), the fleet file and --data add to them or override them by name
+# (field by field; None removes one). README.md "Sources" has every type and field.
+sources: dict[str, dict] = {}
+# Keep sources that are no longer declared in /var/src (by default they are removed).
+sources_keep_undeclared = False
+# Take over a /var/src that holds files but not flakefleet's marker, moving aside any entry
+# flakefleet did not make that has a declared source's name (only for a first deploy).
+sources_force = False
+# Rebuild every source's tree even if its digest is unchanged (puts back files changed on the
+# machine; a one-off repair, e.g. --data sources_resync=true).
+sources_resync = False
+# Extra rsync options for the sources' transfers, e.g. ["--compress", "--bwlimit=5000"].
+sources_rsync_options: list[str] = []

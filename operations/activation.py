@@ -50,13 +50,6 @@ def has_system(goal: str, machine: MachineState, system: str) -> bool:
     }[goal]
 
 
-def profile_path(machine_class: str, user: str) -> str:
-    """The Nix profile that holds a machine class's generations."""
-    if machine_class == "home":
-        return f"/nix/var/nix/profiles/per-user/{user}/home-manager"
-    return SYSTEM_PROFILE
-
-
 @dataclass(frozen=True)
 class Activation:
     """One activation of one machine, as the worker on the machine knows it."""
@@ -144,7 +137,7 @@ def activate(
         machine_class=machine_class,
         goal=goal,
         system=system.out,
-        profile=profile_path(machine_class, host.data.get("ssh_user") or "root"),
+        profile=nix.profile_path(machine_class, host.data.get("ssh_user") or "root"),
         confirm_timeout=confirm_timeout if goal in ("switch", "test") else 0,
         base=state_dir(host.data),
     )
@@ -183,7 +176,7 @@ def roll_back(machine: MachineState, generation: int | None = None, confirm_time
         machine_class=machine_class,
         goal="switch",
         system=target.system,
-        profile=profile_path(machine_class, host.data.get("ssh_user") or "root"),
+        profile=nix.profile_path(machine_class, host.data.get("ssh_user") or "root"),
         confirm_timeout=confirm_timeout,
         base=state_dir(host.data),
         generation=target.number,

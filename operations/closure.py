@@ -20,12 +20,13 @@ from pyinfra import host, state
 from pyinfra.api import FunctionCommand, StringCommand, operation
 
 from facts.machine import MachineState
+from facts.sources import SOURCES_ROOT
 from flakefleet import builds, nix, report
 from flakefleet import cache as caches
 from flakefleet.ssh import ssh_destination, ssh_options
 
-# The flake the sources step keeps on every machine (krops' layout), for builds there.
-TARGET_FLAKE = "/var/src/config"
+# The source the sources step keeps the flake in on every machine (krops' layout).
+FLAKE_SOURCE = "config"
 
 
 def has_closure(machine: MachineState, system: str) -> bool:
@@ -74,7 +75,9 @@ def build(system: nix.System, machine: MachineState):
         host.noop(f"{host.name} already has {system.out}")
         return
     if builds.for_run(state).placement(host.name).kind == "target":
-        yield FunctionCommand(_build_on_target, (system,), {})
+        # /var/src, or the SSH user's own sources directory when it is not root
+        flake = f"{getattr(machine.var_src, 'root', SOURCES_ROOT)}/{FLAKE_SOURCE}"
+        yield FunctionCommand(_build_on_target, (system, flake), {})
     else:
         yield FunctionCommand(_build, (system,), {})
 
@@ -88,12 +91,12 @@ def _build(state: Any, host: Any, system: nix.System) -> bool:
     return True
 
 
-def _build_on_target(state: Any, host: Any, system: nix.System) -> bool:
-    """Build on the machine, as its SSH user, over pyinfra's connection; the path it built
-    must be the one evaluated here."""
+def _build_on_target(state: Any, host: Any, system: nix.System, flake: str) -> bool:
+    """Build on the machine, as its SSH user, over pyinfra's connection, from the flake the
+    sources step synced there; the path it built must be the one evaluated here."""
     fleet = builds.for_run(state)
     command = nix.remote_build_command(
-        TARGET_FLAKE, host.name, fleet.attributes(host.name), host.data.get("remote_nix_dir")
+        flake, host.name, fleet.attributes(host.name), host.data.get("remote_nix_dir")
     )
     succeeded, output = host.run_shell_command(StringCommand(command))
     if not succeeded:

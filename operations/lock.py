@@ -13,7 +13,8 @@ from pyinfra import host
 from pyinfra.api import FunctionCommand, StringCommand, operation
 
 from facts.machine import MachineState, Preflight, PreflightState
-from flakefleet import report
+from facts.nix import RUNNING_SYSTEM
+from flakefleet import nix, report
 from flakefleet.lock import Holder, release_command, take_over_command, this_deployer
 from flakefleet.remote import Unreachable, run_on, state_dir
 
@@ -27,7 +28,15 @@ def preflight() -> MachineState | None:
     Returns the machine's state, or None when another deploy holds the machine (it is then
     failed with the holder's name, and the deploy file skips its steps).
     """
-    state = host.get_fact(Preflight, lock_dir=state_dir(host.data), holder=str(this_deployer()))
+    machine_class = host.data.get("machine_class", "nixos")
+    profile = nix.profile_path(machine_class, host.data.get("ssh_user") or "root")
+    state = host.get_fact(
+        Preflight,
+        lock_dir=state_dir(host.data),
+        holder=str(this_deployer()),
+        profile=profile,
+        running=profile if machine_class == "home" else RUNNING_SYSTEM,
+    )
     return state.machine if hold(state) else None
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyinfra import host, logger, state
+from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, StringCommand, operation
 
 from facts.sources import STORE_DIR, VarSrc
@@ -43,6 +43,7 @@ from flakefleet.ssh import ssh_destination, ssh_options
 # The checked sources of each run (one per pyinfra State), or why they were refused.
 _runs: dict[int, RunSources | SourcesInvalid] = {}
 _runs_lock = threading.Lock()
+_stopped: set[int] = set()  # runs already ending on bad sources
 # Local builds run in parallel across machines, at most one per core.
 _build_slots = threading.BoundedSemaphore(os.cpu_count() or 2)
 
@@ -54,16 +55,35 @@ def declared() -> MachineSources:
     local paths, git URLs and refs, pipe commands), before anything is copied to any machine;
     bad input stops the whole run with one line per problem, naming machine and source.
     """
+    run = host.state  # the State itself: `pyinfra.state` is a proxy with an id of its own
     with _runs_lock:
-        checked = _runs.get(id(state))
+        checked = _runs.get(id(run))
         if checked is None:
-            checked = _runs[id(state)] = _check_selected()
+            checked = _runs[id(run)] = _check_selected(run)
     if isinstance(checked, SourcesInvalid):
-        _stop(checked)
+        _stop(run, checked)
     return checked.machines[host.name]
 
 
-def _check_selected() -> RunSources | SourcesInvalid:
+def _stop(state: Any, error: SourcesInvalid) -> None:
+    """End the run at once with one line per problem (the first caller only).
+
+    The other machines' deploy files are still running in their greenlets, and would run
+    on while the interpreter shuts down: they wait here instead of raising again.
+    """
+    if id(state) in _stopped:
+        threading.Event().wait(timeout=60)  # never set: the run ends meanwhile
+        raise error
+    _stopped.add(id(state))
+    reasons = {bad.machine: f"sources: {bad.detail}" for bad in error.errors}
+    for each in state.inventory.get_active_hosts():  # the summary, if any, stays true
+        report.failed(
+            each.name, reasons.get(each.name, "not deployed: bad sources stopped the run")
+        )
+    raise SystemExit("\n".join(f"flakefleet: {line}" for line in error.lines))
+
+
+def _check_selected(state: Any) -> RunSources | SourcesInvalid:
     fleet_file = os.environ.get("FLAKEFLEET_FLEET") or "fleet.yaml"
     machines = [
         (
@@ -77,16 +97,6 @@ def _check_selected() -> RunSources | SourcesInvalid:
         return check_run(Path(state.cwd or "."), machines)
     except SourcesInvalid as error:
         return error
-
-
-def _stop(error: SourcesInvalid) -> None:
-    """Fail every selected machine (the summary stays true) and end the run at once."""
-    reasons = {bad.machine: f"sources: {bad.detail}" for bad in error.errors}
-    for each in state.inventory.get_active_hosts():
-        report.failed(
-            each.name, reasons.get(each.name, "not deployed: bad sources stopped the run")
-        )
-    raise SystemExit("\n".join(f"flakefleet: {line}" for line in error.lines))
 
 
 @operation()
@@ -254,11 +264,20 @@ _SCRIPT_HEAD = """\
 set -e
 s="$r/{store}"
 mkdir -p "$s"
+cd "$r"  # a derivation's flake may be a source: ./name
 if mv --version >/dev/null 2>&1; then mvt="mv -T"; else mvt="mv -h"; fi
 live() {{  # make tree $2 the live /var/src/$1 with one rename, then drop the source's others
   ln -sfn "{store}/$1/$2" "$r/.$1.flakefleet-new"
   $mvt "$r/.$1.flakefleet-new" "$r/$1"
   find "$s/$1" -mindepth 1 -maxdepth 1 ! -name "$2" -exec rm -rf {{}} +
+}}
+flake() {{  # Nix wants a path flake's directory itself, not /var/src's link to it
+  case "$1" in
+    path:*|/*|./*)
+      ref=${{1#path:}}; dir=${{ref%%[#?]*}}
+      printf 'path:%s%s' "$(readlink -f "$dir")" "${{ref#"$dir"}}" ;;
+    *) printf '%s' "$1" ;;
+  esac
 }}
 realise() {{  # source name, then a Nix command; on failure, say which source and why
   name=$1; shift
@@ -301,62 +320,6 @@ def _install_lines(item: Ready, tree: str) -> list[str]:
         lines.append(f"realise {name} nix-build --quiet -E {expression} -o {path}")
     else:
         nix = "nix --extra-experimental-features 'nix-command flakes'"
-        lines.append(f"realise {name} {nix} build --out-link {path} {shlex.quote(source.flake)}")
+        flake = f'"$(flake {shlex.quote(source.flake)})"'
+        lines.append(f"realise {name} {nix} build --out-link {path} {flake}")
     return [*lines, f"live {name} {shlex.quote(tree)}"]
-
-
-# --- transitional: the walking skeleton's operation, until deploy/site.py calls `sync` ---
-from facts.sources import SOURCES_ROOT  # noqa: E402
-from flakefleet.digest import DEFAULT_EXCLUDES, tree_digest  # noqa: E402
-from flakefleet.ssh import ssh_command  # noqa: E402
-
-
-@operation()
-def tree(source: str, path: str, var_src: VarSrc):
-    """Copy a local directory to /var/src/<source>, unless its content is already there."""
-    local = Path(path)
-    digest = tree_digest(local)
-    current = var_src.sources.get(source, "absent")
-    if current == digest:
-        host.noop(f"/var/src/{source} is already at {digest[:12]}")
-        return
-    if source in var_src.sources and current is None:
-        yield report.stop(f"sources: /var/src/{source} exists and was not put there by flakefleet")
-        return
-    store = f"{SOURCES_ROOT}/{STORE_DIR}/{source}"
-    yield FunctionCommand(_old_push, (local, store, digest, current), {})
-    yield StringCommand(_old_swap_script(source, store, digest))
-    yield report.change("sources")
-
-
-def _old_push(state: Any, host: Any, local: Path, store: str, digest: str, previous: str) -> bool:
-    argv = [
-        "rsync", "--archive", "--delete", "--stats",
-        *(f"--exclude=/{name}" for name in DEFAULT_EXCLUDES),
-        "--rsh", ssh_command(host.data),
-        "--rsync-path", f"mkdir -p {shlex.quote(store)} && rsync",
-    ]  # fmt: skip
-    if previous not in ("absent", None):
-        argv.append(f"--link-dest=../{previous}")
-    argv += [f"{local}/", f"{ssh_destination(host.data, host.name)}:{store}/{digest}.partial/"]
-    try:
-        run(argv)
-    except CommandError as error:
-        report.failed(host.name, f"sources: {error}")
-        return False
-    return True
-
-
-def _old_swap_script(source: str, store: str, digest: str) -> str:
-    link = f"{SOURCES_ROOT}/{source}"
-    tmp_link = f"{SOURCES_ROOT}/.{source}.flakefleet-new"
-    return " && ".join(
-        [
-            f"cd {shlex.quote(store)}",
-            f"rm -rf {digest}",
-            f"mv {digest}.partial {digest}",
-            f"ln -sfn {STORE_DIR}/{source}/{digest} {shlex.quote(tmp_link)}",
-            f"mv -T {shlex.quote(tmp_link)} {shlex.quote(link)}",
-            f"find . -mindepth 1 -maxdepth 1 ! -name {digest} -exec rm -rf {{}} +",
-        ]
-    )

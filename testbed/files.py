@@ -19,7 +19,12 @@ from testbed.roster import Machine
 HOST_KEY = f"{SSHD_DIR}/ssh_host_ed25519_key"
 AUTHORIZED_KEYS = f"{SSHD_DIR}/authorized_keys"
 
-NIX_CONF = """\
+SUDOERS = "/etc/sudoers.d/deploy"
+
+
+def nix_conf(trusted_key: str) -> str:
+    """The machine's nix.conf: offline, builds as root, closures signed by the fleet's key."""
+    return f"""\
 # Written by the testbed: an offline machine; builds run as root.
 experimental-features = nix-command flakes
 sandbox = false
@@ -27,6 +32,7 @@ substituters =
 build-users-group =
 warn-dirty = false
 trusted-users = root deploy
+trusted-public-keys = {trusted_key}
 """
 
 
@@ -75,6 +81,33 @@ def generate_key(path: Path, comment: str) -> None:
     )
     if result.returncode != 0:
         raise TestbedError(f"ssh-keygen failed for {path}: {result.stderr.strip()}")
+
+
+def generate_signing_key(path: Path, name: str) -> None:
+    """A Nix signing key pair at ``<path>`` and ``<path>.pub``, unless it exists (kept)."""
+    if path.exists() and path.with_name(path.name + ".pub").exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nix = ["nix", "--extra-experimental-features", "nix-command"]
+    secret = subprocess.run(
+        [*nix, "key", "generate-secret", "--key-name", name],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if secret.returncode != 0:
+        raise TestbedError(f"nix key generate-secret failed: {secret.stderr.strip()}")
+    public = subprocess.run(
+        [*nix, "key", "convert-secret-to-public"],
+        input=secret.stdout, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if public.returncode != 0:
+        raise TestbedError(f"nix key convert-secret-to-public failed: {public.stderr.strip()}")
+    write_file(path, secret.stdout, 0o600)
+    write_file(path.with_name(path.name + ".pub"), public.stdout.strip() + "\n")
+
+
+def signing_public_key(state: StatePaths) -> str:
+    """``name:base64`` of the fleet's Nix signing key."""
+    return state.signing_key.with_name(state.signing_key.name + ".pub").read_text().strip()
 
 
 def public_key(private_key: Path) -> str:
@@ -139,12 +172,20 @@ def prepare_machine(state: StatePaths, machine: Machine) -> None:
         _make_upper_dirs(paths.etc_upper, Path("/etc"), Path(etc_path).parent.relative_to("/etc"))
     generate_key(paths.in_etc(HOST_KEY), f"root@{machine.name}")
     write_file(paths.in_etc(SSHD_CONFIG), sshd_config(machine.port))
-    write_file(paths.in_etc(AUTHORIZED_KEYS), public_key(state.client_key) + "\n")
+    # One file for every user: the deployer's key and the machines' own (builders, caches).
+    keys = [public_key(state.client_key), public_key(state.machine_key)]
+    write_file(paths.in_etc(AUTHORIZED_KEYS), "\n".join(keys) + "\n")
+    # The deploy user may do anything as root without a password (sudo -n works).
+    _make_upper_dirs(paths.etc_upper, Path("/etc"), Path("sudoers.d"))
+    write_file(paths.in_etc(SUDOERS), "deploy ALL=(ALL:ALL) NOPASSWD: ALL\n", 0o440)
 
-    if not paths.in_etc("/etc/NIXOS").is_file():
+    # Only NixOS machines say so; a darwin or home-manager machine is another system.
+    if machine.klass == "nixos" and not paths.in_etc("/etc/NIXOS").is_file():
         write_file(paths.in_etc("/etc/NIXOS"), "")
     if not paths.in_etc("/etc/nix/nix.conf").is_file():
-        write_file(paths.in_etc("/etc/nix/nix.conf"), NIX_CONF)
+        write_file(paths.in_etc("/etc/nix/nix.conf"), nix_conf(signing_public_key(state)))
+    if machine.klass == "darwin":
+        _link_nix_profile(paths)
     write_file(paths.in_etc("/etc/hostname"), machine.name + "\n")
     # The machine's name resolves to its own loopback address (sudo needs it resolvable too).
     hosts = [
@@ -155,6 +196,20 @@ def prepare_machine(state: StatePaths, machine: Machine) -> None:
     write_file(
         paths.in_etc("/etc/hosts"), "\n".join([*hosts, f"{machine.address}\t{machine.name}"]) + "\n"
     )
+
+
+# Nix's programs, where a Nix installer on macOS puts them (in the default profile).
+NIX_PROGRAMS = ("nix", "nix-store", "nix-env", "nix-daemon", "nix-build", "nix-collect-garbage")
+
+
+def _link_nix_profile(paths: MachinePaths) -> None:
+    """A darwin machine finds Nix in /nix/var/nix/profiles/default/bin, as on macOS."""
+    bin_dir = paths.nix / "var/nix/profiles/default/bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for program in NIX_PROGRAMS:
+        link = bin_dir / program
+        if not link.is_symlink():
+            link.symlink_to(f"/usr/bin/{program}")
 
 
 def host_public_key(state: StatePaths, name: str) -> str:
@@ -200,8 +255,11 @@ def _yaml_scalar(text: str) -> str:
     return json.dumps(text)
 
 
-def render_fleet_file(machines: list[Machine]) -> str:
-    """The test fleet as a flakefleet fleet file (paths relative to the file)."""
+def render_fleet_file(machines: list[Machine], signing_key: Path | None = None) -> str:
+    """The test fleet as a flakefleet fleet file (paths relative to the file).
+
+    With ``signing_key``, deploys sign closures with the key every machine trusts.
+    """
     lines = [
         "# Written by `python -m testbed up`: the test fleet, as a flakefleet fleet file.",
         "ssh:",
@@ -212,29 +270,48 @@ def render_fleet_file(machines: list[Machine]) -> str:
         '    substituters: ""',
         "  # A test machine reboots when its PID 1 gets SIGUSR1 (see testbed/machine.py).",
         '  reboot_command: "kill -USR1 1"',
-        "machines:",
     ]
+    if signing_key is not None:
+        lines += [
+            "  # Every machine trusts this key's public half.",
+            f"  signing_key: {signing_key}",
+        ]
+    lines.append("machines:")
     for machine in machines:
         roles = ", ".join(_yaml_scalar(role) for role in machine.roles)
         lines += [
             f"  - name: {_yaml_scalar(machine.name)}",
             "    address: 127.0.0.1",
             f"    port: {machine.port}",
-            "    user: root",
+            f"    user: {machine.user}",
             f"    class: {_yaml_scalar(machine.klass)}",
             f"    roles: [{roles}]",
         ]
+        data = []
         if machine.service_port is not None:
-            lines.append(
-                f"    data: {{service_address: {machine.address}, "
-                f"service_port: {machine.service_port}}}"
-            )
+            data += [f"service_address: {machine.address}", f"service_port: {machine.service_port}"]
+        if machine.sudo:
+            data.append("_sudo: true")
+        if data:
+            lines.append(f"    data: {{{', '.join(data)}}}")
     return "\n".join(lines) + "\n"
 
 
 def write_client_files(state: StatePaths, machines: list[Machine]) -> None:
     """Write ``known_hosts``, ``ssh_config`` and ``fleet.yaml`` for ``machines``."""
     host_keys = {machine.name: host_public_key(state, machine.name) for machine in machines}
-    write_file(state.known_hosts, render_known_hosts(machines, host_keys))
+    known_hosts = render_known_hosts(machines, host_keys)
+    write_file(state.known_hosts, known_hosts)
     write_file(state.ssh_config, render_ssh_config(machines, state))
-    write_file(state.fleet_file, render_fleet_file(machines))
+    write_file(state.fleet_file, render_fleet_file(machines, state.signing_key))
+    for machine in machines:
+        write_machine_ssh(state, machine, known_hosts)
+
+
+def write_machine_ssh(state: StatePaths, machine: Machine, known_hosts: str) -> None:
+    """Give the machine's root the fleet's machine key and every machine's host key, so a
+    builder or cache machine can copy closures to the others (``ssh -p PORT 127.0.0.1``)."""
+    ssh = state.machine(machine.name).home / ".ssh"
+    ssh.mkdir(mode=0o700, exist_ok=True)
+    write_file(ssh / "id_ed25519", state.machine_key.read_text(), 0o600)
+    write_file(ssh / "known_hosts", known_hosts)

@@ -84,6 +84,8 @@ def up(roster: Path, count: int | None = None) -> list[Machine]:
             directory.mkdir(parents=True, exist_ok=True)
         state.marker.touch()
         files.generate_key(state.client_key, "flakefleet-testbed")
+        files.generate_key(state.machine_key, "flakefleet-testbed-machines")
+        files.generate_signing_key(state.signing_key, f"testbed-{state.root.name.lstrip('.')}-1")
 
         previous = {machine.name: machine for machine in load_record(state.record)}
         running = {name for name in {*previous, *(m.name for m in wanted)} if _pid(state, name)}

@@ -83,6 +83,16 @@ class StatePaths:
         return self.keys / "id_ed25519"
 
     @property
+    def machine_key(self) -> Path:
+        """The key every machine's root logs in to the others with (builders, caches)."""
+        return self.keys / "machine_ed25519"
+
+    @property
+    def signing_key(self) -> Path:
+        """The fleet's Nix signing key (secret); every machine trusts its public half."""
+        return self.keys / "nix-signing.sec"
+
+    @property
     def known_hosts(self) -> Path:
         return self.root / "known_hosts"
 

@@ -26,6 +26,8 @@ class Machine:
     klass: str = "nixos"
     roles: tuple[str, ...] = ()
     service_port: int | None = None  # where the machine's role service answers, if it has one
+    user: str = "root"  # the SSH user a deploy logs in as (``deploy`` is a non-root sudoer)
+    sudo: bool = False  # whether deploys run privileged commands through sudo
 
     @property
     def address(self) -> str:
@@ -64,7 +66,14 @@ def load_roster(path: Path, base_port: int) -> list[Machine]:
         service_port = attrs.get("port")
         if service_port is not None and not isinstance(service_port, int):
             raise TestbedError(f"roster {path}: {name}: port must be a number")
-        machines.append(Machine(name, base_port + 1 + index, klass, tuple(roles), service_port))
+        user, sudo = attrs.get("user", "root"), attrs.get("sudo", False)
+        if user not in ("root", "deploy") or not isinstance(sudo, bool):
+            raise TestbedError(
+                f"roster {path}: {name}: user must be root or deploy, sudo a boolean"
+            )
+        machines.append(
+            Machine(name, base_port + 1 + index, klass, tuple(roles), service_port, user, sudo)
+        )
     return machines
 
 
@@ -96,6 +105,8 @@ def load_record(path: Path) -> list[Machine]:
             entry["klass"],
             tuple(entry["roles"]),
             entry.get("service_port"),
+            entry.get("user", "root"),
+            entry.get("sudo", False),
         )
         for entry in entries
     ]

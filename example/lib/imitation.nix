@@ -45,8 +45,81 @@ let
       exec /usr/bin/python3 -m http.server ${toString host.port} --bind ${host.name} --directory /etc/static/vpn
     '';
   };
+  # Shared by every home: the user's packages, like home-manager's home-path.
+  homePath = shell "home-manager-path" { } ''
+    mkdir -p $out/bin
+    printf '#!/bin/sh\necho "hello from home-manager"\n' > $out/bin/home-hello
+    chmod +x $out/bin/home-hello
+  '';
 in
 {
+  # nix-darwin's darwinConfigurations.<host>.system: a toplevel with `activate` (run as root
+  # by darwin-rebuild; it links /run/current-system), `activate-user`, `sw`, `etc`,
+  # `darwin-version` and `systemConfig`.
+  darwinSystem = host:
+    let
+      version = host.version or "1";
+      etc = shell "darwin-etc-${host.name}" {
+        release = "${host.name} ${version}\n";
+      } ''
+        mkdir -p $out/etc
+        printf '%s' "$release" > $out/etc/fleet-release
+      '';
+      toplevel = shell "darwin-system-${host.name}-${version}" {
+        inherit etc sw version;
+        blob = if host ? blobSize then blob host.blobSize else "";
+        activate = template ./darwin-activate.sh {
+          out = builtins.placeholder "out";
+          name = host.name;
+          failActivation = flag (host.failActivation or false);
+        };
+      } ''
+        mkdir -p $out
+        ln -s $etc/etc $out/etc
+        ln -s $sw $out/sw
+        [ -z "$blob" ] || ln -s $blob $out/blob
+        printf '%s' "$activate" > $out/activate
+        printf '#!/bin/sh\n# nix-darwin keeps this for older generations; it does nothing now.\n' \
+          > $out/activate-user
+        chmod +x $out/activate $out/activate-user
+        printf '%s' "${host.name}-$version" > $out/darwin-version
+        printf '%s' "$out" > $out/systemConfig
+      '';
+    in
+    { system = toplevel; };
+
+  # home-manager's homeConfigurations."<user>@<host>".activationPackage: a
+  # home-manager-generation with `activate` (run as the user), `home-files` and `home-path`.
+  homeConfiguration = host:
+    let
+      version = host.version or "1";
+      files = shell "home-manager-files" {
+        profile = "# ${host.user}@${host.name} ${version} (managed by flakefleet)\n";
+      } ''
+        mkdir -p $out/.config/fleet
+        printf '%s' "$profile" > $out/.fleet-profile
+        printf '%s\n' "${version}" > $out/.config/fleet/version
+      '';
+      generation = shell "home-manager-generation" {
+        inherit files;
+        home = homePath;
+        blob = if host ? blobSize then blob host.blobSize else "";
+        activate = template ./home-activate.sh {
+          out = builtins.placeholder "out";
+          user = host.user;
+          failActivation = flag (host.failActivation or false);
+        };
+      } ''
+        mkdir -p $out
+        ln -s $files $out/home-files
+        ln -s $home $out/home-path
+        [ -z "$blob" ] || ln -s $blob $out/blob
+        printf '%s' "$activate" > $out/activate
+        chmod +x $out/activate
+      '';
+    in
+    { activationPackage = generation; };
+
   nixosSystem = host:
     let
       version = host.version or "1";

@@ -110,8 +110,9 @@ class Fleet:
         return [machine.name for machine in load_fleet(self.fleet_file).machines]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def fleet() -> Any:
+    """A fresh test fleet for each test module (about a second to start), purged after it."""
     testbed = Fleet(STATE)
     testbed.testbed("up")
     try:
@@ -140,11 +141,36 @@ def set_host(flake: Path, machine: str, **settings: Any) -> None:
     hosts_file.write_text(json.dumps(hosts, indent=2))
 
 
-def evaluate(flake: Path, machine: str) -> str:
+# Where each machine class keeps its system in a flake, written out here independently of
+# flakefleet's own table.
+ATTRIBUTES = {
+    "nixos": "nixosConfigurations.{name}.config.system.build.toplevel",
+    "darwin": "darwinConfigurations.{name}.system",
+    "home": 'homeConfigurations."{user}@{name}".activationPackage',
+}
+NIX = ["nix", "--extra-experimental-features", "nix-command flakes", "--option", "substituters", ""]
+
+
+def evaluate(flake: Path, machine: str, env: dict[str, str] | None = None) -> str:
     """The system path the flake gives a machine, computed independently of flakefleet."""
-    attribute = f"path:{flake}#nixosConfigurations.{machine}.config.system.build.toplevel.outPath"
+    host = json.loads((flake / "hosts.json").read_text())[machine]
+    attribute = ATTRIBUTES[host["class"]].format(name=machine, user=host.get("user", "root"))
     return subprocess.run(
-        ["nix", "--extra-experimental-features", "nix-command flakes",
-         "--option", "substituters", "", "eval", "--raw", attribute],
-        capture_output=True, text=True, check=True,
+        [*NIX, "eval", "--impure", "--raw", f"path:{flake}#{attribute}.outPath"],
+        capture_output=True, text=True, check=True, env=env,
     ).stdout  # fmt: skip
+
+
+def sources_of(fleet: Fleet, name: str) -> str:
+    """Where a machine keeps its sources (a home-manager user, without root, in its home)."""
+    machine = next(m for m in load_fleet(fleet.fleet_file).machines if m.name == name)
+    return f"~{machine.user}/.var/src" if machine.machine_class == "home" else "/var/src"
+
+
+def profile_of(fleet: Fleet, name: str) -> tuple[str, str]:
+    """The profile holding a machine's generations, and what links to the system it runs."""
+    machine = next(m for m in load_fleet(fleet.fleet_file).machines if m.name == name)
+    if machine.machine_class == "home":
+        profile = f"/nix/var/nix/profiles/per-user/{machine.user}/home-manager"
+        return profile, profile
+    return "/nix/var/nix/profiles/system", "/run/current-system"

@@ -6,17 +6,17 @@ The tests run in order on one fleet: each starts from the state the previous one
 
 from __future__ import annotations
 
-from conftest import evaluate, set_host
-
-SYSTEM_PROFILE = "/nix/var/nix/profiles/system"
+from conftest import evaluate, profile_of, set_host, sources_of
 
 
 def remote_state(fleet, machine: str) -> dict[str, str]:
     """What a deploy may change on a machine, read directly with ssh."""
+    profile, running = profile_of(fleet, machine)
     script = (
-        "readlink /run/current-system; readlink -f /nix/var/nix/profiles/system; "
-        f"nix-env -p {SYSTEM_PROFILE} --list-generations | wc -l; "
-        "wc -l < /var/log/activations.log; readlink /var/src/config"
+        f"readlink -f {running}; readlink -f {profile}; "
+        f"nix-env -p {profile} --list-generations | wc -l; "
+        "cat /var/log/activations.log 2>/dev/null | wc -l; "
+        f"readlink {sources_of(fleet, machine)}/config || echo none"
     )
     current, profile, generations, activations, sources = fleet.ssh(machine, script).splitlines()
     return {
@@ -39,10 +39,8 @@ def test_first_deploy_converges_every_machine(fleet, flake):
         assert state["generations"] == "1"
         assert result.status(machine) == "changed"
         assert result.report[machine]["system"] == expected
-        assert (
-            fleet.ssh(machine, "cat /var/src/config/hosts.json")
-            == (flake / "hosts.json").read_text().strip()
-        )
+        hosts = fleet.ssh(machine, f"cat {sources_of(fleet, machine)}/config/hosts.json")
+        assert hosts == (flake / "hosts.json").read_text().strip()
         # The checks ran and passed for every machine.
         assert any(
             "smoke checks:" in note and "passed" in note for note in result.report[machine]["notes"]

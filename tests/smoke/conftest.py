@@ -3,8 +3,9 @@ fleet's own host keys (strict checking), after a rollout or on their own:
 
     pytest tests/smoke --fleet .testbed/fleet.yaml [--machine web1 ...] [--role web ...]
 
-A suite declares the roles it is for with a module-level ``roles = {...}``; it runs against
-every selected machine that has one of them (a suite without ``roles`` runs on every machine).
+A suite declares the roles it is for with a module-level ``roles = {...}`` and the machine
+classes with ``classes = {...}``; it runs against every selected machine that matches (a suite
+without them runs on every machine).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     wanted = getattr(metafunc.module, "roles", None)
     if wanted is not None:
         machines = [machine for machine in machines if set(wanted) & set(machine.roles)]
+    classes = getattr(metafunc.module, "classes", None)
+    if classes is not None:
+        machines = [machine for machine in machines if machine.machine_class in classes]
     metafunc.parametrize(
         "machine",
         [(fleet, machine) for machine in machines],

@@ -2,6 +2,8 @@
 
 import pytest
 
+classes = {"nixos", "darwin"}
+
 
 def test_runs_the_expected_system(host, expected_system):
     if expected_system is None:
