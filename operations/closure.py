@@ -23,6 +23,7 @@ from facts.machine import MachineState
 from facts.sources import SOURCES_ROOT
 from flakefleet import builds, nix, report
 from flakefleet import cache as caches
+from flakefleet.remote import Unreachable, run_on
 from flakefleet.ssh import ssh_destination, ssh_options
 
 # The source the sources step keeps the flake in on every machine (krops' layout).
@@ -169,10 +170,24 @@ def _copy(state: Any, host: Any, path: str) -> bool:
             [path], destination, ssh_options(host.data), _options(host.data), flags
         )
     except (nix.NixError, ValueError) as error:
-        report.failed(host.name, f"copy: {error}")
+        if "No space left on device" in str(error):
+            report.failed(host.name, f"copy: {error}; {_collect_partial_paths(host)}")
+        else:
+            report.failed(host.name, f"copy: {error}")
         return False
     _copied(host.name, f"copied {sent} paths", sent)
     return True
+
+
+def _collect_partial_paths(host: Any) -> str:
+    """After a copy ran out of space: delete the partly written paths it left in the machine's
+    store (they would fill it again and block the next deploy); the running system stays."""
+    try:
+        completed = run_on(host.data, host.name, "nix-store --gc 2>&1 | tail -1", timeout=300)
+    except Unreachable as error:
+        return f"could not collect the partial paths ({error})"
+    freed = completed.stdout.strip() or "nothing freed"
+    return f"the machine's /nix is full; garbage collected ({freed}), its system is unchanged"
 
 
 def _fetch_from_cache(state: Any, host: Any, cache: caches.Cache) -> bool:

@@ -162,6 +162,10 @@ def prepare_machine(state: StatePaths, machine: Machine) -> None:
     paths = state.machine(machine.name)
     for directory in (paths.nix, paths.etc_work, paths.var_work):
         directory.mkdir(parents=True, exist_ok=True)
+    if machine.nix_size:
+        paths.nix_size.write_text(machine.nix_size + "\n")
+    else:
+        paths.nix_size.unlink(missing_ok=True)
     paths.nix.chmod(0o755)
     paths.home.mkdir(exist_ok=True)
     paths.home.chmod(0o700)

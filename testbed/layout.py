@@ -132,6 +132,12 @@ class MachinePaths:
         return self.root / "nix"
 
     @property
+    def nix_size(self) -> Path:
+        """When present, the size of the tmpfs the machine gets as /nix instead of its store
+        directory (a small disk, for disk-full tests; emptied when the machine stops)."""
+        return self.root / "nix-size"
+
+    @property
     def etc_upper(self) -> Path:
         return self.root / "etc.upper"
 

@@ -165,7 +165,8 @@ def identity(path: str | Path) -> tuple[int, int]:
 def mount_filesystems(machine: MachinePaths) -> None:
     """Give the machine its own /nix, /etc, /var, /root, /run and /tmp, then verify them."""
     check_private_propagation()
-    binds = {"/nix": machine.nix, "/root": machine.home}
+    small_nix = machine.nix_size.read_text().strip() if machine.nix_size.exists() else None
+    binds = {"/root": machine.home} if small_nix else {"/nix": machine.nix, "/root": machine.home}
     expected = {target: identity(source) for target, source in binds.items()}
     layers = {
         "/etc": (machine.etc_upper, machine.etc_work),
@@ -173,7 +174,10 @@ def mount_filesystems(machine: MachinePaths) -> None:
     }
 
     # Order matters: the state directory may be under /root or /tmp, which are covered last.
-    mount(str(machine.nix), "/nix", None, MS_BIND)
+    if small_nix:
+        mount("tmpfs", "/nix", "tmpfs", MS_NOSUID | MS_NODEV, f"size={small_nix},mode=755")
+    else:
+        mount(str(machine.nix), "/nix", None, MS_BIND)
     for target, (upper, work) in layers.items():
         options = f"lowerdir={target},upperdir={upper},workdir={work}"
         mount("overlay", target, "overlay", 0, options)
@@ -189,7 +193,7 @@ def mount_filesystems(machine: MachinePaths) -> None:
     for target, source_identity in expected.items():
         if target not in mounts or identity(target) != source_identity:
             raise MachineError(f"{target} is not the machine's bind mount")
-    for target in ("/run", "/tmp"):
+    for target in ("/run", "/tmp", *(["/nix"] if small_nix else [])):
         if mounts.get(target, ("",))[0] != "tmpfs":
             raise MachineError(f"{target} is not a fresh tmpfs")
 

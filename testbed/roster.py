@@ -28,6 +28,7 @@ class Machine:
     service_port: int | None = None  # where the machine's role service answers, if it has one
     user: str = "root"  # the SSH user a deploy logs in as (``deploy`` is a non-root sudoer)
     sudo: bool = False  # whether deploys run privileged commands through sudo
+    nix_size: str | None = None  # a size-limited /nix (tmpfs, e.g. "64m"), for disk-full tests
 
     @property
     def address(self) -> str:
@@ -71,8 +72,13 @@ def load_roster(path: Path, base_port: int) -> list[Machine]:
             raise TestbedError(
                 f"roster {path}: {name}: user must be root or deploy, sudo a boolean"
             )
+        nix_size = attrs.get("nixSize")
+        if nix_size is not None and not re.fullmatch(r"\d+[kmg]", str(nix_size)):
+            raise TestbedError(f"roster {path}: {name}: nixSize must be like 64m")
         machines.append(
-            Machine(name, base_port + 1 + index, klass, tuple(roles), service_port, user, sudo)
+            Machine(
+                name, base_port + 1 + index, klass, tuple(roles), service_port, user, sudo, nix_size
+            )
         )
     return machines
 
@@ -107,6 +113,7 @@ def load_record(path: Path) -> list[Machine]:
             entry.get("service_port"),
             entry.get("user", "root"),
             entry.get("sudo", False),
+            entry.get("nix_size"),
         )
         for entry in entries
     ]

@@ -91,3 +91,24 @@ def test_failing_smoke_check_fails_the_machine(fleet, flake):
     assert "checks failed: test_service_answers" in result.report["web2"]["error"]
     assert result.status("web1") == "unchanged"
     assert fleet.deploy(flake).returncode == 0
+
+
+def test_a_copy_that_fills_the_disk_fails_cleanly(fleet, flake):
+    """build1's /nix is a 64 MiB disk: an 80 MB closure cannot fit."""
+    before = remote_state(fleet, "build1")
+    set_host(flake, "build1", version="big", blobSize=80_000_000)
+    result = fleet.deploy(flake, "--limit", "build1")
+    assert result.returncode != 0
+    error = result.report["build1"]["error"]
+    assert error.startswith("copy: ") and "No space left on device" in error
+    assert "garbage collected" in error
+    # The machine still runs and can re-activate its system; nothing half-copied is left.
+    assert remote_state(fleet, "build1")["current"] == before["current"]
+    fleet.ssh("build1", "/run/current-system/bin/switch-to-configuration test")
+    invalid = fleet.ssh("build1", "ls /nix/store | grep -c blob-80000000 || true")
+    assert invalid == "0"
+    # The next deploy that fits goes through.
+    set_host(flake, "build1", version="small", blobSize=None)
+    again = fleet.deploy(flake, "--limit", "build1")
+    assert again.returncode == 0, again.output
+    assert remote_state(fleet, "build1")["current"] == evaluate(flake, "build1")
