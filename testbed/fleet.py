@@ -314,10 +314,26 @@ def status(roster: Path) -> list[MachineStatus]:
         root = _inside(state, machine.name)
         system = None
         if root is not None:
+            # A home-manager machine runs what its user's profile selects.
+            link = (
+                f"nix/var/nix/profiles/per-user/{machine.user}/home-manager"
+                if machine.klass == "home"
+                else "run/current-system"
+            )
             with contextlib.suppress(OSError):
-                system = os.readlink(root / "run/current-system")
+                system = _store_path_inside(root, "/" + link)
         result.append(MachineStatus(machine, root is not None, system))
     return result
+
+
+def _store_path_inside(root: Path, link: str) -> str | None:
+    """Follow a machine's symlink chain (seen through /proc/PID/root) to its store path."""
+    for _ in range(8):
+        target = os.readlink(root / link.lstrip("/"))
+        link = target if target.startswith("/") else str(Path(link).parent / target)
+        if link.startswith("/nix/store/"):
+            return "/".join(link.split("/")[:4])
+    return None
 
 
 def reboot(name: str) -> str:
