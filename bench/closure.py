@@ -34,32 +34,23 @@ import time
 from pathlib import Path
 
 import yaml
+from common import BIN, NIX, ROOT, fleet_env, run_checked
+from common import testbed as fleet_testbed
 
-ROOT = Path(__file__).resolve().parents[1]
 STATE = ROOT / ".testbed-bench-closure"
 WORK = ROOT / ".testbed-bench-closure-work"  # the flake copy, cache and byte counts
-BIN = Path(sys.executable).parent
-ENV = {
-    **os.environ,
-    "FLAKEFLEET_TESTBED_STATE": str(STATE),
-    "FLAKEFLEET_TESTBED_PORT": "22980",
-    "FLAKEFLEET_FLEET": str(STATE / "fleet.yaml"),
-}
-NIX = ["nix", "--extra-experimental-features", "nix-command flakes", "--option", "substituters", ""]
-CACHE_PORT = 22979
+ENV = fleet_env(STATE, 22980)
 
 
 def sh(*argv: str, env: dict[str, str] | None = None) -> str:
-    completed = subprocess.run(
-        argv, cwd=ROOT, env=env or ENV, capture_output=True, text=True, check=False
-    )
-    if completed.returncode != 0:
-        sys.exit(f"bench: {' '.join(argv)} failed:\n{completed.stdout}\n{completed.stderr}")
-    return completed.stdout
+    return run_checked(*argv, env=env or ENV)
 
 
 def testbed(*args: str) -> str:
-    return sh(str(BIN / "python"), "-m", "testbed", *args)
+    return fleet_testbed(ENV, *args)
+
+
+CACHE_PORT = 22979
 
 
 # -- counting what the controller sends --------------------------------------------------------

@@ -15,48 +15,36 @@ Timings vary on a shared machine: each figure is the median of R runs.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import BIN, NIX, ROOT, fleet_env, run_checked
+from common import testbed as fleet_testbed
+
 STATE = ROOT / ".testbed-bench"
-BIN = Path(sys.executable).parent
-ENV = {
-    **os.environ,
-    "FLAKEFLEET_TESTBED_STATE": str(STATE),
-    "FLAKEFLEET_TESTBED_PORT": "22900",
-    "FLAKEFLEET_FLEET": str(STATE / "fleet.yaml"),
-}
+ENV = fleet_env(STATE, 22900)
+
+
+def sh(*argv: str, env: dict[str, str] | None = None) -> str:
+    return run_checked(*argv, env=env or ENV)
+
+
+def testbed(*args: str) -> str:
+    return fleet_testbed(ENV, *args)
+
+
 # `nix build --json` to its output paths (Nix 2.8 has no --print-out-paths).
 OUT_PATHS = (
     "python3 -c 'import json, sys; "
     'print(" ".join(o["outputs"]["out"] for o in json.load(sys.stdin)))\''
 )
-NIX = ["nix", "--extra-experimental-features", "nix-command flakes", "--option", "substituters", ""]
-
-
-def sh(*argv: str, env: dict[str, str] | None = None) -> str:
-    completed = subprocess.run(
-        argv, cwd=ROOT, env=env or ENV, capture_output=True, text=True, check=False
-    )
-    if completed.returncode != 0:
-        sys.exit(f"bench: {' '.join(argv)} failed:\n{completed.stdout}\n{completed.stderr}")
-    return completed.stdout
 
 
 def timed(*argv: str) -> float:
     start = time.monotonic()
     sh(*argv)
     return time.monotonic() - start
-
-
-def testbed(*args: str) -> str:
-    return sh(str(BIN / "python"), "-m", "testbed", *args)
 
 
 def fresh_fleet(machines: int) -> list[str]:
@@ -124,9 +112,12 @@ def main() -> None:
             noop_unchecked.append(deploy("--data", "goal=boot"))
             floor.append(timed(str(BIN / "pyinfra"), "-y", "inventory.py", "exec", "--", "true"))
         per_machine = {name: after[name] - before[name] for name in machines}
+        # The smoke checks alone, as the deploy runs them (it says which system to expect).
+        running = [line.split() for line in testbed("status").splitlines()]
+        expect = [f"--expect-system={name}={system}" for name, _, _, system in running]
         before = sessions(machines)
         sh(str(BIN / "pytest"), "-q", "-p", "no:cacheprovider", "tests/smoke",
-           "--fleet", ENV["FLAKEFLEET_FLEET"])  # fmt: skip
+           "--fleet", ENV["FLAKEFLEET_FLEET"], *expect)  # fmt: skip
         smoke = {name: count - before[name] for name, count in sessions(machines).items()}
     finally:
         testbed("down", "--purge")

@@ -28,20 +28,26 @@ import time
 from pathlib import Path
 
 import yaml
+from common import BIN, ROOT, fleet_env, run_checked
+from common import testbed as fleet_testbed
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flakefleet.sources import list_tree, tree_digest  # noqa: E402
-from flakefleet.ssh import ssh_destination, ssh_options  # noqa: E402
+from flakefleet.sources import list_tree, tree_digest
+from flakefleet.ssh import ssh_destination, ssh_options
 
 STATE = ROOT / ".testbed-bench-sources"
-BIN = Path(sys.executable).parent
-TESTBED = {
-    **os.environ,
-    "FLAKEFLEET_TESTBED_STATE": str(STATE),
-    "FLAKEFLEET_TESTBED_PORT": "22950",
-}
+TESTBED = fleet_env(STATE, 22950)
+
+
+def sh(*argv: str, env: dict[str, str] | None = None) -> str:
+    return run_checked(*argv, env=env or TESTBED)
+
+
+def testbed(*args: str) -> str:
+    return fleet_testbed(TESTBED, *args)
+
+
 MACHINE = "web1"
 RELAY_PORT = 22959
 SOURCE = "bench"
@@ -105,19 +111,6 @@ from operations import sources
 
 sources.sync(name="Sync the sources", wanted=sources.declared(), var_src=host.get_fact(Sources))
 """
-
-
-def sh(*argv: str, env: dict[str, str] | None = None) -> str:
-    completed = subprocess.run(
-        argv, cwd=ROOT, env=env or TESTBED, capture_output=True, text=True, check=False
-    )
-    if completed.returncode != 0:
-        sys.exit(f"bench: {shlex.join(argv)} failed:\n{completed.stdout}\n{completed.stderr}")
-    return completed.stdout
-
-
-def testbed(*args: str) -> str:
-    return sh(str(BIN / "python"), "-m", "testbed", *args)
 
 
 class Wire:
