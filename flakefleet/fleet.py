@@ -91,11 +91,22 @@ class Fleet:
             ssh["ssh_config_file"] = self.ssh["config"]
         return {
             **ssh,
-            **self.data,
-            **machine.data,
+            **_merge(self.data, machine.data),
             "machine_class": machine.machine_class,
             "roles": list(machine.roles),
         }
+
+
+def _merge(fleet: dict[str, Any], machine: dict[str, Any]) -> dict[str, Any]:
+    """The fleet's data under a machine's own: mappings (e.g. `sources`, `nix_options`) are
+    merged one level deep, so a machine adds to the fleet's entries instead of replacing them."""
+    merged = dict(fleet)
+    for key, value in machine.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -97,3 +97,24 @@ def test_bad_fleet_is_one_line_naming_file_machine_and_field(tmp_path, text, mes
 def test_missing_fleet_file_is_named(tmp_path):
     with pytest.raises(FleetError, match="cannot read the fleet file"):
         load_fleet(tmp_path / "nope.yaml")
+
+
+def test_machine_data_adds_to_the_fleets_mappings(tmp_path):
+    text = """\
+data:
+  nix_options: {substituters: ""}
+  sources: {shared: {type: file, path: shared}}
+  goal: boot
+machines:
+  - name: web1
+    address: a
+    data:
+      nix_options: {cores: "2"}
+      sources: {own: {type: file, path: own}}
+      goal: switch
+"""
+    fleet = load_fleet(write(tmp_path, text))
+    data = fleet.host_data(fleet.machines[0])
+    assert data["nix_options"] == {"substituters": "", "cores": "2"}
+    assert set(data["sources"]) == {"shared", "own"}
+    assert data["goal"] == "switch"
