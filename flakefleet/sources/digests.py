@@ -1,0 +1,80 @@
+"""Content digests of local trees and sources: whether a source changed is decided on the
+controller, without walking the machine's copy."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+from flakefleet.process import run
+from flakefleet.sources.model import Source
+
+
+def list_tree(path: Path, include: Sequence[str], exclude: Sequence[str], empty: Path) -> list[str]:
+    """The relative paths rsync sends from `path` with these filters ('' for a single file).
+
+    rsync itself lists them (a dry run into an empty directory), so the digest covers exactly
+    what the sync sends, whatever the filter rules mean.
+    """
+    if not path.is_dir():
+        return [""]
+    argv = ["rsync", "--archive", "--dry-run", "--8-bit-output", "--out-format=%n"]
+    argv += filter_options(include, exclude)
+    listed = run([*argv, f"{path}/", f"{empty}/"]).stdout
+    names = (_unescape(line).rstrip("/") for line in listed.splitlines())
+    return sorted(name for name in names if name not in ("", "."))
+
+
+def filter_options(include: Sequence[str], exclude: Sequence[str]) -> list[str]:
+    """rsync filter options: includes first, then excludes (rsync's first match wins)."""
+    return [*(f"--include={p}" for p in include), *(f"--exclude={p}" for p in exclude)]
+
+
+def _unescape(name: str) -> str:
+    return re.sub(r"\\#([0-7]{3})", lambda match: chr(int(match.group(1), 8)), name)
+
+
+def tree_digest(path: Path, entries: Sequence[str], checksum: bool) -> str:
+    """A sha256 over the listed entries: path, type, permissions, link target, and the file's
+    content (`checksum`) or its size and modification time (rsync's quick check, to the
+    nanosecond). Two trees with the same digest sync to the same copy."""
+    digest = hashlib.sha256()
+    for entry in entries:
+        full = path / entry if entry else path
+        info = full.lstat() if entry else full.stat()
+        head = f"{stat.S_IMODE(info.st_mode):o}\0{entry}\0".encode()
+        if stat.S_ISLNK(info.st_mode):
+            digest.update(b"L" + head + os.readlink(full).encode() + b"\0")
+        elif stat.S_ISDIR(info.st_mode):
+            digest.update(b"D" + head)
+        elif stat.S_ISREG(info.st_mode):
+            what = file_sha256(full) if checksum else f"{info.st_size}:{info.st_mtime_ns}"
+            digest.update(b"F" + head + what.encode() + b"\0")
+        else:
+            digest.update(b"S" + head)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def source_digest(source: Source, content: str) -> str:
+    """The digest of a source: its type, the options that shape its copy, and its content."""
+    options = [source.type, *source.include, "\0", *source.exclude, str(source.checksum)]
+    if source.type == "git":
+        options = [source.type, source.url, str(source.submodules)]
+    if source.type == "pipe":
+        options = [source.type, f"{source.mode:o}"]
+    return hashlib.sha256("\0".join([*options, content]).encode()).hexdigest()
+
+
+def derivation_digest(source: Source, others: Sequence[tuple[str, str]]) -> str:
+    text = source.expression or source.flake
+    kind = "expression" if source.expression else "flake"
+    return source_digest(source, "\0".join([kind, text, *(f"{n}={d}" for n, d in others)]))

@@ -1,0 +1,200 @@
+"""One run's sources: every selected machine's checked, digested and built once."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from flakefleet.process import run
+from flakefleet.sources.build import BuildStage
+from flakefleet.sources.declarations import merge, parse
+from flakefleet.sources.digests import (
+    derivation_digest,
+    file_sha256,
+    list_tree,
+    source_digest,
+    tree_digest,
+)
+from flakefleet.sources.git import GitCache, GitError, prune_unused
+from flakefleet.sources.model import (
+    STATE_DIR,
+    Source,
+    SourceError,
+    SourcesInvalid,
+)
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A source as it goes to the machine: its digest (None while a build or the sources a
+    derivation depends on are pending) and the local file or tree rsync sends (None for a
+    symlink or a derivation)."""
+
+    source: Source
+    digest: str | None
+    local: Path | None = None
+    checksum: bool = False
+    stage: BuildStage | None = None
+
+
+@dataclass(frozen=True)
+class MachineSources:
+    """Everything the sources step needs for one machine, decided on the controller."""
+
+    machine: str
+    sources: tuple[Ready, ...]
+    keep_undeclared: bool = False
+    force: bool = False
+    resync: bool = False
+    rsync_options: tuple[str, ...] = ()
+
+    def pending_builds(self) -> list[Ready]:
+        """Sources whose build stage must run before their digest is known."""
+        return [item for item in self.sources if item.stage is not None and item.digest is None]
+
+    def finalize(self, built: Mapping[str, Ready]) -> list[Ready]:
+        """Every source with its digest, once `built` holds the sources that were built.
+
+        A derivation is realised on the machine and may read any other source, so its digest
+        covers theirs: it is realised again whenever one of them changes.
+        """
+        items = [built.get(item.source.name, item) for item in self.sources]
+        others = sorted(
+            (item.source.name, item.digest or "")
+            for item in items
+            if item.source.type != "derivation"
+        )
+        return [
+            replace(item, digest=derivation_digest(item.source, others))
+            if item.source.type == "derivation"
+            else item
+            for item in items
+        ]
+
+
+class RunSources:
+    """The sources of every selected machine of one run, checked and digested once."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state = root / STATE_DIR
+        self.git = GitCache(self.state / "git")
+        self.machines: dict[str, MachineSources] = {}
+        self._trees: dict[tuple[Path, tuple[str, ...], tuple[str, ...], bool], str] = {}
+        self._empty = self.state / "empty"
+
+    def add(self, machine: str, found: Sequence[tuple[str, Mapping[str, Any]]], data: Any) -> None:
+        """Check and digest one machine's sources; raises SourceError on the first problem."""
+        declared = merge(machine, found)
+        items = []
+        for name, spec in declared.items():
+            source = parse(machine, name, spec, self.root)
+            try:
+                items.append(self._ready(machine, source))
+            except GitError as error:
+                origin = spec.origin(error.field_name)
+                raise SourceError(machine, name, origin, str(error), error.field_name) from None
+        # Derivations last: they are realised on the machine and may read the others.
+        items.sort(key=lambda item: (item.source.type == "derivation", item.source.name))
+        self.machines[machine] = MachineSources(
+            machine=machine,
+            sources=tuple(items),
+            keep_undeclared=bool(data.get("sources_keep_undeclared", False)),
+            force=bool(data.get("sources_force", False)),
+            resync=bool(data.get("sources_resync", False)),
+            rsync_options=tuple(str(o) for o in data.get("sources_rsync_options") or ()),
+        )
+
+    def _ready(self, machine: str, source: Source) -> Ready:
+        if source.type == "file" and source.build is not None:
+            return self._built(machine, source)
+        if source.type == "file":
+            assert source.path is not None
+            return self._tree(source, source.path, source.checksum)
+        if source.type == "git":
+            commit = self.git.commit(source.url, source.ref)
+            tree = self.git.checkout(source.url, commit, source.submodules)
+            return Ready(source, source_digest(source, commit), tree, checksum=True)
+        if source.type == "pipe":
+            return self._pipe(machine, source)
+        if source.type == "symlink":
+            return Ready(source, source_digest(source, source.target))
+        return Ready(source, None)  # a derivation: digested with the others (finalize)
+
+    def _tree(self, source: Source, path: Path, checksum: bool) -> Ready:
+        key = (path.resolve(), source.include, source.exclude, checksum)
+        if key not in self._trees:
+            self._empty.mkdir(parents=True, exist_ok=True)
+            entries = list_tree(path, source.include, source.exclude, self._empty)
+            self._trees[key] = tree_digest(path, entries, checksum)
+        return Ready(source, source_digest(source, self._trees[key]), path, checksum)
+
+    def _built(self, machine: str, source: Source) -> Ready:
+        assert source.build is not None
+        parts = [source.build.command, source.build.output]
+        for destination, local in source.build.inputs:
+            empty = Source(name=source.name, type="file", origin=source.origin)
+            parts += [destination, self._tree(empty, local, checksum=True).digest or ""]
+        key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+        stage = BuildStage(machine, source, key, self.state / "build" / machine / source.name)
+        if stage.cached():
+            return replace(self._tree(source, stage.output, source.checksum), stage=stage)
+        return Ready(source, None, None, source.checksum, stage)
+
+    def built(self, item: Ready) -> Ready:
+        """Run a pending build stage; the source is then ready. Raises BuildError."""
+        assert item.stage is not None
+        output = item.stage.run()
+        return replace(self._tree(item.source, output, item.source.checksum), stage=item.stage)
+
+    def _pipe(self, machine: str, source: Source) -> Ready:
+        """Run the command now, so a failure stops the run before anything is copied."""
+        directory = self.state / "pipe"
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = directory / f"partial-{os.getpid()}-{machine}-{source.name}"
+        command = f'( {source.command}\n) > "$FLAKEFLEET_OUTPUT"'
+        result = run(
+            ["sh", "-c", command],
+            cwd=str(self.root),
+            env={"FLAKEFLEET_MACHINE": machine, "FLAKEFLEET_OUTPUT": str(partial)},
+            check=False,
+        )
+        if result.returncode != 0:
+            partial.unlink(missing_ok=True)
+            tail = " | ".join(line.strip() for line in result.stderr.strip().splitlines()[-2:])
+            raise SourceError(
+                machine,
+                source.name,
+                source.origin,
+                f"command exited {result.returncode}: {tail or '(no output)'}",
+                "command",
+            )
+        digest = source_digest(source, file_sha256(partial))
+        final = directory / digest
+        partial.chmod(source.mode)
+        partial.replace(final)
+        (directory / f"{digest}.used").touch()
+        prune_unused(directory, keep={digest, f"{digest}.used"}, marker=".used")
+        return Ready(source, digest, final, checksum=True)
+
+
+def check_run(
+    root: Path,
+    machines: Sequence[tuple[str, Sequence[tuple[str, Mapping[str, Any]]], Any]],
+) -> RunSources:
+    """Check every machine's sources (name, data layers, host data); raises SourcesInvalid
+    with every machine's first problem."""
+    sources = RunSources(root)
+    errors = []
+    for machine, found, data in machines:
+        try:
+            sources.add(machine, found, data)
+        except SourceError as error:
+            errors.append(error)
+    if errors:
+        raise SourcesInvalid(errors)
+    return sources
