@@ -17,7 +17,7 @@ from facts.nix import (
     SystemProfile,
 )
 from facts.sources import Sources, VarSrc
-from flakefleet import lock
+from flakefleet import lock, sudo
 
 SECTION = "@@flakefleet-fact "
 
@@ -92,13 +92,15 @@ class PreflightState:
     lock_holder: str
     machine: MachineState
     activations_in_progress: int = 0  # workers still activating or awaiting confirmation
+    sudo_refusal: str | None = None  # why sudo would not run the preflight (nothing ran)
 
 
 class Preflight(FactBase[PreflightState]):
-    """Take the machine's deploy lock and read its state, in one round trip.
+    """Take the machine's deploy lock and read its state, in one round trip, as root.
 
     Output: ``lock acquired`` or ``lock held <holder>``, the number of activations still in
-    progress, then the ``Machine`` fact's sections.
+    progress, then the ``Machine`` fact's sections; or, when sudo refuses (`become`), only
+    its reason behind ``sudo.REFUSED``.
     """
 
     @staticmethod
@@ -111,16 +113,20 @@ class Preflight(FactBase[PreflightState]):
         holder: str,
         profile: str = SYSTEM_PROFILE,
         running: str = RUNNING_SYSTEM,
+        become: sudo.Become = sudo.Become.ROOT,
     ) -> str:
         busy = (
             f"cat {lock_dir}/activation/*/phase 2>/dev/null"
             " | grep -c -x -e running -e awaiting-confirmation"
         )
         machine = Machine().command(profile, running)
-        return f"{lock.acquire_command(lock_dir, holder)}; {busy}; {machine}"
+        return sudo.gate(become, f"{lock.acquire_command(lock_dir, holder)}; {busy}; {machine}")
 
     def process(self, output: list[str]) -> PreflightState:
         first = output[0].strip() if output else ""
+        if first.startswith(sudo.REFUSED.strip()):
+            refusal = first.removeprefix(sudo.REFUSED.strip()).strip() or "sudo refused"
+            return PreflightState(False, "", MachineState(), sudo_refusal=refusal)
         busy = output[1].strip() if len(output) > 1 else "0"
         return PreflightState(
             lock_acquired=first == "lock acquired",

@@ -38,6 +38,12 @@ SSH_FIELDS = ("key", "known_hosts", "config")
 # and Python identifiers in group_data/<role>.py.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 ROLE_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# pyinfra's own privilege settings: flakefleet runs sudo itself (see flakefleet.sudo), and
+# pyinfra's would put a sudo password in the machine's process list.
+PYINFRA_PRIVILEGE_KEYS = frozenset(
+    {"_sudo", "_sudo_user", "_sudo_password", "_use_sudo_login", "_preserve_sudo_env",
+     "_su_user", "_su_password", "_doas", "_doas_user"}
+)  # fmt: skip
 # Roles may not shadow the groups pyinfra or flakefleet define themselves.
 RESERVED_GROUPS = frozenset({"all", "inventory", *MACHINE_CLASSES})
 
@@ -160,6 +166,7 @@ def parse_fleet(document: Any, path: Path) -> Fleet:
     data = document.get("data") or {}
     if not isinstance(data, dict):
         raise FleetError(path, "field 'data': expected a mapping")
+    _check_data(path, None, data)
 
     entries = document.get("machines")
     if not isinstance(entries, list) or not entries:
@@ -226,6 +233,7 @@ def _parse_machine(path: Path, index: int, entry: Any) -> Machine:
     data = entry.get("data", {})
     if not isinstance(data, dict):
         raise FleetError(path, "field 'data': expected a mapping", name)
+    _check_data(path, name, data)
 
     return Machine(
         name=name,
@@ -236,6 +244,30 @@ def _parse_machine(path: Path, index: int, entry: Any) -> Machine:
         roles=tuple(dict.fromkeys(roles)),
         data=data,
     )
+
+
+def _check_data(path: Path, machine: str | None, data: dict[str, Any]) -> None:
+    """The data settings that must stop a deploy before it starts."""
+    for key in data:
+        if key in PYINFRA_PRIVILEGE_KEYS:
+            raise FleetError(
+                path,
+                f"field 'data.{key}': remove it: flakefleet runs sudo itself for a machine "
+                "whose user is not root (see sudo_password_command)",
+                machine,
+            )
+    if "sudo_password" in data:
+        raise FleetError(
+            path,
+            "field 'data.sudo_password': a password in the fleet file is a secret in plain "
+            "text; use sudo_password_command (a command that prints it) or let it be asked",
+            machine,
+        )
+    command = data.get("sudo_password_command")
+    if command is not None and (not isinstance(command, str) or not command.strip()):
+        raise FleetError(
+            path, "field 'data.sudo_password_command': expected a shell command", machine
+        )
 
 
 def _reject_unknown(

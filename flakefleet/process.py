@@ -27,14 +27,18 @@ def run(
     cwd: str | None = None,
     check: bool = True,
     timeout: float | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.CompletedProcess[str]:
     """Run a command to completion, capturing its output; `env` adds to the current environment.
 
-    Raises subprocess.TimeoutExpired (after killing the command) when `timeout` passes.
+    Without `stdin`, it reads nothing (never the deployer's terminal). `pass_fds` are open
+    descriptors it inherits. Raises subprocess.TimeoutExpired (after killing the command) when
+    `timeout` passes.
     """
     completed = subprocess.run(
         list(argv),
-        input=stdin,
+        **({"stdin": subprocess.DEVNULL} if stdin is None else {"input": stdin}),
+        pass_fds=pass_fds,
         capture_output=True,
         text=True,
         cwd=cwd,

@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Mapping
 from typing import Any
 
+from flakefleet import sudo
 from flakefleet.process import run
 from flakefleet.ssh import ssh_destination, ssh_options
 
@@ -39,7 +40,8 @@ def run_on(
     stdin: str | None = None,
     timeout: float | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a shell command on a machine as its deploy user (with sudo when `_sudo` is set).
+    """Run a shell command on a machine as root (through sudo when its SSH user is not root;
+    a home-manager machine's as its user), with `stdin` on its standard input.
 
     Raises Unreachable when ssh itself fails (exit 255) or the timeout passes.
     """
@@ -47,11 +49,11 @@ def run_on(
         command = (
             f"PATH={shlex.quote(str(data.get('remote_nix_dir')))}:$PATH; export PATH; {command}"
         )
-    if data.get("_sudo"):
-        command = f"sudo -n sh -c {shlex.quote(command)}"
-    argv = ["ssh", *ssh_options(data), *KEEPALIVE, ssh_destination(data, name), command]
+    privileged = sudo.as_root(data, command, stdin)
+    argv = ["ssh", *ssh_options(data), *KEEPALIVE, ssh_destination(data, name), privileged.command]
+    text = privileged.stdin.text if privileged.stdin else None
     try:
-        completed = run(argv, stdin=stdin, check=False, timeout=timeout)
+        completed = run(argv, stdin=text, check=False, timeout=timeout)
     except subprocess.TimeoutExpired as error:
         raise Unreachable(f"no answer from {name} within {timeout:.0f}s") from error
     if completed.returncode == 255:

@@ -12,10 +12,10 @@ import shlex
 from typing import Any
 
 from pyinfra import host
-from pyinfra.api import FunctionCommand, StringCommand, operation
+from pyinfra.api import FunctionCommand, operation
 
 from facts.machine import MachineState
-from flakefleet import nix, report
+from flakefleet import nix, report, sudo
 
 # Goals that add a generation to the profile.
 NEW_GENERATION_GOALS = ("switch", "boot")
@@ -61,13 +61,12 @@ def prune(system: nix.System, machine: MachineState, goal: str = "switch", keep:
     machine_class = host.data.get("machine_class", "nixos")
     profile = nix.profile_path(machine_class, host.data.get("ssh_user") or "root")
     command = prune_command(profile, keep, host.data.get("remote_nix_dir"))
+    yield FunctionCommand(_prune, (command,), {})
+
+
+def _prune(state: Any, host: Any, command: str) -> bool:
     # The system profile belongs to root; a home-manager profile to its user.
-    sudo = machine_class != "home" and bool(host.data.get("_sudo"))
-    yield FunctionCommand(_prune, (command, sudo), {})
-
-
-def _prune(state: Any, host: Any, command: str, sudo: bool) -> bool:
-    succeeded, output = host.run_shell_command(StringCommand(command), _sudo=sudo)
+    succeeded, output = sudo.run_as_root(host, command)
     if not succeeded:
         lines = [line for line in output.stderr_lines if line.strip()]
         report.failed(host.name, f"prune: {lines[-1] if lines else 'failed'}")

@@ -10,11 +10,12 @@ import atexit
 from typing import Any
 
 from pyinfra import host
-from pyinfra.api import FunctionCommand, StringCommand, operation
+from pyinfra.api import FunctionCommand, operation
 
 from facts.machine import MachineState, Preflight, PreflightState
 from facts.nix import RUNNING_SYSTEM
-from flakefleet import nix, report
+from flakefleet import nix, report, sudo
+from flakefleet.fleet import PYINFRA_PRIVILEGE_KEYS
 from flakefleet.lock import Holder, release_command, take_over_command, this_deployer
 from flakefleet.remote import Unreachable, run_on, state_dir
 
@@ -25,19 +26,47 @@ _held: dict[str, Any] = {}
 def preflight() -> MachineState | None:
     """Take the machine's deploy lock and read its state, in one round trip.
 
-    Returns the machine's state, or None when another deploy holds the machine (it is then
-    failed with the holder's name, and the deploy file skips its steps).
+    Returns the machine's state, or None when another deploy holds the machine or sudo
+    refuses (it is then failed with the reason, and the deploy file skips its steps). When
+    sudo asks for a password the run has not got yet, it is asked for (once per run) and the
+    preflight runs again with it.
     """
+    pyinfra_privilege = sorted(key for key in PYINFRA_PRIVILEGE_KEYS if host.data.get(key))
+    if pyinfra_privilege:  # set in group_data/*.py (the fleet file refuses them itself)
+        _refuse(
+            name="Deploy lock",
+            reason=f"data {pyinfra_privilege[0]}: remove it: flakefleet runs sudo itself",
+        )
+        return None
+    try:
+        if sudo.needed(host.data) and host.data.get("sudo_password_command"):
+            sudo.obtain_password(host.data, host.name)  # on the controller: saves a round trip
+        state = _read_preflight()
+        if state.sudo_refusal and sudo.wants_password(state.sudo_refusal):
+            sudo.obtain_password(host.data, host.name)
+            state = _read_preflight()
+    except sudo.SudoError as error:
+        _refuse(name="Deploy lock", reason=str(error))
+        return None
+    if state.sudo_refusal:
+        _refuse(name="Deploy lock", reason=f"sudo refused to run the deploy: {state.sudo_refusal}")
+        return None
+    return state.machine if hold(state) else None
+
+
+def _read_preflight() -> PreflightState:
     machine_class = host.data.get("machine_class", "nixos")
     profile = nix.profile_path(machine_class, host.data.get("ssh_user") or "root")
-    state = host.get_fact(
+    become = sudo.how(host.data)
+    return host.get_fact(
         Preflight,
         lock_dir=state_dir(host.data),
         holder=str(this_deployer()),
         profile=profile,
         running=profile if machine_class == "home" else RUNNING_SYSTEM,
+        become=become,
+        _stdin=sudo.stdin(become),
     )
-    return state.machine if hold(state) else None
 
 
 def hold(preflight: PreflightState) -> bool:
@@ -71,7 +100,9 @@ def hold(preflight: PreflightState) -> bool:
 
 @operation(is_idempotent=False)
 def _take_over(stale: str):
-    yield StringCommand(take_over_command(state_dir(host.data), stale, this_deployer()))
+    yield sudo.root_command(
+        host.data, take_over_command(state_dir(host.data), stale, this_deployer())
+    )
 
 
 @operation(is_idempotent=False)
@@ -82,7 +113,7 @@ def _refuse(reason: str):
 @operation(is_idempotent=False)
 def release():
     """Release this run's lock on the machine."""
-    yield StringCommand(release_command(state_dir(host.data), this_deployer()))
+    yield sudo.root_command(host.data, release_command(state_dir(host.data), this_deployer()))
     yield FunctionCommand(_released, (), {})
 
 

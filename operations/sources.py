@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -21,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from pyinfra import host, logger
-from pyinfra.api import FunctionCommand, StringCommand, operation
+from pyinfra.api import FunctionCommand, operation
 
 from facts.sources import STORE_DIR, VarSrc
-from flakefleet import report
+from flakefleet import report, sudo
 from flakefleet.process import CommandError, run
 from flakefleet.remote import KEEPALIVE
 from flakefleet.sources import (
@@ -131,7 +132,7 @@ def sync(wanted: MachineSources, var_src: VarSrc):
     for item, tree in changes.install:
         if item.local is not None:
             yield FunctionCommand(_push, (item, tree, var_src, wanted.rsync_options), {})
-    yield StringCommand(install_script(changes, var_src.root))
+    yield sudo.root_command(host.data, install_script(changes, var_src.root))
     yield report.change("sources")
 
 
@@ -218,9 +219,15 @@ def _build(state: Any, host: Any, item: Ready, built: dict[str, Ready]) -> bool:
 def _push(state: Any, host: Any, item: Ready, tree: str, var_src: VarSrc, options: tuple) -> bool:
     """rsync one source into <store>/<tree>.partial on the machine."""
     store = f"{var_src.root}/{STORE_DIR}/{item.source.name}"
-    argv = rsync_command(item, tree, store, var_src.live.get(item.source.name), host, options)
+    live = var_src.live.get(item.source.name)
+    become = sudo.how(host.data)
     try:
-        run(argv)
+        if become is sudo.Become.SUDO_PASSWORD:
+            with sudo.password_pipe() as password:
+                argv = rsync_command(item, tree, store, live, host, options, become, password)
+                run(argv, pass_fds=(password,))
+        else:
+            run(rsync_command(item, tree, store, live, host, options, become))
     except CommandError as error:
         report.failed(host.name, f"sources: {item.source.name}: {error}")
         return False
@@ -228,17 +235,28 @@ def _push(state: Any, host: Any, item: Ready, tree: str, var_src: VarSrc, option
 
 
 def rsync_command(
-    item: Ready, tree: str, store: str, live: str | None, machine: Any, options: tuple = ()
+    item: Ready,
+    tree: str,
+    store: str,
+    live: str | None,
+    machine: Any,
+    options: tuple = (),
+    become: sudo.Become = sudo.Become.ROOT,
+    password: int | None = None,
 ) -> list[str]:
     """The rsync command line that sends a source's local file or tree into the store.
 
     Files are compared by content (`checksum`) or by size and time to the nanosecond, so a
-    change rsync would miss cannot hide behind a new digest.
+    change rsync would miss cannot hide behind a new digest. The remote rsync runs as root;
+    when sudo wants the password, it comes from the descriptor `password` through the relay
+    `flakefleet.rsh`.
     """
     assert item.local is not None
     data = machine.data
-    sudo = "sudo -n " if data.get("_sudo") else ""
     directory = item.local.is_dir()
+    ssh = ["ssh", *ssh_options(data), *KEEPALIVE]
+    if password is not None:
+        ssh = [sys.executable, "-m", "flakefleet.rsh", str(password), *ssh]
     argv = [
         "rsync",
         "--archive",
@@ -247,9 +265,9 @@ def rsync_command(
         *filter_options(item.source.include, item.source.exclude),
         *options,
         "--rsh",
-        shlex.join(["ssh", *ssh_options(data), *KEEPALIVE]),
+        shlex.join(ssh),
         "--rsync-path",
-        f"{sudo}mkdir -p {shlex.quote(store)} && {sudo}rsync",
+        _receiver(become, store),
     ]
     if directory and live:
         argv.append(f"--link-dest=../{live}")
@@ -257,6 +275,16 @@ def rsync_command(
     if directory:
         return [*argv, f"{item.local}/", f"{destination}/"]
     return [*argv, str(item.local), destination]
+
+
+def _receiver(become: sudo.Become, store: str) -> str:
+    """rsync's remote half (`--rsync-path`): make the store, then receive, as root.
+
+    rsync appends its server's arguments to this; under sudo they reach `sh -c` as "$@".
+    """
+    if become is sudo.Become.ROOT:
+        return f"mkdir -p {shlex.quote(store)} && rsync"
+    return sudo.wrap(become, f'mkdir -p {shlex.quote(store)} && exec rsync "$@"') + " rsync"
 
 
 # The remote half: one POSIX sh script per sync (GNU or BSD tools).

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -81,6 +83,23 @@ def generate_key(path: Path, comment: str) -> None:
     )
     if result.returncode != 0:
         raise TestbedError(f"ssh-keygen failed for {path}: {result.stderr.strip()}")
+
+
+def generate_sudo_password(path: Path) -> None:
+    """A random password for the machines' ``deploy`` user, unless one exists (kept)."""
+    if not path.exists():
+        write_file(path, secrets.token_urlsafe(18) + "\n", 0o600)
+
+
+def password_hash(password_line: str) -> str:
+    """The SHA-512 crypt hash of a password (for /etc/shadow), made by openssl."""
+    completed = subprocess.run(
+        ["openssl", "passwd", "-6", "-stdin"],
+        input=password_line, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if completed.returncode != 0:
+        raise TestbedError(f"openssl passwd failed: {completed.stderr.strip()}")
+    return completed.stdout.strip() + "\n"
 
 
 def generate_signing_key(path: Path, name: str) -> None:
@@ -179,9 +198,15 @@ def prepare_machine(state: StatePaths, machine: Machine) -> None:
     # One file for every user: the deployer's key and the machines' own (builders, caches).
     keys = [public_key(state.client_key), public_key(state.machine_key)]
     write_file(paths.in_etc(AUTHORIZED_KEYS), "\n".join(keys) + "\n")
-    # The deploy user may do anything as root without a password (sudo -n works).
+    # The deploy user may do anything as root: with its password (sudoPassword), or without
+    # one (sudo -n works).
     _make_upper_dirs(paths.etc_upper, Path("/etc"), Path("sudoers.d"))
-    write_file(paths.in_etc(SUDOERS), "deploy ALL=(ALL:ALL) NOPASSWD: ALL\n", 0o440)
+    if machine.sudo_password:
+        write_file(paths.in_etc(SUDOERS), "deploy ALL=(ALL:ALL) ALL\n", 0o440)
+        write_file(paths.deploy_password_hash, password_hash(state.sudo_password.read_text()))
+    else:
+        write_file(paths.in_etc(SUDOERS), "deploy ALL=(ALL:ALL) NOPASSWD: ALL\n", 0o440)
+        paths.deploy_password_hash.unlink(missing_ok=True)
 
     # Only NixOS machines say so; a darwin or home-manager machine is another system.
     if machine.klass == "nixos" and not paths.in_etc("/etc/NIXOS").is_file():
@@ -259,10 +284,13 @@ def _yaml_scalar(text: str) -> str:
     return json.dumps(text)
 
 
-def render_fleet_file(machines: list[Machine], signing_key: Path | None = None) -> str:
+def render_fleet_file(
+    machines: list[Machine], signing_key: Path | None = None, sudo_password: Path | None = None
+) -> str:
     """The test fleet as a flakefleet fleet file (paths relative to the file).
 
-    With ``signing_key``, deploys sign closures with the key every machine trusts.
+    With ``signing_key``, deploys sign closures with the key every machine trusts; with
+    ``sudo_password``, they read the deploy user's sudo password from that file.
     """
     lines = [
         "# Written by `python -m testbed up`: the test fleet, as a flakefleet fleet file.",
@@ -280,6 +308,11 @@ def render_fleet_file(machines: list[Machine], signing_key: Path | None = None) 
             "  # Every machine trusts this key's public half.",
             f"  signing_key: {signing_key}",
         ]
+    if sudo_password is not None and any(machine.sudo_password for machine in machines):
+        lines += [
+            "  # The deploy user's sudo password, on machines whose sudo asks for it.",
+            f"  sudo_password_command: {_yaml_scalar(f'cat {shlex.quote(str(sudo_password))}')}",
+        ]
     lines.append("machines:")
     for machine in machines:
         roles = ", ".join(_yaml_scalar(role) for role in machine.roles)
@@ -294,8 +327,6 @@ def render_fleet_file(machines: list[Machine], signing_key: Path | None = None) 
         data = []
         if machine.service_port is not None:
             data += [f"service_address: {machine.address}", f"service_port: {machine.service_port}"]
-        if machine.sudo:
-            data.append("_sudo: true")
         if data:
             lines.append(f"    data: {{{', '.join(data)}}}")
     return "\n".join(lines) + "\n"
@@ -307,7 +338,9 @@ def write_client_files(state: StatePaths, machines: list[Machine]) -> None:
     known_hosts = render_known_hosts(machines, host_keys)
     write_file(state.known_hosts, known_hosts)
     write_file(state.ssh_config, render_ssh_config(machines, state))
-    write_file(state.fleet_file, render_fleet_file(machines, state.signing_key))
+    write_file(
+        state.fleet_file, render_fleet_file(machines, state.signing_key, state.sudo_password)
+    )
     for machine in machines:
         write_machine_ssh(state, machine, known_hosts)
 

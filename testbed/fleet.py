@@ -86,6 +86,7 @@ def up(roster: Path, count: int | None = None) -> list[Machine]:
         files.generate_key(state.client_key, "flakefleet-testbed")
         files.generate_key(state.machine_key, "flakefleet-testbed-machines")
         files.generate_signing_key(state.signing_key, f"testbed-{state.root.name.lstrip('.')}-1")
+        files.generate_sudo_password(state.sudo_password)
 
         previous = {machine.name: machine for machine in load_record(state.record)}
         running = {name for name in {*previous, *(m.name for m in wanted)} if _pid(state, name)}

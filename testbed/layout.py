@@ -93,6 +93,12 @@ class StatePaths:
         return self.keys / "nix-signing.sec"
 
     @property
+    def sudo_password(self) -> Path:
+        """The password of every machine's ``deploy`` user, for the machines whose sudo asks
+        for it (``sudoPassword`` in the roster); the fleet file reads it with ``cat``."""
+        return self.keys / "sudo-password"
+
+    @property
     def known_hosts(self) -> Path:
         return self.root / "known_hosts"
 
@@ -130,6 +136,11 @@ class MachinePaths:
     @property
     def nix(self) -> Path:
         return self.root / "nix"
+
+    @property
+    def deploy_password_hash(self) -> Path:
+        """When present, the crypt hash the machine gives its ``deploy`` user at boot."""
+        return self.root / "deploy-password-hash"
 
     @property
     def nix_size(self) -> Path:

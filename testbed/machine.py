@@ -215,13 +215,19 @@ def set_identity(name: str) -> str:
     return boot_id
 
 
-def ensure_deploy_user() -> None:
-    """A non-root login (home /var/lib/deploy), created once; it lives in the /etc overlay."""
-    if any(line.startswith("deploy:") for line in Path("/etc/passwd").read_text().splitlines()):
-        return
-    code = run(CREATE_DEPLOY_USER, output="/var/log/boot.log")
-    if code != 0:
-        log(f"useradd deploy failed ({code}); see /var/log/boot.log")
+def ensure_deploy_user(password_hash: str | None) -> None:
+    """A non-root login (home /var/lib/deploy), created once; it lives in the /etc overlay.
+
+    With `password_hash`, it gets that password (its sudo asks for it, see testbed.files).
+    """
+    if not any(line.startswith("deploy:") for line in Path("/etc/passwd").read_text().splitlines()):
+        code = run(CREATE_DEPLOY_USER, output="/var/log/boot.log")
+        if code != 0:
+            log(f"useradd deploy failed ({code}); see /var/log/boot.log")
+    if password_hash:
+        code = run(["/usr/sbin/usermod", "--password", password_hash, "deploy"])
+        if code != 0:
+            log(f"usermod deploy failed ({code})")
 
 
 def boot_system() -> None:
@@ -324,14 +330,17 @@ def main(argv: list[str]) -> int:
         print("testbed.machine: refusing to run: not PID 1 of a PID namespace", file=sys.stderr)
         return 1
     signal.pthread_sigmask(signal.SIG_BLOCK, INIT_SIGNALS)
+    paths = StatePaths(Path(state)).machine(name)
+    hash_file = paths.deploy_password_hash
+    password_hash = hash_file.read_text().strip() if hash_file.exists() else None
     try:
-        mount_filesystems(StatePaths(Path(state)).machine(name))
+        mount_filesystems(paths)
     except (MachineError, OSError) as error:
         print(f"testbed.machine: refusing to boot {name}: {error}", file=sys.stderr)
         return 1
     boot_id = set_identity(name)
     log(f"{name} booting, boot id {boot_id}")
-    ensure_deploy_user()
+    ensure_deploy_user(password_hash)
     return supervise(name, start_services())
 
 

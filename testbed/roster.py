@@ -27,7 +27,7 @@ class Machine:
     roles: tuple[str, ...] = ()
     service_port: int | None = None  # where the machine's role service answers, if it has one
     user: str = "root"  # the SSH user a deploy logs in as (``deploy`` is a non-root sudoer)
-    sudo: bool = False  # whether deploys run privileged commands through sudo
+    sudo_password: bool = False  # whether the deploy user's sudo asks for its password
     nix_size: str | None = None  # a size-limited /nix (tmpfs, e.g. "64m"), for disk-full tests
 
     @property
@@ -67,17 +67,24 @@ def load_roster(path: Path, base_port: int) -> list[Machine]:
         service_port = attrs.get("port")
         if service_port is not None and not isinstance(service_port, int):
             raise TestbedError(f"roster {path}: {name}: port must be a number")
-        user, sudo = attrs.get("user", "root"), attrs.get("sudo", False)
-        if user not in ("root", "deploy") or not isinstance(sudo, bool):
+        user, sudo_password = attrs.get("user", "root"), attrs.get("sudoPassword", False)
+        if user not in ("root", "deploy") or not isinstance(sudo_password, bool):
             raise TestbedError(
-                f"roster {path}: {name}: user must be root or deploy, sudo a boolean"
+                f"roster {path}: {name}: user must be root or deploy, sudoPassword a boolean"
             )
         nix_size = attrs.get("nixSize")
         if nix_size is not None and not re.fullmatch(r"\d+[kmg]", str(nix_size)):
             raise TestbedError(f"roster {path}: {name}: nixSize must be like 64m")
         machines.append(
             Machine(
-                name, base_port + 1 + index, klass, tuple(roles), service_port, user, sudo, nix_size
+                name,
+                base_port + 1 + index,
+                klass,
+                tuple(roles),
+                service_port,
+                user,
+                sudo_password,
+                nix_size,
             )
         )
     return machines
@@ -112,7 +119,7 @@ def load_record(path: Path) -> list[Machine]:
             tuple(entry["roles"]),
             entry.get("service_port"),
             entry.get("user", "root"),
-            entry.get("sudo", False),
+            entry.get("sudo_password", False),
             entry.get("nix_size"),
         )
         for entry in entries

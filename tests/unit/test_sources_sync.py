@@ -3,6 +3,7 @@ command line, and the install script, run for real with sh on a local directory.
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -10,6 +11,7 @@ from types import SimpleNamespace
 
 from facts.sources import Sources, VarSrc
 from flakefleet.sources import MachineSources, Ready, Source
+from flakefleet.sudo import Become
 from operations.sources import Changes, guard, install_script, plan, rsync_command, tree_name
 
 D1, D2 = "1" * 64, "2" * 64
@@ -126,12 +128,22 @@ def test_rsync_sends_a_tree_next_to_the_live_one(tmp_path):
 def test_rsync_with_sudo_and_a_single_file(tmp_path):
     (tmp_path / "f").write_text("x")
     item = replace(ready("hosts", D2, kind="pipe", local=tmp_path / "f"), checksum=True)
-    argv = rsync_command(item, D2, "/var/src/.flakefleet/hosts", None, host(_sudo=True))
+    store = "/var/src/.flakefleet/hosts"
+    argv = rsync_command(item, D2, store, None, host(), become=Become.SUDO)
     assert "--checksum" in argv
+    # rsync appends the server's arguments: they reach the sudo'd shell as "$@"
     assert argv[argv.index("--rsync-path") + 1] == (
-        "sudo -n mkdir -p /var/src/.flakefleet/hosts && sudo -n rsync"
+        "sudo -n sh -c 'mkdir -p /var/src/.flakefleet/hosts && exec rsync \"$@\"' rsync"
     )
     assert argv[-2:] == [str(tmp_path / "f"), f"10.0.0.1:/var/src/.flakefleet/hosts/{D2}.partial"]
+
+
+def test_rsync_with_the_sudo_password_relays_it_from_a_descriptor(tmp_path):
+    item = replace(ready("hosts", D2, local=tmp_path), checksum=True)
+    argv = rsync_command(item, D2, "/s", None, host(), become=Become.SUDO_PASSWORD, password=7)
+    rsh = shlex.split(argv[argv.index("--rsh") + 1])
+    assert rsh[1:5] == ["-m", "flakefleet.rsh", "7", "ssh"]
+    assert argv[argv.index("--rsync-path") + 1].startswith("IFS= read -r FLAKEFLEET_SUDO_PASSWORD")
 
 
 # ----------------------------------------------------------------------------- install script
