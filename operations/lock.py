@@ -21,6 +21,7 @@ from flakefleet.remote import Unreachable, run_on, state_dir
 
 # Machines whose lock this run holds, with their host data for the release at exit.
 _held: dict[str, Any] = {}
+_release_registered = False
 
 
 def preflight() -> MachineState | None:
@@ -38,6 +39,7 @@ def preflight() -> MachineState | None:
             reason=f"data {pyinfra_privilege[0]}: remove it: flakefleet runs sudo itself",
         )
         return None
+    _release_at_exit(host.name, host.data)  # before the preflight may take the lock
     try:
         if sudo.needed(host.data) and host.data.get("sudo_password_command"):
             sudo.obtain_password(host.data, host.name)  # on the controller: saves a round trip
@@ -46,12 +48,24 @@ def preflight() -> MachineState | None:
             sudo.obtain_password(host.data, host.name)
             state = _read_preflight()
     except sudo.SudoError as error:
+        _held.pop(host.name, None)
         _refuse(name="Deploy lock", reason=str(error))
         return None
     if state.sudo_refusal:
+        _held.pop(host.name, None)
         _refuse(name="Deploy lock", reason=f"sudo refused to run the deploy: {state.sudo_refusal}")
         return None
     return state.machine if hold(state) else None
+
+
+def _release_at_exit(name: str, data: Any) -> None:
+    """Have the machine's lock released when the run ends, however it ends: even a run that
+    dies while preparing (the release removes only a lock this run holds)."""
+    global _release_registered
+    if not _release_registered:
+        atexit.register(_release_all)
+        _release_registered = True
+    _held[name] = data
 
 
 def _read_preflight() -> PreflightState:
@@ -75,10 +89,7 @@ def hold(preflight: PreflightState) -> bool:
     The lock was taken by the preflight fact, or it is taken over from a dead deployer
     (an operation), or the machine is failed naming the live holder.
     """
-    if not _held:
-        atexit.register(_release_all)
     if preflight.lock_acquired:
-        _held[host.name] = host.data
         return True
     holder = Holder.parse(preflight.lock_holder)
     if holder is not None and holder.is_dead() and preflight.activations_in_progress:
@@ -87,14 +98,15 @@ def hold(preflight: PreflightState) -> bool:
             reason=f"locked: a deployer that died ({holder.describe()}) left an activation in "
             "progress; it completes or rolls back by itself within its confirmation timeout",
         )
+        _held.pop(host.name, None)
         return False
     if holder is not None and holder.is_dead():
         _take_over(name="Take over a stale lock", stale=str(holder))
-        _held[host.name] = host.data
         report.note(host.name, f"took over the lock of a deployer that died ({holder.describe()})")
         return True
     who = holder.describe() if holder else preflight.lock_holder or "unknown holder"
     _refuse(name="Deploy lock", reason=f"locked by another deploy ({who})")
+    _held.pop(host.name, None)
     return False
 
 

@@ -70,20 +70,34 @@ class Fleet:
             assert completed.returncode == 0, f"{machine}: {command}: {completed.stderr}"
         return completed.stdout.strip()
 
-    def deploy(self, flake: Path, *args: str, deploy_file: str = "deploy/site.py") -> Deploy:
-        """Run a deploy to the end, as a user would."""
-        return self.finish(self.start(flake, *args, deploy_file=deploy_file))
+    def deploy(
+        self,
+        flake: Path,
+        *args: str,
+        deploy_file: str = "deploy/site.py",
+        fleet_file: Path | None = None,
+    ) -> Deploy:
+        """Run a deploy to the end, as a user would (with another fleet file if given)."""
+        return self.finish(self.start(flake, *args, deploy_file=deploy_file, fleet_file=fleet_file))
 
     def start(
-        self, flake: Path, *args: str, deploy_file: str = "deploy/site.py"
+        self,
+        flake: Path,
+        *args: str,
+        deploy_file: str = "deploy/site.py",
+        fleet_file: Path | None = None,
     ) -> subprocess.Popen[str]:
         """Start a deploy in the background (for tests that act while it runs)."""
         report = Path(tempfile.mkstemp(prefix="report-", suffix=".json", dir=self.state)[1])
+        env = {**self.env, "FLAKEFLEET_REPORT": str(report)}
+        if fleet_file is not None:
+            env["FLAKEFLEET_FLEET"] = str(fleet_file)
         process = subprocess.Popen(
             [str(BIN / "pyinfra"), "-y", "inventory.py", deploy_file, "--data", f"flake={flake}",
              *args],
-            cwd=ROOT, env={**self.env, "FLAKEFLEET_REPORT": str(report)},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,  # no terminal, even when pytest has one
         )  # fmt: skip
         process.report = report  # type: ignore[attr-defined]
         return process

@@ -40,6 +40,24 @@ def test_bad_fleet_file_stops_before_any_machine_is_contacted(fleet, tmp_path):
     assert {machine: sessions(fleet, machine) for machine in fleet.machines} == before
 
 
+def test_a_run_that_dies_while_preparing_leaves_no_lock(fleet, flake, tmp_path):
+    locked = tmp_path / "locked"
+    dies = tmp_path / "dies.py"  # the pipeline's first step, then a bug in the deploy code
+    dies.write_text(
+        "from pyinfra import host\nfrom operations import lock\n"
+        f"if lock.preflight():\n    open({str(locked)!r}, 'a').write(host.name + '\\n')\n"
+        "raise RuntimeError('a bug')\n"
+    )
+    result = fleet.deploy(flake, deploy_file=str(dies))
+    assert result.returncode != 0 and "a bug" in result.output
+    machines = locked.read_text().split()
+    assert machines  # the preflight took their lock
+    for machine in machines:
+        assert fleet.ssh(machine, "ls -d /run/flakefleet/lock /tmp/flakefleet-*/lock", False) == ""
+    again = fleet.deploy(flake)
+    assert again.returncode == 0 and "took over" not in again.output
+
+
 def test_unreachable_machine_fails_alone(fleet, flake):
     set_host(flake, "web1", version="3")
     set_host(flake, "db1", version="3")

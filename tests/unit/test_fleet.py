@@ -82,6 +82,18 @@ def test_good_fleet_becomes_machines_and_host_data(tmp_path):
         ("ssh: {keyfile: x}\nmachines:\n  - {name: a, address: a}\n", "unknown field in 'ssh'"),
         ("machines:\n  - {name: a, address: a, address: b}\n", "duplicate key 'address'"),
         ("machines: [\n", "not valid YAML"),
+        (
+            "machines:\n  - {name: mac1, address: a, user: admin, data: {_sudo: true}}\n",
+            "machine 'mac1': field 'data._sudo': remove it: flakefleet runs sudo itself",
+        ),
+        (
+            "data: {sudo_password: hunter2}\nmachines:\n  - {name: a, address: a}\n",
+            "field 'data.sudo_password': a password in the fleet file is a secret in plain text",
+        ),
+        (
+            "data: {sudo_password_command: [pass]}\nmachines:\n  - {name: a, address: a}\n",
+            "field 'data.sudo_password_command': expected a shell command",
+        ),
     ],
 )
 def test_bad_fleet_is_one_line_naming_file_machine_and_field(tmp_path, text, message):
