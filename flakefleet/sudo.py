@@ -60,7 +60,7 @@ def how(data: Mapping[str, Any]) -> Become:
     """How the machine's commands become root now: with the password once the run has one."""
     if not needed(data):
         return Become.ROOT
-    return Become.SUDO if _password is None else Become.SUDO_PASSWORD
+    return Become.SUDO if _password_for(data) is None else Become.SUDO_PASSWORD
 
 
 def wrap(become: Become, command: str) -> str:
@@ -103,13 +103,14 @@ def _sudo(become: Become, command: str) -> str:
     )
 
 
-def stdin(become: Become, text: str | None = None) -> Stdin | None:
-    """The standard input for a command `wrap`ped or `gate`d with `become`: the password line
-    first when it goes through sudo with the password, then `text`."""
+def stdin(data: Mapping[str, Any], become: Become, text: str | None = None) -> Stdin | None:
+    """The standard input for a command `wrap`ped or `gate`d with `become` on the machine
+    `data` describes: its password line first when sudo gets it, then `text`."""
     if become is not Become.SUDO_PASSWORD:
         return None if text is None else Stdin(text)
-    assert _password is not None
-    return Stdin(_password + "\n" + (text or ""))
+    password = _password_for(data)
+    assert password is not None
+    return Stdin(password + "\n" + (text or ""))
 
 
 def wants_password(refusal: str) -> bool:
@@ -147,29 +148,36 @@ class Invocation:
 def as_root(data: Mapping[str, Any], command: str, text: str | None = None) -> Invocation:
     """`command` as root on the machine `data` describes, with `text` on its standard input."""
     become = how(data)
-    return Invocation(wrap(become, command), stdin(become, text))
+    return Invocation(wrap(become, command), stdin(data, become, text))
 
 
-# The password of this run (one pyinfra process): asked once, for every machine.
-_password: str | None = None
+# The passwords of this run (one pyinfra process), by where they come from: a
+# `sudo_password_command`, or "" for the terminal (asked once, for every machine without one).
+_passwords: dict[str, str] = {}
 _lock = threading.Lock()
 
 
+def _source(data: Mapping[str, Any]) -> str:
+    return str(data.get("sudo_password_command") or "")
+
+
+def _password_for(data: Mapping[str, Any]) -> str | None:
+    return _passwords.get(_source(data))
+
+
 def obtain_password(data: Mapping[str, Any], machine: str) -> None:
-    """Get the run's sudo password, once: from `sudo_password_command` (a controller command
-    that prints it, e.g. `pass show fleet/sudo`), else from the terminal.
+    """Get the machine's sudo password, once per run: from its `sudo_password_command` (a
+    controller command that prints it, e.g. `pass show fleet/sudo`), else from the terminal.
 
     Raises SudoError when neither works; no machine is touched by this.
     """
-    global _password
+    source = _source(data)
     with _lock:
-        if _password is not None:
-            return
-        command = data.get("sudo_password_command")
-        if command:
-            _password = _from_command(str(command), machine)
-        else:
-            _password = _from_terminal(data, machine)
+        if source not in _passwords:
+            if source:
+                _passwords[source] = _from_command(source, machine)
+            else:
+                _passwords[source] = _from_terminal(data, machine)
 
 
 def _from_command(command: str, machine: str) -> str:
@@ -205,13 +213,14 @@ def _from_terminal(data: Mapping[str, Any], machine: str) -> str:
 
 
 @contextmanager
-def password_pipe() -> Iterator[int]:
-    """A pipe holding the password line, for a local helper (the rsync relay) to read from an
-    inherited descriptor: the password stays out of its command line and environment."""
-    assert _password is not None
+def password_pipe(data: Mapping[str, Any]) -> Iterator[int]:
+    """A pipe holding the machine's password line, for a local helper (the rsync relay) to read
+    from an inherited descriptor: the password stays out of its command line and environment."""
+    password = _password_for(data)
+    assert password is not None
     read, write = os.pipe()
     try:
-        os.write(write, (_password + "\n").encode())  # one line fits in a pipe's buffer
+        os.write(write, (password + "\n").encode())  # one line fits in a pipe's buffer
     finally:
         os.close(write)
     try:

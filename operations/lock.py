@@ -79,7 +79,7 @@ def _read_preflight() -> PreflightState:
         profile=profile,
         running=profile if machine_class == "home" else RUNNING_SYSTEM,
         become=become,
-        _stdin=sudo.stdin(become),
+        _stdin=sudo.stdin(host.data, become),
     )
 
 

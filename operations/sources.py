@@ -223,7 +223,7 @@ def _push(state: Any, host: Any, item: Ready, tree: str, var_src: VarSrc, option
     become = sudo.how(host.data)
     try:
         if become is sudo.Become.SUDO_PASSWORD:
-            with sudo.password_pipe() as password:
+            with sudo.password_pipe(host.data) as password:
                 argv = rsync_command(item, tree, store, live, host, options, become, password)
                 run(argv, pass_fds=(password,))
         else:

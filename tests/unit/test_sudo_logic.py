@@ -13,7 +13,7 @@ from flakefleet import sudo
 @pytest.fixture(autouse=True)
 def no_password(monkeypatch):
     """Each test starts as a run that has no password yet."""
-    monkeypatch.setattr(sudo, "_password", None)
+    monkeypatch.setattr(sudo, "_passwords", {})
 
 
 def deploy_user(**data):
@@ -54,6 +54,16 @@ def test_without_a_terminal_it_names_the_setting():
         stdin=subprocess.DEVNULL, check=False,
     )  # fmt: skip
     assert "no terminal to ask on; set sudo_password_command" in completed.stderr
+
+
+def test_each_password_command_gives_its_machines_their_password():
+    web = deploy_user(sudo_password_command="echo web-password")
+    mac = deploy_user(sudo_password_command="echo mac-password", machine_class="darwin")
+    sudo.obtain_password(web, "web1")
+    assert sudo.how(mac) is sudo.Become.SUDO  # not web's password
+    sudo.obtain_password(mac, "mac1")
+    assert sudo.as_root(mac, "true").stdin == sudo.Stdin("mac-password\n")
+    assert sudo.as_root(web, "true").stdin == sudo.Stdin("web-password\n")
 
 
 @pytest.mark.parametrize(
