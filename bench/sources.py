@@ -1,9 +1,10 @@
 """Benchmark: syncing a large source to a machine, against plain `rsync -a` over the same SSH.
 
-    .venv/bin/python bench/sources.py [--runs R] [--files N] [--size BYTES]
+    .venv/bin/python bench/sources.py [--runs R] [--files N] [--size BYTES] [--machine mac1]
 
-On a fleet of its own (.testbed-bench-sources/, port 22950, one machine), with a tree of
-50 MB in 5,000 files of random data by default, measures:
+On a fleet of its own (.testbed-bench-sources/, port 22950), with a tree of 50 MB in 5,000
+files of random data by default, sent to web1 (reached as root) or mac1 (reached as `deploy`,
+whose sudo asks for a password: rsync runs under sudo through flakefleet's relay), measures:
 - the first sync (the machine has nothing), the no-op sync and a sync after changing one file,
   each as time and bytes sent to the machine;
 - flakefleet's sources step as pyinfra runs it (start-up, connection, the `Sources` fact, the
@@ -48,7 +49,6 @@ def testbed(*args: str) -> str:
     return fleet_testbed(TESTBED, *args)
 
 
-MACHINE = "web1"
 RELAY_PORT = 22959
 SOURCE = "bench"
 
@@ -103,11 +103,16 @@ while True:
     threading.Thread(target=serve, args=(client,), daemon=True).start()
 """
 
-# The sources step alone, as deploy/site.py runs it (without the lock and the other steps).
+# The sources step alone, as deploy/site.py runs it (without the lock and the other steps;
+# the preflight would get the sudo password).
 DEPLOY_FILE = """\
 from pyinfra import host
 from facts.sources import Sources
+from flakefleet import sudo
 from operations import sources
+
+if sudo.needed(host.data):
+    sudo.obtain_password(host.data, host.name)
 
 sources.sync(name="Sync the sources", wanted=sources.declared(), var_src=host.get_fact(Sources))
 """
@@ -188,12 +193,17 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--files", type=int, default=5000)
     parser.add_argument("--size", type=int, default=10_000, help="bytes per file")
+    parser.add_argument(
+        "--machine", choices=("web1", "mac1"), default="web1",
+        help="web1 is reached as root; mac1 as deploy, whose sudo asks for a password",
+    )  # fmt: skip
     args = parser.parse_args()
 
     testbed("down", "--purge")
-    testbed("up", "--machines", "1")
+    roster = list(json.loads((ROOT / "example" / "hosts.json").read_text()))
+    testbed("up", "--machines", str(roster.index(args.machine) + 1))
     fleet = yaml.safe_load((STATE / "fleet.yaml").read_text())
-    entry = next(m for m in fleet["machines"] if m["name"] == MACHINE)
+    entry = next(m for m in fleet["machines"] if m["name"] == args.machine)
     wire = Wire(entry["port"])
     wire.start()
     try:
@@ -212,7 +222,7 @@ def run(wire: Wire, fleet: dict, entry: dict, args: argparse.Namespace):
     deploy_file.write_text(DEPLOY_FILE)
     declared = {SOURCE: {"type": "file", "path": str(tree)}, "web-app-dist": None}
     flakefleet = [
-        str(BIN / "pyinfra"), "-y", "inventory.py", str(deploy_file), "--limit", MACHINE,
+        str(BIN / "pyinfra"), "-y", "inventory.py", str(deploy_file), "--limit", entry["name"],
         "--data", "flake=", "--data", f"sources={json.dumps(declared)}",
     ]  # fmt: skip
     flakefleet_env = {**os.environ, "FLAKEFLEET_FLEET": str(wire.fleet_file)}
@@ -224,10 +234,10 @@ def run(wire: Wire, fleet: dict, entry: dict, args: argparse.Namespace):
         "ssh_hostname": entry["address"],
         "ssh_user": entry["user"],
     }
-    destination = ssh_destination(data, MACHINE)
+    destination = ssh_destination(data, entry["name"])
     floor = ["rsync", "-a", "-e", shlex.join(["ssh", *ssh_options(data)]), f"{tree}/",
              f"{destination}:/var/tmp/floor/"]  # fmt: skip
-    remote = ["ssh", *ssh_options(data), destination]
+    as_root = ["ssh", "-F", str(STATE / "ssh_config"), entry["name"]]
 
     results: Results = {}
 
@@ -238,7 +248,7 @@ def run(wire: Wire, fleet: dict, entry: dict, args: argparse.Namespace):
     empty = STATE / "empty"
     empty.mkdir(exist_ok=True)
     for number in range(args.runs):
-        sh(*remote, "rm -rf /var/src /var/tmp/floor")
+        sh(*as_root, "rm -rf /var/src /var/tmp/floor")
         record("first sync", "flakefleet", wire.measure(flakefleet, flakefleet_env))
         record("first sync", "rsync", wire.measure(floor, os.environ.copy()))
         record("no-op sync", "flakefleet", wire.measure(flakefleet, flakefleet_env))
@@ -249,14 +259,14 @@ def run(wire: Wire, fleet: dict, entry: dict, args: argparse.Namespace):
         start = time.monotonic()
         tree_digest(tree, list_tree(tree, (), (), empty), checksum=False)
         digests.append(time.monotonic() - start)
-    return results, digests, sh(*remote, f"readlink /var/src/{SOURCE}").strip()
+    return results, digests, sh(*as_root, f"readlink /var/src/{SOURCE}").strip()
 
 
 def show(results: Results, digests: list[float], remote: str, args: argparse.Namespace) -> None:
     megabytes = args.files * args.size / 1e6
     print(
-        f"flakefleet sources benchmark: {megabytes:.0f} MB in {args.files} files, one machine, "
-        f"median of {args.runs} runs"
+        f"flakefleet sources benchmark: {megabytes:.0f} MB in {args.files} files to "
+        f"{args.machine}, median of {args.runs} runs"
     )
     print(f"{'':18}{'flakefleet':>22}{'plain rsync -a':>22}{'ratio':>16}")
     print(f"{'':18}{'time':>10}{'sent':>12}{'time':>10}{'sent':>12}{'time':>8}{'bytes':>8}")
