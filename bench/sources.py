@@ -7,8 +7,8 @@ files of random data by default, sent to web1 (reached as root) or mac1 (reached
 whose sudo asks for a password: rsync runs under sudo through flakefleet's relay), measures:
 - the first sync (the machine has nothing), the no-op sync and a sync after changing one file,
   each as time and bytes sent to the machine;
-- flakefleet's sources step as pyinfra runs it (start-up, connection, the `Sources` fact, the
-  local digest, rsync, the install command), beside `rsync -a` of the same tree to the same
+- flakefleet's sources step as pyinfra runs it (start-up, connection, the preflight, the
+  local digest, rsync, the install command, the lock's release), beside `rsync -a` of the same tree to the same
   machine (the floor), which knows nothing of atomic swaps, digests or other sources.
 Bytes are counted on the wire: every SSH connection of both (pyinfra's paramiko one and each
 ssh of rsync) goes through a counting TCP relay, so they include SSH's own overhead.
@@ -103,18 +103,15 @@ while True:
     threading.Thread(target=serve, args=(client,), daemon=True).start()
 """
 
-# The sources step alone, as deploy/site.py runs it (without the lock and the other steps;
-# the preflight would get the sudo password).
+# The sources step as deploy/site.py runs it, between the preflight (lock, the machine's state
+# read as root, the sudo password) and the lock's release, without the other steps.
 DEPLOY_FILE = """\
-from pyinfra import host
-from facts.sources import Sources
-from flakefleet import sudo
-from operations import sources
+from operations import lock, sources
 
-if sudo.needed(host.data):
-    sudo.obtain_password(host.data, host.name)
-
-sources.sync(name="Sync the sources", wanted=sources.declared(), var_src=host.get_fact(Sources))
+machine = lock.preflight()
+if machine is not None:
+    sources.sync(name="Sync the sources", wanted=sources.declared(), var_src=machine.var_src)
+    lock.release(name="Release the deploy lock")
 """
 
 
