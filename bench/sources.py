@@ -8,8 +8,9 @@ whose sudo asks for a password: rsync runs under sudo through flakefleet's relay
 - the first sync (the machine has nothing), the no-op sync and a sync after changing one file,
   each as time and bytes sent to the machine;
 - flakefleet's sources step as pyinfra runs it (start-up, connection, the preflight, the
-  local digest, rsync, the install command, the lock's release), beside `rsync -a` of the same tree to the same
-  machine (the floor), which knows nothing of atomic swaps, digests or other sources.
+  local digest, rsync, the install command, the lock's release), beside `rsync -a` of the
+  same tree to the same machine (the floor), which knows nothing of atomic swaps, digests or
+  other sources.
 Bytes are counted on the wire: every SSH connection of both (pyinfra's paramiko one and each
 ssh of rsync) goes through a counting TCP relay, so they include SSH's own overhead.
 Each figure is the median of R runs.

@@ -3,8 +3,9 @@
 The lock is taken in the preflight round trip (`mkdir` is atomic) and names its holder:
 the controller's host name, the deployer's PID and that process's start time. A second deploy
 fails fast naming the holder. A holder on this controller whose process is gone (it was
-killed) is recognised, and its lock is taken over with a compare-and-swap, so two deployers
-racing for a stale lock cannot both win.
+killed) is recognised, as is one the user names in `break_lock` (a deployer on another
+controller cannot be seen to die), and its lock is taken over with a compare-and-swap, so two
+deployers racing for a stale lock cannot both win.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ class Holder:
         if len(parts) != 4 or not parts[1].isdigit() or not parts[3].isdigit():
             return None
         return cls(parts[0], int(parts[1]), parts[2], int(parts[3]))
+
+    @property
+    def name(self) -> str:
+        """How a user names the holder (in `break_lock`): `controller:pid`."""
+        return f"{self.controller}:{self.pid}"
 
     def describe(self) -> str:
         age = max(0, int(time.time()) - self.since)

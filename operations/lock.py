@@ -86,26 +86,35 @@ def _read_preflight() -> PreflightState:
 def hold(preflight: PreflightState) -> bool:
     """Decide, at prepare time, whether this run may deploy the machine.
 
-    The lock was taken by the preflight fact, or it is taken over from a dead deployer
-    (an operation), or the machine is failed naming the live holder.
+    The lock was taken by the preflight fact, or it is taken over (an operation) from a
+    deployer that died on this controller or that the user names in `break_lock` (one on
+    another controller that will not come back), or the machine is failed naming the holder.
     """
     if preflight.lock_acquired:
         return True
     holder = Holder.parse(preflight.lock_holder)
-    if holder is not None and holder.is_dead() and preflight.activations_in_progress:
-        _refuse(
-            name="Deploy lock",
-            reason=f"locked: a deployer that died ({holder.describe()}) left an activation in "
-            "progress; it completes or rolls back by itself within its confirmation timeout",
+    if holder is None:
+        return _locked(f"locked by another deploy ({preflight.lock_holder or 'unknown holder'})")
+    broken = host.data.get("break_lock") == holder.name
+    if not (holder.is_dead() or broken):
+        return _locked(
+            f"locked by another deploy ({holder.describe()}); if that deploy is gone for good, "
+            f"run again with --data break_lock={holder.name}"
         )
-        _held.pop(host.name, None)
-        return False
-    if holder is not None and holder.is_dead():
-        _take_over(name="Take over a stale lock", stale=str(holder))
-        report.note(host.name, f"took over the lock of a deployer that died ({holder.describe()})")
-        return True
-    who = holder.describe() if holder else preflight.lock_holder or "unknown holder"
-    _refuse(name="Deploy lock", reason=f"locked by another deploy ({who})")
+    if preflight.activations_in_progress:
+        return _locked(
+            f"locked: a deployer that {'was named in break_lock' if broken else 'died'} "
+            f"({holder.describe()}) left an activation in progress; it completes or rolls back "
+            "by itself within its confirmation timeout"
+        )
+    _take_over(name="Take over a stale lock", stale=str(holder))
+    how = "broke (break_lock)" if broken else "took over"
+    report.note(host.name, f"{how} the lock of a deployer that died ({holder.describe()})")
+    return True
+
+
+def _locked(reason: str) -> bool:
+    _refuse(name="Deploy lock", reason=reason)
     _held.pop(host.name, None)
     return False
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from conftest import evaluate, set_host
 from test_deploy import remote_state
@@ -221,3 +222,21 @@ def test_lock_of_a_deployer_that_died_is_cleared_safely(fleet, flake):
     assert result.returncode == 0, result.output
     assert any("took over the lock" in note for note in result.report["web1"]["notes"])
     assert remote_state(fleet, "web1")["current"] == evaluate(flake, "web1")
+
+
+def test_a_lock_from_another_controller_is_broken_only_when_named(fleet, flake):
+    holder = f"laptop:4242:1234:{int(time.time()) - 3600}"  # a deployer we cannot see die
+    fleet.ssh(
+        "web1", f"mkdir -p /run/flakefleet/lock && echo {holder} > /run/flakefleet/lock/holder"
+    )
+    refused = fleet.deploy(flake, "--limit", "web1")
+    assert refused.returncode != 0
+    error = refused.report["web1"]["error"]
+    assert "locked by another deploy (deployer PID 4242 on laptop, for 36" in error
+    assert "--data break_lock=laptop:4242" in error
+    wrong = fleet.deploy(flake, "--limit", "web1", "--data", "break_lock=laptop:4243")
+    assert wrong.status("web1") == "failed"
+    result = fleet.deploy(flake, "--limit", "web1", "--data", "break_lock=laptop:4242")
+    assert result.returncode == 0, result.output
+    assert any("broke (break_lock) the lock" in note for note in result.report["web1"]["notes"])
+    assert fleet.ssh("web1", "ls /run/flakefleet/lock 2>/dev/null", check=False) == ""
