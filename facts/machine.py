@@ -114,13 +114,15 @@ class Preflight(FactBase[PreflightState]):
         profile: str = SYSTEM_PROFILE,
         running: str = RUNNING_SYSTEM,
         become: sudo.Become = sudo.Become.ROOT,
+        nix_dir: str | None = None,
     ) -> str:
         busy = (
             f"cat {lock_dir}/activation/*/phase 2>/dev/null"
             " | grep -c -x -e running -e awaiting-confirmation"
         )
         machine = Machine().command(profile, running)
-        return sudo.gate(become, f"{lock.acquire_command(lock_dir, holder)}; {busy}; {machine}")
+        script = f"{lock.acquire_command(lock_dir, holder)}; {busy}; {machine}"
+        return sudo.gate(become, sudo.nix_on_path(nix_dir, script))
 
     def process(self, output: list[str]) -> PreflightState:
         first = output[0].strip() if output else ""

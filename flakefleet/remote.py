@@ -8,7 +8,6 @@ activation, which must prove that a *new* login still works.
 from __future__ import annotations
 
 import contextlib
-import shlex
 import subprocess
 from collections.abc import Mapping
 from typing import Any
@@ -45,10 +44,6 @@ def run_on(
 
     Raises Unreachable when ssh itself fails (exit 255) or the timeout passes.
     """
-    if data.get("remote_nix_dir"):  # sessions without Nix on PATH (nix-darwin)
-        command = (
-            f"PATH={shlex.quote(str(data.get('remote_nix_dir')))}:$PATH; export PATH; {command}"
-        )
     privileged = sudo.as_root(data, command, stdin)
     argv = ["ssh", *ssh_options(data), *KEEPALIVE, ssh_destination(data, name), privileged.command]
     text = privileged.stdin.text if privileged.stdin else None

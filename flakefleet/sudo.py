@@ -148,7 +148,18 @@ class Invocation:
 def as_root(data: Mapping[str, Any], command: str, text: str | None = None) -> Invocation:
     """`command` as root on the machine `data` describes, with `text` on its standard input."""
     become = how(data)
+    command = nix_on_path(data.get("remote_nix_dir"), command)
     return Invocation(wrap(become, command), stdin(data, become, text))
+
+
+def nix_on_path(nix_dir: str | None, command: str) -> str:
+    """`command` with the machine's Nix first on PATH when its sessions lack it (nix-darwin).
+
+    Set inside sudo's shell: sudo replaces PATH with its own `secure_path`.
+    """
+    if not nix_dir:
+        return command
+    return f"PATH={shlex.quote(nix_dir)}:$PATH; export PATH; {command}"
 
 
 # The passwords of this run (one pyinfra process), by where they come from: a

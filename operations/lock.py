@@ -79,6 +79,7 @@ def _read_preflight() -> PreflightState:
         profile=profile,
         running=profile if machine_class == "home" else RUNNING_SYSTEM,
         become=become,
+        nix_dir=host.data.get("remote_nix_dir"),
         _stdin=sudo.stdin(host.data, become),
     )
 

@@ -77,3 +77,15 @@ def test_each_password_command_gives_its_machines_their_password():
 )
 def test_only_a_missing_password_is_worth_asking_for(refusal, asks):
     assert sudo.wants_password(refusal) is asks
+
+
+def test_the_machines_nix_is_on_path_inside_sudo(tmp_path):
+    """sudo replaces PATH (secure_path): a nix-darwin machine's Nix must be put on it inside.
+    Runs the real sudo of this computer (as root, it asks nothing)."""
+    (tmp_path / "nix").write_text("#!/bin/sh\necho the machine nix\n")
+    (tmp_path / "nix").chmod(0o755)
+    data = deploy_user(machine_class="darwin", remote_nix_dir=str(tmp_path))
+    invocation = sudo.as_root(data, "nix")
+    assert invocation.command.startswith("sudo -n sh -c")
+    completed = subprocess.run(["sh", "-c", invocation.command], capture_output=True, text=True)
+    assert completed.stdout == "the machine nix\n"
