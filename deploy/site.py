@@ -15,7 +15,9 @@ from operations import activation, closure, generations, lock, reboot, sources, 
 report.install(state)
 goal = host.data.get("goal", "switch")
 
-machine = lock.preflight()  # the deploy lock, systems, generations and /var/src: one round trip
+# The deploy lock, systems, generations and /var/src: one round trip; none for a machine
+# whose class has no such goal (nix-darwin and home-manager machines only switch).
+machine = lock.preflight() if activation.supports(goal) else None
 target = closure.evaluate(machine) if machine else None  # one Nix evaluation for all machines
 
 if target is not None:

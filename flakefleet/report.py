@@ -13,7 +13,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pyinfra.api import FunctionCommand
+from pyinfra.api import FunctionCommand, operation
 from pyinfra.api.state import State
 
 
@@ -70,6 +70,13 @@ def change(what: str) -> FunctionCommand:
 def stop(reason: str) -> FunctionCommand:
     """A command that fails the machine with a reason; its later steps are skipped."""
     return FunctionCommand(_record_failure, (reason,), {})
+
+
+@operation(is_idempotent=False)
+def refuse(reason: str):
+    """Fail the machine with `reason` before anything on it is touched; its later steps are
+    skipped."""
+    yield stop(reason)
 
 
 def _record_change(state: State, host: Any, what: str) -> bool:

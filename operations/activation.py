@@ -37,6 +37,23 @@ WORKER = files("operations").joinpath("scripts/activate.sh").read_text()
 FINAL_PHASES = ("succeeded", "failed", "rolled-back", "rollback-failed")
 
 
+def unsupported(machine_class: str, goal: str) -> str | None:
+    """Why a machine of `machine_class` cannot reach `goal`, or None when it can."""
+    supported = CLASS_GOALS.get(machine_class, ())
+    if goal in supported:
+        return None
+    return f"{machine_class} machines cannot {goal!r} (only {', '.join(supported)})"
+
+
+def supports(goal: str) -> bool:
+    """Whether the machine's class has `goal`. If not, the machine fails now, before anything
+    on it is touched (nix-darwin and home-manager have no boot entry to select, nor a test)."""
+    reason = unsupported(host.data.get("machine_class", "nixos"), goal)
+    if reason:
+        report.refuse(name=f"Goal {goal}", reason=reason)
+    return reason is None
+
+
 def has_system(goal: str, machine: MachineState, system: str) -> bool:
     """Whether the machine already is where `goal` would put it."""
     running = machine.current_system == system
@@ -125,8 +142,9 @@ def activate(
         activation.activate(name="Activate", system=target, machine=machine, goal="boot")
     """
     machine_class = host.data.get("machine_class", "nixos")
-    if goal not in CLASS_GOALS.get(machine_class, ()):
-        yield report.stop(f"activate: {machine_class} machines cannot {goal!r}")
+    reason = unsupported(machine_class, goal)
+    if reason:
+        yield report.stop(f"activate: {reason}")
         return
     report.outcome(host.name).goal = goal
     if goal == "build" or has_system(goal, machine, system.out):

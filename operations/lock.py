@@ -34,7 +34,7 @@ def preflight() -> MachineState | None:
     """
     pyinfra_privilege = sorted(key for key in PYINFRA_PRIVILEGE_KEYS if host.data.get(key))
     if pyinfra_privilege:  # set in group_data/*.py (the fleet file refuses them itself)
-        _refuse(
+        report.refuse(
             name="Deploy lock",
             reason=f"data {pyinfra_privilege[0]}: remove it: flakefleet runs sudo itself",
         )
@@ -49,11 +49,13 @@ def preflight() -> MachineState | None:
             state = _read_preflight()
     except sudo.SudoError as error:
         _held.pop(host.name, None)
-        _refuse(name="Deploy lock", reason=str(error))
+        report.refuse(name="Deploy lock", reason=str(error))
         return None
     if state.sudo_refusal:
         _held.pop(host.name, None)
-        _refuse(name="Deploy lock", reason=f"sudo refused to run the deploy: {state.sudo_refusal}")
+        report.refuse(
+            name="Deploy lock", reason=f"sudo refused to run the deploy: {state.sudo_refusal}"
+        )
         return None
     return state.machine if hold(state) else None
 
@@ -115,7 +117,7 @@ def hold(preflight: PreflightState) -> bool:
 
 
 def _locked(reason: str) -> bool:
-    _refuse(name="Deploy lock", reason=reason)
+    report.refuse(name="Deploy lock", reason=reason)
     _held.pop(host.name, None)
     return False
 
@@ -125,11 +127,6 @@ def _take_over(stale: str):
     yield sudo.root_command(
         host.data, take_over_command(state_dir(host.data), stale, this_deployer())
     )
-
-
-@operation(is_idempotent=False)
-def _refuse(reason: str):
-    yield report.stop(reason)
 
 
 @operation(is_idempotent=False)

@@ -12,10 +12,20 @@ import os
 import re
 import secrets
 import shlex
+import stat
 import subprocess
 from pathlib import Path
 
-from testbed.layout import SSHD_CONFIG, SSHD_DIR, MachinePaths, StatePaths, TestbedError
+from testbed.layout import (
+    NIX_BIN,
+    NIX_LIBEXEC,
+    NIX_PROFILE_BIN,
+    SSHD_CONFIG,
+    SSHD_DIR,
+    MachinePaths,
+    StatePaths,
+    TestbedError,
+)
 from testbed.roster import Machine
 
 HOST_KEY = f"{SSHD_DIR}/ssh_host_ed25519_key"
@@ -185,6 +195,10 @@ def prepare_machine(state: StatePaths, machine: Machine) -> None:
         paths.nix_size.write_text(machine.nix_size + "\n")
     else:
         paths.nix_size.unlink(missing_ok=True)
+    if machine.klass == "darwin":  # a non-interactive SSH session on macOS has no Nix on PATH
+        _move_nix_off_path(paths)
+    else:
+        paths.nix_off_path.unlink(missing_ok=True)
     paths.nix.chmod(0o755)
     paths.home.mkdir(exist_ok=True)
     paths.home.chmod(0o700)
@@ -213,8 +227,6 @@ def prepare_machine(state: StatePaths, machine: Machine) -> None:
         write_file(paths.in_etc("/etc/NIXOS"), "")
     if not paths.in_etc("/etc/nix/nix.conf").is_file():
         write_file(paths.in_etc("/etc/nix/nix.conf"), nix_conf(signing_public_key(state)))
-    if machine.klass == "darwin":
-        _link_nix_profile(paths)
     write_file(paths.in_etc("/etc/hostname"), machine.name + "\n")
     # The machine's name resolves to its own loopback address (sudo needs it resolvable too).
     hosts = [
@@ -227,18 +239,35 @@ def prepare_machine(state: StatePaths, machine: Machine) -> None:
     )
 
 
-# Nix's programs, where a Nix installer on macOS puts them (in the default profile).
-NIX_PROGRAMS = ("nix", "nix-store", "nix-env", "nix-daemon", "nix-build", "nix-collect-garbage")
-
-
-def _link_nix_profile(paths: MachinePaths) -> None:
-    """A darwin machine finds Nix in /nix/var/nix/profiles/default/bin, as on macOS."""
-    bin_dir = paths.nix / "var/nix/profiles/default/bin"
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    for program in NIX_PROGRAMS:
-        link = bin_dir / program
-        if not link.is_symlink():
-            link.symlink_to(f"/usr/bin/{program}")
+def _move_nix_off_path(paths: MachinePaths) -> None:
+    """Nix only in the machine's default profile: its ``nix`` is a file the machine binds
+    ``/usr/bin/nix`` on (Debian's other Nix programs are links to it, and so are the
+    profile's), the layer the machine puts over ``/usr/bin`` deletes every ``nix*``, and the
+    one over Nix's libexec directory points its build hook at the profile's ``nix``."""
+    programs = sorted(path.name for path in Path(NIX_BIN).glob("nix*"))
+    profile = paths.profile_nix.parent
+    profile.mkdir(parents=True, exist_ok=True)
+    for upper, work, lower in (
+        (paths.usr_bin_upper, paths.usr_bin_work, NIX_BIN),
+        (paths.nix_libexec_upper, paths.nix_libexec_work, NIX_LIBEXEC),
+    ):
+        _init_layer(upper, Path(lower))
+        work.mkdir(exist_ok=True)
+    build_hook = paths.nix_libexec_upper / "build-remote"
+    if not build_hook.is_symlink():
+        build_hook.symlink_to(f"{NIX_PROFILE_BIN}/nix")
+    for name in programs:
+        in_profile = profile / name
+        if in_profile.is_symlink():  # from an older test fleet: links to /usr/bin
+            in_profile.unlink()
+        if name == "nix":
+            in_profile.touch()
+        elif not in_profile.is_symlink():
+            in_profile.symlink_to("nix")
+        whiteout = paths.usr_bin_upper / name
+        if not os.path.lexists(whiteout):  # an overlay shows a 0:0 character device as deleted
+            os.mknod(whiteout, stat.S_IFCHR, os.makedev(0, 0))
+    paths.nix_off_path.touch()
 
 
 def host_public_key(state: StatePaths, name: str) -> str:

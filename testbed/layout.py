@@ -25,6 +25,11 @@ SSHD_DIR = "/etc/ssh/testbed"
 SSHD_CONFIG = f"{SSHD_DIR}/sshd_config"
 BOOT_ID_FILE = "/run/boot-id"
 BOOTLOADER_DEFAULT = "/var/lib/fake-bootloader/default"
+# Where Debian puts Nix's programs, and where a Nix installer on macOS leaves them (on no
+# login's PATH): a darwin machine has them only there.
+NIX_BIN = "/usr/bin"
+NIX_LIBEXEC = "/usr/libexec/nix"  # build-remote: a link to /usr/bin/nix
+NIX_PROFILE_BIN = "/nix/var/nix/profiles/default/bin"
 
 # The state directory ends up in mount options, ssh_config and overlay paths: keep it plain.
 _PLAIN_PATH = re.compile(r"[A-Za-z0-9._/+@-]+")
@@ -147,6 +152,35 @@ class MachinePaths:
         """When present, the size of the tmpfs the machine gets as /nix instead of its store
         directory (a small disk, for disk-full tests; emptied when the machine stops)."""
         return self.root / "nix-size"
+
+    @property
+    def nix_off_path(self) -> Path:
+        """When present, the machine keeps Nix's programs in its default profile only, as
+        macOS does, and no login's PATH finds them (the darwin class)."""
+        return self.root / "nix-off-path"
+
+    @property
+    def profile_nix(self) -> Path:
+        """Where ``/usr/bin/nix`` is bound in the store of a machine with Nix off the PATH."""
+        return self.nix / NIX_PROFILE_BIN.removeprefix("/nix/") / "nix"
+
+    @property
+    def usr_bin_upper(self) -> Path:
+        """The upper layer of ``/usr/bin`` on a machine with Nix off the PATH."""
+        return self.root / "usr-bin.upper"
+
+    @property
+    def usr_bin_work(self) -> Path:
+        return self.root / "usr-bin.work"
+
+    @property
+    def nix_libexec_upper(self) -> Path:
+        """The upper layer of Nix's libexec directory on a machine with Nix off the PATH."""
+        return self.root / "nix-libexec.upper"
+
+    @property
+    def nix_libexec_work(self) -> Path:
+        return self.root / "nix-libexec.work"
 
     @property
     def etc_upper(self) -> Path:

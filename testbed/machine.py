@@ -8,6 +8,8 @@ testbed.machine <name> <state dir>``. In order, it
    directories), ``/root`` (bind of an empty directory), ``/run`` and ``/tmp`` (fresh tmpfs),
    then checks ``/proc/self/mountinfo`` and stops **before writing anything** unless every
    one of them is the machine's own: this computer's /etc, /var, /root and /nix are never written;
+   a darwin machine also gets a layer over ``/usr/bin`` that keeps Nix in its default profile
+   only, off every PATH, as on macOS;
 3. sets the hostname and writes a fresh boot id to ``/run/boot-id`` (the kernel's boot_id is
    shared by all machines);
 4. creates the ``deploy`` user on first boot and starts ``nix-daemon``;
@@ -34,7 +36,16 @@ import uuid
 from pathlib import Path
 
 # Everything is imported above: after the mounts, this interpreter's own files may be hidden.
-from testbed.layout import BOOT_ID_FILE, BOOTLOADER_DEFAULT, SSHD_CONFIG, MachinePaths, StatePaths
+from testbed.layout import (
+    BOOT_ID_FILE,
+    BOOTLOADER_DEFAULT,
+    NIX_BIN,
+    NIX_LIBEXEC,
+    NIX_PROFILE_BIN,
+    SSHD_CONFIG,
+    MachinePaths,
+    StatePaths,
+)
 
 ENVIRONMENT = {
     "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
@@ -42,7 +53,6 @@ ENVIRONMENT = {
     "HOME": "/root",
 }
 SSHD = ["/usr/sbin/sshd", "-D", "-e", "-f", SSHD_CONFIG]
-NIX_DAEMON = ["/usr/bin/nix-daemon"]
 CREATE_DEPLOY_USER = [
     "/usr/sbin/useradd",
     "--create-home",
@@ -162,8 +172,14 @@ def identity(path: str | Path) -> tuple[int, int]:
     return info.st_dev, info.st_ino
 
 
-def mount_filesystems(machine: MachinePaths) -> None:
-    """Give the machine its own /nix, /etc, /var, /root, /run and /tmp, then verify them."""
+def mount_filesystems(machine: MachinePaths, *, nix_off_path: bool = False) -> None:
+    """Give the machine its own /nix, /etc, /var, /root, /run and /tmp, then verify them.
+
+    With `nix_off_path` (a darwin machine), ``/usr/bin/nix`` is also bound on the file
+    prepared for it in the default profile, ``/usr/bin`` gets the machine's layer, which
+    deletes Nix's programs, and Nix's libexec directory one that finds them in the profile
+    (see ``testbed.files``).
+    """
     check_private_propagation()
     small_nix = machine.nix_size.read_text().strip() if machine.nix_size.exists() else None
     binds = {"/root": machine.home} if small_nix else {"/nix": machine.nix, "/root": machine.home}
@@ -172,12 +188,19 @@ def mount_filesystems(machine: MachinePaths) -> None:
         "/etc": (machine.etc_upper, machine.etc_work),
         "/var": (machine.var_upper, machine.var_work),
     }
+    if nix_off_path:
+        expected[f"{NIX_PROFILE_BIN}/nix"] = identity(f"{NIX_BIN}/nix")
+        layers[NIX_BIN] = (machine.usr_bin_upper, machine.usr_bin_work)
+        layers[NIX_LIBEXEC] = (machine.nix_libexec_upper, machine.nix_libexec_work)
 
-    # Order matters: the state directory may be under /root or /tmp, which are covered last.
+    # Order matters: the state directory may be under /root or /tmp, which are covered last,
+    # and /usr/bin/nix is bound before the layer over /usr/bin hides it.
     if small_nix:
         mount("tmpfs", "/nix", "tmpfs", MS_NOSUID | MS_NODEV, f"size={small_nix},mode=755")
     else:
         mount(str(machine.nix), "/nix", None, MS_BIND)
+    if nix_off_path:
+        mount(f"{NIX_BIN}/nix", f"{NIX_PROFILE_BIN}/nix", None, MS_BIND)
     for target, (upper, work) in layers.items():
         options = f"lowerdir={target},upperdir={upper},workdir={work}"
         mount("overlay", target, "overlay", 0, options)
@@ -264,14 +287,14 @@ def stop(sshd: int | None) -> None:
         time.sleep(0.01)
 
 
-def start_services() -> int:
+def start_services(nix_bin: str) -> int:
     """What a boot starts after the mounts: nix-daemon, the selected system, then sshd."""
-    spawn(NIX_DAEMON, output="/var/log/nix-daemon.log", new_session=True)
+    spawn([f"{nix_bin}/nix-daemon"], output="/var/log/nix-daemon.log", new_session=True)
     boot_system()
     return spawn(SSHD)
 
 
-def reboot_in_place(name: str, sshd: int | None) -> int:
+def reboot_in_place(name: str, nix_bin: str, sshd: int | None) -> int:
     """Reboot without leaving the namespaces: kill every other process, give the machine an
     empty /run and /tmp and a new boot id, and boot the selected system again."""
     log("rebooting")
@@ -287,10 +310,10 @@ def reboot_in_place(name: str, sshd: int | None) -> int:
     mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     log(f"{name} booting, boot id {set_identity(name)}")
-    return start_services()
+    return start_services(nix_bin)
 
 
-def supervise(name: str, sshd: int | None) -> int:
+def supervise(name: str, nix_bin: str, sshd: int | None) -> int:
     """Keep sshd running and reap orphans until SIGTERM; then stop sshd and return 0."""
     restart_at: float | None = None
     while True:
@@ -306,7 +329,7 @@ def supervise(name: str, sshd: int | None) -> int:
             stop(sshd)
             return 0
         if info.si_signo == signal.SIGUSR1:
-            sshd, restart_at = reboot_in_place(name, sshd), None
+            sshd, restart_at = reboot_in_place(name, nix_bin, sshd), None
             continue
         while True:  # SIGCHLD: reap every exited child, adopted orphans included
             try:
@@ -333,15 +356,16 @@ def main(argv: list[str]) -> int:
     paths = StatePaths(Path(state)).machine(name)
     hash_file = paths.deploy_password_hash
     password_hash = hash_file.read_text().strip() if hash_file.exists() else None
+    nix_bin = NIX_PROFILE_BIN if paths.nix_off_path.exists() else NIX_BIN
     try:
-        mount_filesystems(paths)
+        mount_filesystems(paths, nix_off_path=nix_bin == NIX_PROFILE_BIN)
     except (MachineError, OSError) as error:
         print(f"testbed.machine: refusing to boot {name}: {error}", file=sys.stderr)
         return 1
     boot_id = set_identity(name)
     log(f"{name} booting, boot id {boot_id}")
     ensure_deploy_user(password_hash)
-    return supervise(name, start_services())
+    return supervise(name, nix_bin, start_services(nix_bin))
 
 
 if __name__ == "__main__":

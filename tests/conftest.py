@@ -15,11 +15,19 @@ GUARDED = [
     "/etc/hosts",
     "/etc/sudoers",
     "/etc/nix/nix.conf",
+    "/usr/bin/nix",  # the darwin imitation hides it inside its machine only
+    "/usr/libexec/nix/build-remote",
     "/root/.ssh/config",
     "/root/.ssh/known_hosts",
     "/root/.ssh/authorized_keys",
 ]
-GUARDED_DIRECTORIES = ["/var/src", "/nix/var/nix/profiles/system", "/run/current-system"]
+GUARDED_DIRECTORIES = [
+    "/var/src",
+    "/nix/var/nix/profiles/system",
+    "/nix/var/nix/profiles/default/bin",
+    "/run/current-system",
+    "/usr/bin/nix-store",
+]
 
 
 def _snapshot() -> dict[str, str | None]:

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STATE = Path(os.environ.get("FLAKEFLEET_TEST_STATE", ROOT / ".testbed-tests"))
 PORT = os.environ.get("FLAKEFLEET_TEST_PORT", "22700")
 BIN = Path(sys.executable).parent
+DARWIN_NIX = "/nix/var/nix/profiles/default/bin"  # the only place a darwin machine has Nix
 
 
 @dataclass
@@ -62,6 +63,9 @@ class Fleet:
         return completed.stdout
 
     def ssh(self, machine: str, command: str, check: bool = True) -> str:
+        """Run `command` on a machine (`name` or `user@name`) with Nix on its PATH, as in an
+        interactive shell on a Mac (its profile adds Nix's); a deploy gets no such help."""
+        command = f'PATH="$PATH:{DARWIN_NIX}"; {command}'
         completed = subprocess.run(
             ["ssh", "-F", str(self.state / "ssh_config"), machine, command],
             capture_output=True, text=True, check=False, timeout=60,

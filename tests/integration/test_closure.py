@@ -36,13 +36,7 @@ def new_version(flake: Path, *machines: str) -> str:
 
 
 def as_user(fleet, machine: str, user: str, command: str, check: bool = True) -> str:
-    completed = subprocess.run(
-        ["ssh", "-F", str(fleet.state / "ssh_config"), f"{user}@{machine}", command],
-        capture_output=True, text=True, check=False, timeout=60,
-    )  # fmt: skip
-    if check:
-        assert completed.returncode == 0, f"{user}@{machine}: {command}: {completed.stderr}"
-    return completed.stdout.strip()
+    return fleet.ssh(f"{user}@{machine}", command, check)
 
 
 def valid_for(fleet, machine: str, user: str, path: str) -> bool:

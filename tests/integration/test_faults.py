@@ -40,6 +40,24 @@ def test_bad_fleet_file_stops_before_any_machine_is_contacted(fleet, tmp_path):
     assert {machine: sessions(fleet, machine) for machine in fleet.machines} == before
 
 
+def test_a_goal_its_class_lacks_fails_the_machine_before_contacting_it(fleet, flake):
+    """nix-darwin and home-manager machines only switch: `deploy/boot.py` fails them at once,
+    untouched, while the NixOS machine of the same run gets its new boot default."""
+    set_host(flake, "web1", version="boot-goal")
+    others = ("mac1", "home1")
+    before = {machine: sessions(fleet, machine) for machine in others}
+    limits = [argument for name in ("web1", *others) for argument in ("--limit", name)]
+    result = fleet.deploy(flake, *limits, deploy_file="deploy/boot.py")
+    assert result.returncode != 0
+    assert result.report["mac1"]["error"] == (
+        "darwin machines cannot 'boot' (only switch, dry-activate, build)"
+    )
+    assert result.report["home1"]["error"] == "home machines cannot 'boot' (only switch, build)"
+    assert {machine: sessions(fleet, machine) for machine in others} == before
+    assert result.status("web1") == "changed", result.output
+    assert remote_state(fleet, "web1")["profile"] == evaluate(flake, "web1")
+
+
 def test_a_run_that_dies_while_preparing_leaves_no_lock(fleet, flake, tmp_path):
     locked = tmp_path / "locked"
     dies = tmp_path / "dies.py"  # the pipeline's first step, then a bug in the deploy code

@@ -21,9 +21,14 @@ from typing import Any
 
 import pytest
 import testinfra
+from pyinfra.api import Inventory, State
+from pyinfra.context import ctx_state
+from pyinfra_cli.inventory import make_inventory
 
-from flakefleet.fleet import Fleet, Machine, load_fleet
+from flakefleet.fleet import Machine, load_fleet
 from flakefleet.ssh import ssh_options
+
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -40,22 +45,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def _selected(config: pytest.Config) -> tuple[Fleet, list[Machine]]:
+def _selected(config: pytest.Config) -> list[Machine]:
     fleet = load_fleet(Path(config.getoption("fleet")))
     names = set(config.getoption("machine"))
     roles = set(config.getoption("role"))
-    machines = [
+    return [
         machine
         for machine in fleet.machines
         if (not names or machine.name in names) and (not roles or roles & set(machine.groups))
     ]
-    return fleet, machines
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "machine" not in metafunc.fixturenames:
         return
-    fleet, machines = _selected(metafunc.config)
+    machines = _selected(metafunc.config)
     wanted = getattr(metafunc.module, "roles", None)
     if wanted is not None:
         machines = [machine for machine in machines if set(wanted) & set(machine.roles)]
@@ -64,18 +68,25 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         machines = [machine for machine in machines if machine.machine_class in classes]
     metafunc.parametrize(
         "machine",
-        [(fleet, machine) for machine in machines],
+        [machine.name for machine in machines],
         ids=[machine.name for machine in machines],
         indirect=True,
         scope="module",
     )
 
 
+@pytest.fixture(scope="session")
+def inventory(request: pytest.FixtureRequest) -> Inventory:
+    """The fleet as the deploy sees it: `inventory.py` over the fleet file, with group_data/."""
+    os.environ["FLAKEFLEET_FLEET"] = str(Path(request.config.getoption("fleet")).resolve())
+    with ctx_state.use(State()):  # pyinfra reads inventory files inside a run's state
+        return make_inventory(str(PROJECT / "inventory.py"), cwd=str(PROJECT))
+
+
 @pytest.fixture(scope="module")
-def machine(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """The machine's pyinfra host data, with its name."""
-    fleet, selected = request.param
-    return {"name": selected.name, **fleet.host_data(selected)}
+def machine(request: pytest.FixtureRequest, inventory: Inventory) -> dict[str, Any]:
+    """The machine's pyinfra host data (e.g. `remote_nix_dir` from group_data), with its name."""
+    return {"name": request.param, **inventory.get_host(request.param).data.dict()}
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@ are linked into the user's home."""
 
 import pytest
 
+from flakefleet.nix import remote_nix
+
 classes = {"home"}
 
 
@@ -18,8 +20,9 @@ def test_profile_selects_the_expected_generation(generation, expected_system):
     assert generation == expected_system
 
 
-def test_generation_is_valid_in_the_store(host, generation):
-    assert host.run(f"nix-store --verify-path {generation}").rc == 0
+def test_generation_is_valid_in_the_store(host, machine, generation):
+    nix_store = remote_nix(machine.get("remote_nix_dir"), "nix-store")
+    assert host.run(f"{nix_store} --verify-path {generation}").rc == 0
 
 
 def test_home_files_are_linked(host, generation):

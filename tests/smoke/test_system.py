@@ -2,6 +2,8 @@
 
 import pytest
 
+from flakefleet.nix import remote_nix
+
 classes = {"nixos", "darwin"}
 
 
@@ -11,8 +13,9 @@ def test_runs_the_expected_system(host, expected_system):
     assert host.check_output("readlink -f /run/current-system") == expected_system
 
 
-def test_system_is_valid_in_the_store(host):
-    assert host.run("nix-store --verify-path $(readlink -f /run/current-system)").rc == 0
+def test_system_is_valid_in_the_store(host, machine):
+    nix_store = remote_nix(machine.get("remote_nix_dir"), "nix-store")  # off PATH on macOS
+    assert host.run(f"{nix_store} --verify-path $(readlink -f /run/current-system)").rc == 0
 
 
 def test_release_names_this_machine(host, machine):

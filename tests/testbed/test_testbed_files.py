@@ -24,7 +24,7 @@ def test_roster_gives_ports_in_order() -> None:
     assert [(m.name, m.port) for m in machines[:3]] == [
         ("web1", 22601),
         ("web2", 22602),
-        ("db1", 22603),
+        ("mac1", 22603),
     ]
     assert machines[3] == Machine("app1", 22604, "nixos", ("app", "web"))
     assert select(machines, 2) == machines[:2]
@@ -170,4 +170,4 @@ def test_machine_refuses_to_run_unless_pid_1() -> None:
 
 
 def test_test_roster_is_valid_json() -> None:
-    assert list(json.loads(ROSTER.read_text())) == ["web1", "web2", "db1", "app1", "app2"]
+    assert list(json.loads(ROSTER.read_text())) == ["web1", "web2", "mac1", "app1", "app2"]

@@ -23,8 +23,15 @@ from testbed.layout import REPO_ROOT
 
 ROSTER = Path(__file__).with_name("hosts.json")
 BASE_PORT = int(os.environ.get("FLAKEFLEET_TESTBED_TEST_PORT", "22600"))
-MACHINES = ["web1", "web2", "db1"]
-GUARDED = ["/etc/passwd", "/etc/shadow", "/etc/group", "/etc/hosts", "/etc/nix/nix.conf"]
+MACHINES = ["web1", "web2", "mac1"]  # mac1 imitates nix-darwin
+GUARDED = [
+    "/etc/passwd",
+    "/etc/shadow",
+    "/etc/group",
+    "/etc/hosts",
+    "/etc/nix/nix.conf",
+    "/usr/bin/nix",
+]
 FAKE_SYSTEM = "/nix/store/00000000000000000000000000000000-nixos-system-web1-1"
 
 pytestmark = pytest.mark.skipif(
@@ -117,7 +124,7 @@ def test_up_writes_the_fleet_file(testbed: Fleet) -> None:
     assert [(m["name"], m["port"], m["roles"]) for m in fleet["machines"]] == [
         ("web1", BASE_PORT + 1, ["web"]),
         ("web2", BASE_PORT + 2, ["web"]),
-        ("db1", BASE_PORT + 3, ["db"]),
+        ("mac1", BASE_PORT + 3, ["workstation"]),
     ]
     known_hosts = (testbed.state / "known_hosts").read_text().splitlines()
     assert [line.split()[0] for line in known_hosts] == [
@@ -127,9 +134,35 @@ def test_up_writes_the_fleet_file(testbed: Fleet) -> None:
 
 def test_each_machine_answers_with_its_name(testbed: Fleet) -> None:
     for name in MACHINES:
-        assert testbed.output(name, "hostname; cat /etc/hostname; test -e /etc/NIXOS") == (
-            f"{name}\n{name}"
-        )
+        assert testbed.output(name, "hostname; cat /etc/hostname") == f"{name}\n{name}"
+    # Only NixOS machines say they are.
+    assert testbed.output("web1", "test -e /etc/NIXOS && echo nixos") == "nixos"
+    assert testbed.output("mac1", "test -e /etc/NIXOS || echo other") == "other"
+
+
+def test_darwin_machine_keeps_nix_off_every_path(testbed: Fleet) -> None:
+    """As on macOS: Nix is in the default profile only; no login's PATH, nor sudo's, finds it."""
+    profile = "/nix/var/nix/profiles/default/bin"
+    # A second boot finds its layer already without Nix.
+    for boot in ("first", "second"):
+        for login in ("mac1", "deploy@mac1"):
+            completed = testbed.ssh(login, "command -v nix nix-store nix-env nix-daemon")
+            assert completed.returncode != 0 and completed.stdout == "", (boot, login)
+        assert testbed.ssh("mac1", "ls /usr/bin/nix* /bin/nix").returncode != 0
+        assert testbed.output("mac1", "sudo sh -c 'command -v nix || echo none'") == "none"
+        # Nix works from the profile, its daemon included (started from there, as by launchd).
+        assert "daemon" in testbed.output("deploy@mac1", f"{profile}/nix store ping 2>&1")
+        assert testbed.output("mac1", f"{profile}/nix-store --version").startswith("nix-store")
+        # Builds on remote builders run Nix's build hook, which is now the profile's too.
+        hook = testbed.output("mac1", "readlink -e /usr/libexec/nix/build-remote")
+        assert hook == f"{profile}/nix"
+        if boot == "first":
+            assert testbed.cli("stop", "mac1").returncode == 0
+            completed = testbed.cli("up", "--machines", "3", "--roster", str(ROSTER))
+            assert completed.returncode == 0, completed.stderr
+    # The other machines, and this computer, keep Nix where Debian put it.
+    assert testbed.output("web1", "command -v nix-store") == "/usr/bin/nix-store"
+    assert Path("/usr/bin/nix-store").exists()
 
 
 def test_host_keys_are_checked(testbed: Fleet, tmp_path: Path) -> None:
