@@ -9,10 +9,11 @@ changes nothing.
 
 from pyinfra import host, state
 
-from flakefleet import report
+from flakefleet import report, settings
 from operations import activation, closure, generations, lock, reboot, sources, verify
 
 report.install(state)
+settings.check()  # every selected machine's settings, before any machine is contacted
 goal = host.data.get("goal", "switch")
 
 # The deploy lock, systems, generations and /var/src: one round trip; none for a machine

@@ -10,8 +10,9 @@ import atexit
 import json
 import os
 import sys
+import threading
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from pyinfra.api import FunctionCommand, operation
 from pyinfra.api.state import State
@@ -70,6 +71,25 @@ def change(what: str) -> FunctionCommand:
 def stop(reason: str) -> FunctionCommand:
     """A command that fails the machine with a reason; its later steps are skipped."""
     return FunctionCommand(_record_failure, (reason,), {})
+
+
+_stopping: set[int] = set()  # runs already ending on bad input
+
+
+def stop_run(state: State, lines: list[str], reasons: dict[str, str], others: str) -> NoReturn:
+    """End the run on bad input, before it touches any machine: each machine is failed with
+    its reason (the rest with `others`), and pyinfra exits with one line per problem.
+
+    Only the first caller raises at once. The other machines' deploy files, still running in
+    their greenlets, would run on while the interpreter shuts down: they wait here instead.
+    """
+    if id(state) in _stopping:
+        threading.Event().wait(timeout=60)  # never set: the run ends meanwhile
+        raise SystemExit(1)
+    _stopping.add(id(state))
+    for each in state.inventory.get_active_hosts():  # the summary, if any, stays true
+        failed(each.name, reasons.get(each.name, others))
+    raise SystemExit("\n".join(f"flakefleet: {line}" for line in lines))
 
 
 @operation(is_idempotent=False)

@@ -24,6 +24,10 @@ on_check_failure = "rollback"
 #             {"http": "https://web1.example.org/health", "status": 200, "timeout": 5}]
 checks: list[dict] = []
 
+# How many pytest processes run the smoke checks (tests/smoke/) side by side, each for its
+# share of the machines: a machine's checks are round trips one after another.
+smoke_check_processes = 4
+
 # Reboot after activating: never, when-needed (kernel, initrd or modules changed, or a boot
 # goal), or always; the machine must come back on the new system within reboot_timeout seconds.
 reboot = "never"

@@ -18,9 +18,9 @@ from pyinfra.api import FunctionCommand, operation
 
 from flakefleet import checks, nix, report
 from flakefleet.remote import Unreachable, reconnect, run_on
+from flakefleet.settings import REBOOT_POLICIES
 from operations.verify import run_smoke_checks
 
-POLICIES = ("never", "when-needed", "always")
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 # Parts of a system that only a reboot puts in place.
 BOOT_PARTS = ("kernel", "initrd", "kernel-modules")
@@ -39,8 +39,8 @@ def needs_reboot_command(system: str, goal: str) -> str:
 @operation(is_idempotent=False)
 def reboot(system: nix.System, goal: str, policy: str = "never", timeout: int = 300):
     """Reboot the machine if `policy` says so, and wait until it runs `system` again."""
-    if policy not in POLICIES:
-        yield report.stop(f"reboot: {policy!r} is not one of {', '.join(POLICIES)}")
+    if policy not in REBOOT_POLICIES:
+        yield report.stop(f"reboot: {policy!r} is not one of {', '.join(REBOOT_POLICIES)}")
         return
     if policy == "never" or goal not in ("switch", "boot"):
         host.noop("no reboot")

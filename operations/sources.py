@@ -28,6 +28,7 @@ from facts.sources import STORE_DIR, VarSrc
 from flakefleet import report, sudo
 from flakefleet.process import CommandError, run
 from flakefleet.remote import KEEPALIVE
+from flakefleet.settings import layers
 from flakefleet.sources import (
     BuildError,
     MachineSources,
@@ -37,14 +38,12 @@ from flakefleet.sources import (
     check_run,
     config_layer,
     filter_options,
-    layers,
 )
 from flakefleet.ssh import ssh_destination, ssh_options
 
 # The checked sources of each run (one per pyinfra State), or why they were refused.
 _runs: dict[int, RunSources | SourcesInvalid] = {}
 _runs_lock = threading.Lock()
-_stopped: set[int] = set()  # runs already ending on bad sources
 # Local builds run in parallel across machines, at most one per core.
 _build_slots = threading.BoundedSemaphore(os.cpu_count() or 2)
 
@@ -67,21 +66,8 @@ def declared() -> MachineSources:
 
 
 def _stop(state: Any, error: SourcesInvalid) -> None:
-    """End the run at once with one line per problem (the first caller only).
-
-    The other machines' deploy files are still running in their greenlets, and would run
-    on while the interpreter shuts down: they wait here instead of raising again.
-    """
-    if id(state) in _stopped:
-        threading.Event().wait(timeout=60)  # never set: the run ends meanwhile
-        raise error
-    _stopped.add(id(state))
     reasons = {bad.machine: f"sources: {bad.detail}" for bad in error.errors}
-    for each in state.inventory.get_active_hosts():  # the summary, if any, stays true
-        report.failed(
-            each.name, reasons.get(each.name, "not deployed: bad sources stopped the run")
-        )
-    raise SystemExit("\n".join(f"flakefleet: {line}" for line in error.lines))
+    report.stop_run(state, error.lines, reasons, "not deployed: bad sources stopped the run")
 
 
 def _check_selected(state: Any) -> RunSources | SourcesInvalid:

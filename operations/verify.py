@@ -1,8 +1,10 @@
 """Verification and the health gate: smoke suites and declared checks, then confirmation.
 
-The pytest-testinfra smoke suites of tests/smoke/ run from the controller; all machines that
-reach this step together are checked by one pytest process (one start-up instead of one per
-machine), and each machine passes or fails on its own tests.
+The pytest-testinfra smoke suites of tests/smoke/ run from the controller; the machines that
+reach this step together are checked by up to `smoke_check_processes` pytest processes side
+by side (one machine's checks are round trips one after another, so machines must not wait
+for each other; one process start-up serves many machines), and each machine passes or fails
+on its own tests.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import tempfile
 import threading
 import xml.etree.ElementTree as ElementTree
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from pyinfra.api import FunctionCommand, operation
 
 from flakefleet import checks, report
 from flakefleet.process import run
+from flakefleet.settings import CHECK_FAILURE_POLICIES
 from operations import activation
 
 SMOKE_SUITES = "tests/smoke"
@@ -52,13 +56,13 @@ def health_gate(on_failure: str = "rollback"):
 
     Checks change nothing on the machine; they run on every deploy.
     """
-    if on_failure not in POLICIES:
-        yield report.stop(f"health gate: on_check_failure must be one of {', '.join(POLICIES)}")
+    if on_failure not in CHECK_FAILURE_POLICIES:
+        choices = ", ".join(CHECK_FAILURE_POLICIES)
+        yield report.stop(f"health gate: on_check_failure must be one of {choices}")
         return
     yield FunctionCommand(_gate, (host.current_op_hash, on_failure), {})
 
 
-POLICIES = ("rollback", "keep", "stop")
 _lock = threading.Lock()
 _verdicts: dict[tuple[str, str], Verdict] = {}
 
@@ -69,7 +73,9 @@ def _gate(state: Any, host: Any, op_hash: str, on_failure: str) -> bool:
             machines = [
                 h.name for h in state.inventory.get_active_hosts() if op_hash in state.ops[h]
             ]
-            for name, verdict in run_smoke_checks(machines, Path(state.cwd or ".")).items():
+            processes = host.data.get("smoke_check_processes", 4)
+            cwd = Path(state.cwd or ".")
+            for name, verdict in run_smoke_checks(machines, cwd, processes).items():
                 _verdicts[op_hash, name] = verdict
     verdict = _verdicts[op_hash, host.name]
     failures = verdict.failures + checks.run_checks(host.name, host.data)
@@ -102,7 +108,18 @@ def expected(machines: list[str]) -> list[tuple[str, str]]:
     return [(name, system) for name, system in systems if system]
 
 
-def run_smoke_checks(machines: list[str], cwd: Path) -> dict[str, Verdict]:
+def run_smoke_checks(machines: list[str], cwd: Path, processes: int = 1) -> dict[str, Verdict]:
+    """Run the smoke suites against machines, in up to `processes` pytest processes at once,
+    each with its share of the machines; a verdict per machine."""
+    shares = [machines[start::processes] for start in range(min(processes, len(machines)))]
+    verdicts: dict[str, Verdict] = {}
+    with ThreadPoolExecutor(max_workers=max(1, len(shares))) as pool:
+        for share in pool.map(lambda share: _run_pytest(share, cwd), shares):
+            verdicts.update(share)
+    return verdicts
+
+
+def _run_pytest(machines: list[str], cwd: Path) -> dict[str, Verdict]:
     """Run the smoke suites against machines in one pytest process; a verdict per machine."""
     fleet = os.environ.get("FLAKEFLEET_FLEET") or "fleet.yaml"
     with tempfile.TemporaryDirectory(prefix="flakefleet-smoke-") as scratch:

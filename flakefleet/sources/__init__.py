@@ -20,7 +20,7 @@ machine, the source and where it was declared.
 """
 
 from flakefleet.sources.build import BuildStage
-from flakefleet.sources.declarations import config_layer, layers, merge, parse
+from flakefleet.sources.declarations import config_layer, merge, parse
 from flakefleet.sources.digests import filter_options, list_tree, tree_digest
 from flakefleet.sources.git import GitCache, GitError
 from flakefleet.sources.model import (
@@ -51,7 +51,6 @@ __all__ = [
     "check_run",
     "config_layer",
     "filter_options",
-    "layers",
     "list_tree",
     "merge",
     "parse",

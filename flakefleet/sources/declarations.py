@@ -22,15 +22,6 @@ from flakefleet.sources.model import (
 )
 
 
-def layers(host: Any, inventory: Any, fleet_file: str) -> list[tuple[str, Mapping[str, Any]]]:
-    """The data layers a machine's sources come from, lowest first, each with its label."""
-    found: list[tuple[str, Mapping[str, Any]]] = [("group_data/all.py", inventory.get_data())]
-    found += [(f"group_data/{group}.py", inventory.get_group_data(group)) for group in host.groups]
-    found.append((f"{fleet_file}, machine {host.name!r}", inventory.get_host_data(host.name)))
-    found.append(("--data", inventory.get_override_data()))
-    return found
-
-
 @dataclass
 class Declared:
     """A source's merged fields and the layer each field came from (`*`: the last layer)."""

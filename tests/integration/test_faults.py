@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 
+import yaml
 from conftest import BIN, ROOT, evaluate, set_host
 from test_deploy import remote_state
 
@@ -38,6 +39,32 @@ def test_bad_fleet_file_stops_before_any_machine_is_contacted(fleet, tmp_path):
     ]
     assert "Connecting" not in completed.stdout + completed.stderr
     assert {machine: sessions(fleet, machine) for machine in fleet.machines} == before
+
+
+def test_bad_settings_stop_the_run_before_any_machine_runs_a_command(fleet, flake):
+    """A bad value (from the fleet file) and a misspelt name (from --data): one line each,
+    naming machines, setting and layer; no machine runs a command, nothing deployed changes."""
+    document = yaml.safe_load(fleet.fleet_file.read_text())
+    for entry in document["machines"]:
+        if entry["name"] == "db1":
+            entry.setdefault("data", {})["keep_generations"] = 0
+    bad = fleet.state / "fleet-bad-settings.yaml"  # beside the keys it names
+    bad.write_text(yaml.safe_dump(document))
+    set_host(flake, "web1", version="never-deployed")
+    states = {machine: remote_state(fleet, machine) for machine in ("web1", "db1")}
+    before = {machine: sessions(fleet, machine) for machine in fleet.machines}
+    result = fleet.deploy(flake, "--data", "on_check_faliure=keep", fleet_file=bad)
+    assert result.returncode != 0, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("flakefleet:")]
+    assert errors == [
+        f"flakefleet: {', '.join(sorted(fleet.machines))}: setting 'on_check_faliure' (--data): "
+        "unknown; did you mean 'on_check_failure'?",
+        f"flakefleet: db1: setting 'keep_generations' ({bad}, machine 'db1'): must be a whole "
+        "number of at least 1 (or None), not 0",
+    ], result.output
+    assert {machine: sessions(fleet, machine) for machine in fleet.machines} == before
+    assert {machine: remote_state(fleet, machine) for machine in ("web1", "db1")} == states
+    assert "flakefleet: nothing was executed" in result.output
 
 
 def test_a_goal_its_class_lacks_fails_the_machine_before_contacting_it(fleet, flake):

@@ -1,0 +1,217 @@
+"""The settings a deploy reads from each machine's data, checked before any machine is
+contacted.
+
+A machine's value for a setting comes from the highest of pyinfra's data layers that has it:
+``group_data/all.py``, then the machine's groups (``group_data/<class or role>.py``), then the
+fleet file, then ``--data``. A bad value stops the whole run with one line per problem, naming
+the machine, the setting and the layer it came from. So does a name one letter or two away from
+a setting's: ``on_check_faliure = "keep"`` would otherwise be ignored in silence, and the
+machine deployed with the default. (`sources` have checks of their own, in
+``flakefleet.sources``.)
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import threading
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+from pyinfra import host
+
+from flakefleet import builds, cache, report
+
+CHECK_FAILURE_POLICIES = ("rollback", "keep", "stop")
+REBOOT_POLICIES = ("never", "when-needed", "always")
+COPY_PROTOCOLS = ("ssh", "ssh-ng")
+
+# What a value must be: a check returns the problem with a value, or None.
+Check = Callable[[Any], str | None]
+
+
+def _one_of(*choices: str) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _boolean(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "must be True or False"
+
+
+def _number(minimum: int, *, whole: bool = False, optional: bool = False) -> Check:
+    def check(value: Any) -> str | None:
+        if value is None and optional:
+            return None
+        kinds = (int,) if whole else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
+            return f"must be a {'whole ' if whole else ''}number of at least {minimum}" + (
+                " (or None)" if optional else ""
+            )
+        return None
+
+    return check
+
+
+def _text(*, optional: bool = False, absolute: bool = False) -> Check:
+    def check(value: Any) -> str | None:
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or not value:
+            return "must be a non-empty string" + (" (or None)" if optional else "")
+        if absolute and not value.startswith("/"):
+            return "must be an absolute path"
+        return None
+
+    return check
+
+
+def _text_list(value: Any) -> str | None:
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return None
+    return "must be a list of strings"
+
+
+def _text_mapping(value: Any) -> str | None:
+    if isinstance(value, Mapping) and all(
+        isinstance(key, str) and isinstance(item, str | int | float | bool)
+        for key, item in value.items()
+    ):
+        return None
+    return "must be a mapping of names to values, e.g. {'cores': '2'}"
+
+
+def _checks(value: Any) -> str | None:
+    if not isinstance(value, list):
+        return "must be a list of checks, e.g. [{'command': 'systemctl is-active nginx'}]"
+    for number, check in enumerate(value, 1):
+        if not isinstance(check, Mapping) or ("command" in check) == ("http" in check):
+            return f"check {number} needs either 'command' or 'http'"
+        unknown = set(check) - {"command", "http", "status", "timeout"}
+        if unknown:
+            return f"check {number}: unknown field {sorted(unknown)[0]!r}"
+        if _number(0)(check.get("timeout", 10)) or _number(100, whole=True)(
+            check.get("status", 200)
+        ):
+            return f"check {number}: timeout must be seconds and status an HTTP status"
+    return None
+
+
+SETTINGS: dict[str, Check] = {
+    "flake": _text(),
+    "confirm_timeout": _number(0),
+    "on_check_failure": _one_of(*CHECK_FAILURE_POLICIES),
+    "checks": _checks,
+    "reboot": _one_of(*REBOOT_POLICIES),
+    "reboot_timeout": _number(1),
+    "reboot_command": _text(),
+    "nix_options": _text_mapping,
+    "copy_protocol": _one_of(*COPY_PROTOCOLS),
+    "copy_compress": _boolean,
+    "substitute_on_destination": _boolean,
+    "signing_key": _text(),
+    "sign_closures": _boolean,
+    "keep_generations": _number(1, whole=True, optional=True),
+    "remote_nix_dir": _text(optional=True, absolute=True),
+    "sudo_password_command": _text(optional=True),
+    "break_lock": _text(optional=True),
+    "smoke_check_processes": _number(1, whole=True),
+    "sources_keep_undeclared": _boolean,
+    "sources_force": _boolean,
+    "sources_resync": _boolean,
+    "sources_rsync_options": _text_list,
+}
+# Settings read elsewhere whose checks need the fleet (build_on, cache) or are their own.
+OTHER_NAMES = {"build_on", "cache", "sources", "goal"}
+
+
+Layers = list[tuple[str, Mapping[str, Any]]]
+
+
+def layers(host: Any, inventory: Any, fleet_file: str) -> Layers:
+    """The data layers of a machine, lowest first, each with its label."""
+    found: Layers = [("group_data/all.py", inventory.get_data())]
+    found += [(f"group_data/{group}.py", inventory.get_group_data(group)) for group in host.groups]
+    found.append((f"{fleet_file}, machine {host.name!r}", inventory.get_host_data(host.name)))
+    found.append(("--data", inventory.get_override_data()))
+    return found
+
+
+def origin(found: Layers, name: str) -> str:
+    """The label of the layer a setting's value comes from."""
+    for label, data in reversed(found):
+        if name in data:
+            return label
+    return "the deploy file"
+
+
+def problems(
+    data: Mapping[str, Any], found: Layers, fleet: Collection[str], cwd: Path
+) -> list[str]:
+    """Everything wrong with one machine's settings (its merged `data`, and the layers
+    `found` they came from), a line each.
+
+    Example: ``problems({"reboot": "often"}, [("--data", {"reboot": "often"})], [], cwd) ==
+    ["setting 'reboot' (--data): must be one of never, when-needed, always, not 'often'"]``.
+    """
+    lines = []
+
+    def add(name: str, problem: str, label: str | None = None) -> None:
+        lines.append(f"setting {name!r} ({label or origin(found, name)}): {problem}")
+
+    for name, check in SETTINGS.items():
+        if name in data:
+            problem = check(data[name])
+            if problem:
+                add(name, f"{problem}, not {data[name]!r}")
+    try:
+        builds.placement(data.get("build_on"), fleet)
+    except ValueError as error:
+        add("build_on", str(error).removeprefix("build_on: "))
+    try:
+        cache.parse(data.get("cache"), cwd, fleet)
+    except cache.CacheError as error:
+        add("cache", str(error).removeprefix("cache: "))
+
+    known = SETTINGS.keys() | OTHER_NAMES
+    for label, layer in found:
+        for name in layer:
+            if isinstance(name, str) and name not in known:
+                near = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+                if near:
+                    add(name, f"unknown; did you mean {near[0]!r}?", label)
+    return lines
+
+
+_runs: dict[int, tuple[list[str], dict[str, str]]] = {}
+_runs_lock = threading.Lock()
+
+
+def check() -> None:
+    """Check every selected machine's settings, once per run (at the first machine's call);
+    bad ones stop the run with one line each, before any machine is contacted."""
+    state = host.state  # the State itself: `pyinfra.state` is a proxy with an id of its own
+    with _runs_lock:
+        if id(state) not in _runs:
+            _runs[id(state)] = _check_selected(state)
+    lines, reasons = _runs[id(state)]
+    if lines:
+        report.stop_run(state, lines, reasons, "not deployed: bad settings stopped the run")
+
+
+def _check_selected(state: Any) -> tuple[list[str], dict[str, str]]:
+    fleet_file = os.environ.get("FLAKEFLEET_FLEET") or "fleet.yaml"
+    fleet = [each.name for each in state.inventory]
+    cwd = Path(state.cwd or ".")
+    machines: dict[str, list[str]] = {}  # the same problem on many machines is one line
+    reasons: dict[str, str] = {}
+    for each in state.inventory.get_active_hosts():
+        found = layers(each, state.inventory, fleet_file)
+        for problem in problems(each.data.dict(), found, fleet, cwd):
+            machines.setdefault(problem, []).append(each.name)
+            reasons.setdefault(each.name, problem)
+    lines = sorted(f"{', '.join(sorted(names))}: {problem}" for problem, names in machines.items())
+    return lines, reasons
