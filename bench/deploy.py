@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
 
-    first, hand, noop, noop_unchecked, floor = [], [], [], [], []
+    first, hand, noop, noop_serial, noop_unchecked, floor = [], [], [], [], [], []
     try:
         for _ in range(args.runs):
             machines = fresh_fleet(args.machines)
@@ -108,6 +108,7 @@ def main() -> None:
             before = sessions(machines)
             noop.append(deploy())
             after = sessions(machines)
+            noop_serial.append(deploy("--data", "smoke_check_processes=1"))
             # goal=boot is also a no-op after a switch, and runs no smoke checks.
             noop_unchecked.append(deploy("--data", "goal=boot"))
             floor.append(timed(str(BIN / "pyinfra"), "-y", "inventory.py", "exec", "--", "true"))
@@ -130,6 +131,7 @@ def main() -> None:
     rows = [
         ("first deploy (by hand: rsync, nix)", median(first), median(hand)),
         ("no-op redeploy (floor: exec true)", median(noop), median(floor)),
+        ("  smoke checks in one process", median(noop_serial), median(floor)),
         ("  the same without smoke checks", median(noop_unchecked), median(floor)),
     ]
     for label, ours, base in rows:
