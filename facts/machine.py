@@ -17,7 +17,7 @@ from facts.nix import (
     SystemProfile,
 )
 from facts.sources import Sources, VarSrc
-from flakefleet import lock, sudo
+from flakefleet import lock, nix, sudo
 
 SECTION = "@@flakefleet-fact "
 
@@ -32,6 +32,13 @@ class MachineState:
     generations: list[Generation] = field(default_factory=list)
     nix_version: str | None = None
     var_src: VarSrc = field(default_factory=VarSrc)
+
+
+def system_links(machine_class: str, user: str) -> tuple[str, str]:
+    """The profile a machine keeps its generations in, and the link to what it runs (a
+    home-manager machine runs what its profile selects)."""
+    profile = nix.profile_path(machine_class, user)
+    return profile, profile if machine_class == "home" else RUNNING_SYSTEM
 
 
 # The facts MachineState is made of, by the field each one fills.

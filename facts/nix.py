@@ -34,7 +34,8 @@ class CurrentSystem(FactBase[str | None]):
     """
 
     def command(self, link: str = RUNNING_SYSTEM) -> str:
-        return f"readlink -f {link} || true"
+        # readlink -f alone prints a link that does not exist as if it did
+        return f"if [ -e {link} ]; then readlink -f {link}; fi"
 
     def process(self, output: list[str]) -> str | None:
         return output[0].strip() or None if output else None
@@ -51,7 +52,7 @@ class SystemProfile(CurrentSystem):
     """The store path a profile selects (the system profile: what the next boot runs)."""
 
     def command(self, profile: str = SYSTEM_PROFILE) -> str:
-        return f"readlink -f {profile} || true"
+        return CurrentSystem().command(profile)
 
 
 class SystemGenerations(FactBase[list[Generation]]):

@@ -285,6 +285,23 @@ def add_root(link: Path, path: str) -> None:
         raise NixError(f"cannot add a GC root for {path}: {_nix_error(error.output)}") from error
 
 
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def diff_closures(old: str, new: str) -> list[str] | None:
+    """The package changes from one system's closure to another's (`nix store diff-closures`:
+    ``name: old version → new version[, ±size]``), or None when the controller's store lacks
+    either closure."""
+    if not (Path(old).exists() and Path(new).exists()):
+        return None
+    try:
+        output = run(["nix", *FEATURES, "store", "diff-closures", old, new]).stdout
+    except CommandError:
+        return None  # e.g. a closure only partly in this store
+    # Nix 2.8 colours the size even on a pipe.
+    return [ANSI_COLOUR.sub("", line) for line in output.splitlines() if line.strip()]
+
+
 # -- command lines run on machines --------------------------------------------------------------
 
 

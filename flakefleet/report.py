@@ -28,6 +28,7 @@ class Outcome:
     system: str | None = None
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    plan: list[str] = field(default_factory=list)  # deploy/plan.py: what a deploy would do
 
     @property
     def status(self) -> str:
@@ -145,11 +146,13 @@ def _explain_failures(state: State) -> None:
             failed(host.name, "failed (see pyinfra's output above)")
 
 
-def summary_lines() -> list[str]:
+def summary_lines(failed_only: bool = False) -> list[str]:
     width = max((len(name) for name in _outcomes), default=0)
     lines = []
     for name in sorted(_outcomes):
         record = _outcomes[name]
+        if failed_only and not record.error:
+            continue
         detail = record.error or (record.system or "-")
         details = record.changed + record.notes
         what = f" ({'; '.join(details)})" if details else ""
@@ -165,8 +168,15 @@ def _finish() -> None:
         print("\n--> flakefleet: nothing was executed", file=sys.stderr)
         return
     _explain_failures(_state)
-    print("\n--> flakefleet summary", file=sys.stderr)
-    for line in summary_lines():
+    plans = [line for name in sorted(_outcomes) for line in _outcomes[name].plan]
+    if plans:
+        print("\n--> flakefleet plan", file=sys.stderr)
+        for line in plans:
+            print(f"    {line}", file=sys.stderr)
+    summary = summary_lines(failed_only=bool(plans))  # a plan changed nothing: say only why
+    if summary:
+        print("\n--> flakefleet summary", file=sys.stderr)
+    for line in summary:
         print(f"    {line}", file=sys.stderr)
     path = os.environ.get("FLAKEFLEET_REPORT")
     if path:

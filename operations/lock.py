@@ -12,9 +12,8 @@ from typing import Any
 from pyinfra import host
 from pyinfra.api import FunctionCommand, operation
 
-from facts.machine import MachineState, Preflight, PreflightState
-from facts.nix import RUNNING_SYSTEM
-from flakefleet import nix, report, sudo
+from facts.machine import MachineState, Preflight, PreflightState, system_links
+from flakefleet import report, sudo
 from flakefleet.fleet import PYINFRA_PRIVILEGE_KEYS
 from flakefleet.lock import Holder, release_command, take_over_command, this_deployer
 from flakefleet.remote import Unreachable, run_on, state_dir
@@ -71,15 +70,16 @@ def _release_at_exit(name: str, data: Any) -> None:
 
 
 def _read_preflight() -> PreflightState:
-    machine_class = host.data.get("machine_class", "nixos")
-    profile = nix.profile_path(machine_class, host.data.get("ssh_user") or "root")
+    profile, running = system_links(
+        host.data.get("machine_class", "nixos"), host.data.get("ssh_user") or "root"
+    )
     become = sudo.how(host.data)
     return host.get_fact(
         Preflight,
         lock_dir=state_dir(host.data),
         holder=str(this_deployer()),
         profile=profile,
-        running=profile if machine_class == "home" else RUNNING_SYSTEM,
+        running=running,
         become=become,
         nix_dir=host.data.get("remote_nix_dir"),
         _stdin=sudo.stdin(host.data, become),

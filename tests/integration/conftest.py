@@ -123,6 +123,14 @@ class Fleet:
             time.sleep(0.2)
         raise AssertionError(f"{machine}: {command!r} printed nothing within {timeout}s")
 
+    def sessions(self, machine: str) -> int:
+        """How many SSH sessions the machine's sshd has started so far (its console log)."""
+        return (
+            (self.state / "machines" / machine / "console.log")
+            .read_text()
+            .count("Starting session")
+        )
+
     @property
     def machines(self) -> list[str]:
         return [machine.name for machine in load_fleet(self.fleet_file).machines]

@@ -47,12 +47,6 @@ def valid_for(fleet, machine: str, user: str, path: str) -> bool:
     )
 
 
-def sessions(fleet, machine: str) -> int:
-    return (
-        (fleet.state / "machines" / machine / "console.log").read_text().count("Starting session")
-    )
-
-
 def build(fleet, flake: Path, *args: str):
     return fleet.deploy(flake, "--data", "goal=build", *args)
 
@@ -136,11 +130,11 @@ def test_build_on_target_builds_nothing_here(fleet, flake):
 def test_build_on_a_fleet_builder_sends_the_closure_directly(fleet, flake):
     new_version(flake, "web2", "db1")
     systems = {m: system_of(flake, m) for m in ("web2", "db1")}
-    before = sessions(fleet, "build1")
+    before = fleet.sessions("build1")
     result = build(fleet, flake, "--limit", "web2", "--limit", "db1", "--data", "build_on=build1")
     assert result.returncode == 0, result.output
     # One build for both machines (derivations in, build), then per machine: sign, send.
-    assert sessions(fleet, "build1") - before == 2 + 2 * len(systems)
+    assert fleet.sessions("build1") - before == 2 + 2 * len(systems)
     for machine, system in systems.items():
         assert any("build1 sent" in c for c in result.report[machine]["changed"])
         assert valid_for(fleet, machine, "root", system)
@@ -268,15 +262,15 @@ def test_pruning_keeps_the_current_generation_too(fleet, flake):
 def test_no_op_redeploy_adds_no_ssh_command(fleet, flake):
     """A machine already on its system: signing, caches, roots and pruning cost nothing."""
     # build1's profile selects its system (previous test): build, copy and prune are no-ops.
-    baseline = sessions(fleet, "build1")
+    baseline = fleet.sessions("build1")
     assert build(fleet, flake, "--limit", "build1").returncode == 0
-    plain = sessions(fleet, "build1") - baseline
+    plain = fleet.sessions("build1") - baseline
     cache = {"store": "file:///nonexistent", "url": "http://127.0.0.1:9", "serve": True}
-    baseline = sessions(fleet, "build1")
+    baseline = fleet.sessions("build1")
     result = build(
         fleet, flake, "--limit", "build1", "--data", "keep_generations=5",
         "--data", f"cache={json.dumps(cache)}", "--data", "copy_protocol=ssh-ng",
     )  # fmt: skip
     assert result.returncode == 0, result.output
     assert result.status("build1") == "unchanged"
-    assert sessions(fleet, "build1") - baseline == plain
+    assert fleet.sessions("build1") - baseline == plain

@@ -6,6 +6,8 @@ The tests run in order on one fleet: each starts from the state the previous one
 
 from __future__ import annotations
 
+import re
+
 from conftest import evaluate, profile_of, set_host, sources_of
 
 
@@ -73,3 +75,45 @@ def test_changing_one_machine_redeploys_only_that_machine(fleet, flake):
         state = remote_state(fleet, machine)
         assert state["current"] == before[machine]["current"]
         assert state["activations"] == before[machine]["activations"]
+
+
+def test_plan_shows_changes_and_drift_and_changes_nothing(fleet, flake):
+    """deploy/plan.py: web1's new version with its package changes, db1 set by hand to a
+    system no generation holds; one round trip per machine, no lock, nothing changed."""
+    set_host(flake, "web1", version="3")
+    hand = fleet.ssh("db1", "readlink -f /run/current-system/sw")  # any store path will do
+    fleet.ssh("db1", f"ln -sfn {hand} /run/current-system")
+    before = {machine: remote_state(fleet, machine) for machine in fleet.machines}
+    sessions = {machine: fleet.sessions(machine) for machine in fleet.machines}
+
+    result = fleet.deploy(flake, deploy_file="deploy/plan.py")
+
+    assert result.returncode == 0, result.output
+    for machine in fleet.machines:  # the state read, then remote_state: a session each
+        assert remote_state(fleet, machine) == before[machine], machine
+        assert fleet.sessions(machine) - sessions[machine] == 2, machine
+    section = result.output.split("--> flakefleet plan\n", 1)[1].split("\n\n", 1)[0]
+    plan = [line.removeprefix("    ") for line in section.splitlines()]
+    headings = [re.match(VERDICT, line) for line in plan if not line.startswith("      ")]
+    assert [heading[1] for heading in headings if heading] == sorted(fleet.machines), plan
+    verdicts = {heading[1]: heading[2] for heading in headings if heading}
+    assert verdicts == {
+        machine: "would switch" if machine in ("web1", "db1") else "up to date"
+        for machine in fleet.machines
+    }
+    lines = [line.strip() for line in plan]
+    new, old = name(evaluate(flake, "web1")), name(before["web1"]["current"])
+    assert f"web1      would switch  {old} → {new}" in lines
+    assert "nixos-system-web1: 1 → 3" in lines, "\n".join(plan)  # diff-closures' package line
+    assert f"drift: runs {name(hand)}, which no generation holds: set by hand?" in lines
+    assert "--> flakefleet summary" not in result.output  # nothing failed, nothing changed
+    for machine in fleet.machines:
+        assert fleet.ssh(machine, "ls -d /run/flakefleet/lock 2>/dev/null || true") == ""
+
+
+VERDICT = r"(\S+)\s+(up to date|would switch|would select)"
+
+
+def name(path: str) -> str:
+    """A store path's name without its hash, as the plan shows it."""
+    return path.rsplit("/", 1)[-1].split("-", 1)[-1]

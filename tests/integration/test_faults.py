@@ -12,12 +12,6 @@ from conftest import BIN, ROOT, evaluate, set_host
 from test_deploy import remote_state
 
 
-def sessions(fleet, machine: str) -> int:
-    """How many SSH sessions the machine's sshd has started so far (from its console log)."""
-    log = fleet.state / "machines" / machine / "console.log"
-    return log.read_text().count("Starting session")
-
-
 def test_converge_first(fleet, flake):
     assert fleet.deploy(flake).returncode == 0
 
@@ -25,7 +19,7 @@ def test_converge_first(fleet, flake):
 def test_bad_fleet_file_stops_before_any_machine_is_contacted(fleet, tmp_path):
     bad = tmp_path / "fleet.yaml"
     bad.write_text(fleet.fleet_file.read_text().replace("    port:", "    prot:", 1))
-    before = {machine: sessions(fleet, machine) for machine in fleet.machines}
+    before = {machine: fleet.sessions(machine) for machine in fleet.machines}
     completed = subprocess.run(
         [str(BIN / "pyinfra"), "-y", "inventory.py", "deploy/site.py"],
         cwd=ROOT, env={**os.environ, "FLAKEFLEET_FLEET": str(bad)},
@@ -38,7 +32,7 @@ def test_bad_fleet_file_stops_before_any_machine_is_contacted(fleet, tmp_path):
         "(expected one of: name, address, port, user, class, roles, data)"
     ]
     assert "Connecting" not in completed.stdout + completed.stderr
-    assert {machine: sessions(fleet, machine) for machine in fleet.machines} == before
+    assert {machine: fleet.sessions(machine) for machine in fleet.machines} == before
 
 
 def test_bad_settings_stop_the_run_before_any_machine_runs_a_command(fleet, flake):
@@ -52,7 +46,7 @@ def test_bad_settings_stop_the_run_before_any_machine_runs_a_command(fleet, flak
     bad.write_text(yaml.safe_dump(document))
     set_host(flake, "web1", version="never-deployed")
     states = {machine: remote_state(fleet, machine) for machine in ("web1", "db1")}
-    before = {machine: sessions(fleet, machine) for machine in fleet.machines}
+    before = {machine: fleet.sessions(machine) for machine in fleet.machines}
     result = fleet.deploy(flake, "--data", "on_check_faliure=keep", fleet_file=bad)
     assert result.returncode != 0, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("flakefleet:")]
@@ -62,7 +56,7 @@ def test_bad_settings_stop_the_run_before_any_machine_runs_a_command(fleet, flak
         f"flakefleet: db1: setting 'keep_generations' ({bad}, machine 'db1'): must be a whole "
         "number of at least 1 (or None), not 0",
     ], result.output
-    assert {machine: sessions(fleet, machine) for machine in fleet.machines} == before
+    assert {machine: fleet.sessions(machine) for machine in fleet.machines} == before
     assert {machine: remote_state(fleet, machine) for machine in ("web1", "db1")} == states
     assert "flakefleet: nothing was executed" in result.output
 
@@ -72,7 +66,7 @@ def test_a_goal_its_class_lacks_fails_the_machine_before_contacting_it(fleet, fl
     untouched, while the NixOS machine of the same run gets its new boot default."""
     set_host(flake, "web1", version="boot-goal")
     others = ("mac1", "home1")
-    before = {machine: sessions(fleet, machine) for machine in others}
+    before = {machine: fleet.sessions(machine) for machine in others}
     limits = [argument for name in ("web1", *others) for argument in ("--limit", name)]
     result = fleet.deploy(flake, *limits, deploy_file="deploy/boot.py")
     assert result.returncode != 0
@@ -80,7 +74,7 @@ def test_a_goal_its_class_lacks_fails_the_machine_before_contacting_it(fleet, fl
         "darwin machines cannot 'boot' (only switch, dry-activate, build)"
     )
     assert result.report["home1"]["error"] == "home machines cannot 'boot' (only switch, build)"
-    assert {machine: sessions(fleet, machine) for machine in others} == before
+    assert {machine: fleet.sessions(machine) for machine in others} == before
     assert result.status("web1") == "changed", result.output
     assert remote_state(fleet, "web1")["profile"] == evaluate(flake, "web1")
 
