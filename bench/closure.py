@@ -37,6 +37,8 @@ import yaml
 from common import BIN, NIX, ROOT, fleet_env, run_checked
 from common import testbed as fleet_testbed
 
+from flakefleet.builds import gcroot
+
 STATE = ROOT / ".testbed-bench-closure"
 WORK = ROOT / ".testbed-bench-closure-work"  # the flake copy, cache and byte counts
 ENV = fleet_env(STATE, 22980)
@@ -238,7 +240,7 @@ def main() -> None:
     finally:
         testbed("down", "--purge")
         for name in names:  # the controller's GC roots of the bench machines
-            (ROOT / ".flakefleet" / "gcroots" / name).unlink(missing_ok=True)
+            gcroot(ROOT, Path(ENV["FLAKEFLEET_FLEET"]), name).unlink(missing_ok=True)
         shutil.rmtree(WORK, ignore_errors=True)
         if systems:  # this bench's own paths go, unless something else still uses them
             for paths in (systems, own, drvs, own):  # dependents first

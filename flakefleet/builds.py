@@ -18,6 +18,7 @@ Wherever it is built, the path must be the one evaluated here, or the machine fa
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections.abc import Collection, Mapping
@@ -28,10 +29,19 @@ from urllib.parse import urlsplit
 
 from flakefleet import cache as caches
 from flakefleet import nix, signing
+from flakefleet.fleet import fleet_file
 from flakefleet.remote import Unreachable, run_on
 from flakefleet.ssh import relay_options, ssh_destination, ssh_options
 
 GCROOTS = ".flakefleet/gcroots"
+
+
+def gcroot(cwd: Path, fleet: Path, machine: str) -> Path:
+    """Where the controller keeps a machine's system alive: a directory per fleet file, as
+    two fleets may both have a `web1` (`.flakefleet/gcroots/fleet-1a2b3c4d/web1`)."""
+    resolved = fleet.resolve()
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
+    return cwd / GCROOTS / f"{resolved.stem}-{digest}" / machine
 
 
 @dataclass(frozen=True)
@@ -266,7 +276,7 @@ class FleetBuilds:
         self._root(name, self.system(name).out)
 
     def _root(self, name: str, out: str) -> None:
-        link = self.cwd / GCROOTS / name
+        link = gcroot(self.cwd, fleet_file(), name)
         if os.path.islink(link) and os.readlink(link) == out:
             return
         nix.add_root(link, out)

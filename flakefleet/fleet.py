@@ -22,6 +22,7 @@ Everything is checked before any machine is contacted; the first problem is rais
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,3 +279,9 @@ def _reject_unknown(
             raise FleetError(
                 path, f"unknown {what} {key!r} (expected one of: {', '.join(known)})", machine
             )
+
+
+def fleet_file() -> Path:
+    """The fleet file of this run: $FLAKEFLEET_FLEET, else `fleet.yaml` in the working
+    directory (where `pyinfra inventory.py ...` runs)."""
+    return Path(os.environ.get("FLAKEFLEET_FLEET") or "fleet.yaml")

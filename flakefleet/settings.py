@@ -13,7 +13,6 @@ machine deployed with the default. (`sources` have checks of their own, in
 from __future__ import annotations
 
 import difflib
-import os
 import threading
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 from pyinfra import host
 
 from flakefleet import builds, cache, report
+from flakefleet.fleet import fleet_file
 
 CHECK_FAILURE_POLICIES = ("rollback", "keep", "stop")
 REBOOT_POLICIES = ("never", "when-needed", "always")
@@ -203,13 +203,12 @@ def check() -> None:
 
 
 def _check_selected(state: Any) -> tuple[list[str], dict[str, str]]:
-    fleet_file = os.environ.get("FLAKEFLEET_FLEET") or "fleet.yaml"
     fleet = [each.name for each in state.inventory]
     cwd = Path(state.cwd or ".")
     machines: dict[str, list[str]] = {}  # the same problem on many machines is one line
     reasons: dict[str, str] = {}
     for each in state.inventory.get_active_hosts():
-        found = layers(each, state.inventory, fleet_file)
+        found = layers(each, state.inventory, str(fleet_file()))
         for problem in problems(each.data.dict(), found, fleet, cwd):
             machines.setdefault(problem, []).append(each.name)
             reasons.setdefault(each.name, problem)

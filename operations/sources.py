@@ -26,6 +26,7 @@ from pyinfra.api import FunctionCommand, operation
 
 from facts.sources import STORE_DIR, VarSrc
 from flakefleet import report, sudo
+from flakefleet.fleet import fleet_file
 from flakefleet.process import CommandError, run
 from flakefleet.remote import KEEPALIVE
 from flakefleet.settings import layers
@@ -71,11 +72,11 @@ def _stop(state: Any, error: SourcesInvalid) -> None:
 
 
 def _check_selected(state: Any) -> RunSources | SourcesInvalid:
-    fleet_file = os.environ.get("FLAKEFLEET_FLEET") or "fleet.yaml"
+    fleet = str(fleet_file())
     machines = [
         (
             each.name,
-            [*config_layer(each.data.get("flake")), *layers(each, state.inventory, fleet_file)],
+            [*config_layer(each.data.get("flake")), *layers(each, state.inventory, fleet)],
             each.data,
         )
         for each in state.inventory.get_active_hosts()

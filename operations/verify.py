@@ -9,7 +9,6 @@ on its own tests.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pyinfra import host
 from pyinfra.api import FunctionCommand, operation
 
 from flakefleet import checks, report
+from flakefleet.fleet import fleet_file
 from flakefleet.process import run
 from flakefleet.settings import CHECK_FAILURE_POLICIES
 from operations import activation
@@ -121,7 +121,7 @@ def run_smoke_checks(machines: list[str], cwd: Path, processes: int = 1) -> dict
 
 def _run_pytest(machines: list[str], cwd: Path) -> dict[str, Verdict]:
     """Run the smoke suites against machines in one pytest process; a verdict per machine."""
-    fleet = os.environ.get("FLAKEFLEET_FLEET") or "fleet.yaml"
+    fleet = str(fleet_file())
     with tempfile.TemporaryDirectory(prefix="flakefleet-smoke-") as scratch:
         junit = Path(scratch) / "junit.xml"
         verdicts = {name: Verdict() for name in machines}

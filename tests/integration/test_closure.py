@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, evaluate
 
-ROOTS = ROOT / ".flakefleet" / "gcroots"
+from flakefleet.builds import gcroot
 
 
 def system_of(flake: Path, name: str, env: dict[str, str] | None = None) -> str:
@@ -66,11 +66,12 @@ def test_every_class_is_built_here_and_copied_as_its_user(fleet, flake):
         assert result.report[machine]["system"] == system
         assert valid_for(fleet, machine, users.get(machine, "root"), system), machine
         # The controller keeps every closure it deployed alive in its own store.
-        assert (ROOTS / machine).resolve() == Path(system)
+        root = gcroot(ROOT, fleet.fleet_file, machine)  # this fleet's, beside other fleets'
+        assert root.resolve() == Path(system)
         roots = subprocess.run(
             ["nix-store", "--query", "--roots", system], capture_output=True, text=True, check=True
         ).stdout
-        assert str(ROOTS / machine) in roots
+        assert str(root) in roots
     # Laid out like nix-darwin's and home-manager's outputs.
     mac = system_of(flake, "mac1")
     assert fleet.ssh("mac1", f"cat {mac}/darwin-version") == "mac1-1"
