@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from pyinfra.api import FactBase
 
@@ -34,10 +36,11 @@ class MachineState:
     var_src: VarSrc = field(default_factory=VarSrc)
 
 
-def system_links(machine_class: str, user: str) -> tuple[str, str]:
-    """The profile a machine keeps its generations in, and the link to what it runs (a
-    home-manager machine runs what its profile selects)."""
-    profile = nix.profile_path(machine_class, user)
+def system_links(data: Mapping[str, Any]) -> tuple[str, str]:
+    """The profile the machine `data` describes keeps its generations in, and the link to what
+    it runs (a home-manager machine runs what its profile selects)."""
+    machine_class = data.get("machine_class", "nixos")
+    profile = nix.profile_path(machine_class, data.get("ssh_user") or "root")
     return profile, profile if machine_class == "home" else RUNNING_SYSTEM
 
 

@@ -207,8 +207,9 @@ def _check_selected(state: Any) -> tuple[list[str], dict[str, str]]:
     cwd = Path(state.cwd or ".")
     machines: dict[str, list[str]] = {}  # the same problem on many machines is one line
     reasons: dict[str, str] = {}
+    fleet_label = str(fleet_file())
     for each in state.inventory.get_active_hosts():
-        found = layers(each, state.inventory, str(fleet_file()))
+        found = layers(each, state.inventory, fleet_label)
         for problem in problems(each.data.dict(), found, fleet, cwd):
             machines.setdefault(problem, []).append(each.name)
             reasons.setdefault(each.name, problem)

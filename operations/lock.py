@@ -70,9 +70,7 @@ def _release_at_exit(name: str, data: Any) -> None:
 
 
 def _read_preflight() -> PreflightState:
-    profile, running = system_links(
-        host.data.get("machine_class", "nixos"), host.data.get("ssh_user") or "root"
-    )
+    profile, running = system_links(host.data)
     become = sudo.how(host.data)
     return host.get_fact(
         Preflight,

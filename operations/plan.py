@@ -22,9 +22,7 @@ WIDTH = 8  # machine names are padded to this in the plan's lines
 
 def read_state() -> MachineState:
     """The machine's systems and generations, as its SSH user sees them."""
-    profile, running = system_links(
-        host.data.get("machine_class", "nixos"), host.data.get("ssh_user") or "root"
-    )
+    profile, running = system_links(host.data)
     return host.get_fact(Machine, profile=profile, running=running)
 
 

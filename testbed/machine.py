@@ -356,9 +356,10 @@ def main(argv: list[str]) -> int:
     paths = StatePaths(Path(state)).machine(name)
     hash_file = paths.deploy_password_hash
     password_hash = hash_file.read_text().strip() if hash_file.exists() else None
-    nix_bin = NIX_PROFILE_BIN if paths.nix_off_path.exists() else NIX_BIN
+    nix_off_path = paths.nix_off_path.exists()  # a darwin machine: Nix in its profile only
+    nix_bin = NIX_PROFILE_BIN if nix_off_path else NIX_BIN
     try:
-        mount_filesystems(paths, nix_off_path=nix_bin == NIX_PROFILE_BIN)
+        mount_filesystems(paths, nix_off_path=nix_off_path)
     except (MachineError, OSError) as error:
         print(f"testbed.machine: refusing to boot {name}: {error}", file=sys.stderr)
         return 1
