@@ -1,17 +1,14 @@
 """The fleet as a pyinfra inventory: one group per machine class and per role.
 
-Reads `fleet.yaml` beside this file, or the file named by FLAKEFLEET_FLEET (the test fleet's
-is `.testbed/fleet.yaml`). A bad fleet file stops here, before any machine is contacted.
+Reads `fleet.yaml` in the directory pyinfra runs in, or the file named by FLAKEFLEET_FLEET
+(the test fleet's is `.testbed/fleet.yaml`). A bad fleet file stops here, before any machine
+is contacted.
 """
 
-import os
-from pathlib import Path
+from flakefleet.fleet import FleetError, fleet_file, load_fleet
 
-from flakefleet.fleet import FleetError, load_fleet
-
-_path = Path(os.environ.get("FLAKEFLEET_FLEET") or Path(__file__).parent / "fleet.yaml")
 try:
-    _fleet = load_fleet(_path)
+    _fleet = load_fleet(fleet_file())
 except FleetError as _error:
     raise SystemExit(f"flakefleet: {_error}") from None
 

@@ -36,7 +36,7 @@ from common import testbed as fleet_testbed
 sys.path.insert(0, str(ROOT))
 
 from flakefleet.sources import list_tree, tree_digest
-from flakefleet.ssh import ssh_destination, ssh_options
+from flakefleet.target import Target
 
 STATE = ROOT / ".testbed-bench-sources"
 TESTBED = fleet_env(STATE, 22950)
@@ -107,12 +107,12 @@ while True:
 # The sources step as deploy/site.py runs it, between the preflight (lock, the machine's state
 # read as root, the sudo password) and the lock's release, without the other steps.
 DEPLOY_FILE = """\
-from operations import lock, sources
+from operations import preflight, sources
 
-machine = lock.preflight()
+machine = preflight.preflight()
 if machine is not None:
     sources.sync(name="Sync the sources", wanted=sources.declared(), var_src=machine.var_src)
-    lock.release(name="Release the deploy lock")
+    preflight.release(name="Release the deploy lock")
 """
 
 
@@ -232,9 +232,9 @@ def run(wire: Wire, fleet: dict, entry: dict, args: argparse.Namespace):
         "ssh_hostname": entry["address"],
         "ssh_user": entry["user"],
     }
-    destination = ssh_destination(data, entry["name"])
-    floor = ["rsync", "-a", "-e", shlex.join(["ssh", *ssh_options(data)]), f"{tree}/",
-             f"{destination}:/var/tmp/floor/"]  # fmt: skip
+    target = Target.from_data(entry["name"], data)
+    floor = ["rsync", "-a", "-e", shlex.join(["ssh", *target.ssh_options()]), f"{tree}/",
+             f"{target.destination}:/var/tmp/floor/"]  # fmt: skip
     as_root = ["ssh", "-F", str(STATE / "ssh_config"), entry["name"]]
 
     results: Results = {}

@@ -9,11 +9,10 @@ controller are built, so their package changes can be listed.
 
 from pyinfra import state
 
-from flakefleet import report, settings
+from flakefleet.run import Run
 from operations import closure, plan
 
-report.install(state)
-settings.check()  # every selected machine's settings, before any machine is contacted
+Run.of(state).check_settings()  # every selected machine's settings, before any is contacted
 
 machine = plan.read_state()  # systems and generations: one round trip
 target = closure.evaluate(machine)  # one Nix evaluation for all machines

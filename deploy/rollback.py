@@ -6,18 +6,20 @@
 
 from pyinfra import host, state
 
-from flakefleet import report
-from operations import activation, lock, verify
+from flakefleet.run import Run
+from operations import activation, preflight, verify
 
-report.install(state)
+run = Run.of(state)
+run.check_settings()
+settings = run.settings(host.name)
 
-machine = lock.preflight()
+machine = preflight.preflight()
 if machine is not None:
     activation.roll_back(
         name="Roll back",
         machine=machine,
-        generation=host.data.get("generation"),
-        confirm_timeout=host.data.get("confirm_timeout", 30),
+        generation=settings.generation,
+        confirm_timeout=settings.confirm_timeout,
     )
-    verify.health_gate(name="Health checks", on_failure=host.data.get("on_check_failure"))
-    lock.release(name="Release the deploy lock")
+    verify.health_gate(name="Health checks", on_failure=settings.on_check_failure)
+    preflight.release(name="Release the deploy lock")

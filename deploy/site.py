@@ -9,16 +9,17 @@ changes nothing.
 
 from pyinfra import host, state
 
-from flakefleet import report, settings
-from operations import activation, closure, generations, lock, reboot, sources, verify
+from flakefleet.run import Run
+from operations import activation, closure, generations, preflight, reboot, sources, verify
 
-report.install(state)
-settings.check()  # every selected machine's settings, before any machine is contacted
-goal = host.data.get("goal", "switch")
+run = Run.of(state)  # what this run knows; closed once at exit (locks, servers, summary)
+run.check_settings()  # every selected machine's settings, before any machine is contacted
+settings = run.settings(host.name)
+goal = settings.goal
 
 # The deploy lock, systems, generations and /var/src: one round trip; none for a machine
 # whose class has no such goal (nix-darwin and home-manager machines only switch).
-machine = lock.preflight() if activation.supports(goal) else None
+machine = preflight.preflight() if activation.supports(goal) else None
 target = closure.evaluate(machine) if machine else None  # one Nix evaluation for all machines
 
 if target is not None:
@@ -34,22 +35,23 @@ if target is not None:
         system=target,
         machine=machine,
         goal=goal,
-        confirm_timeout=host.data.get("confirm_timeout", 30),
+        confirm_timeout=settings.confirm_timeout,
     )
-    if goal in ("switch", "test"):  # the new system runs: check it, then confirm or roll back
-        verify.health_gate(name="Health checks", on_failure=host.data.get("on_check_failure"))
+    if goal.runs_new_system:  # the new system runs: check it, then confirm or roll back
+        verify.health_gate(name="Health checks", on_failure=settings.on_check_failure)
     reboot.reboot(
         name="Reboot if needed",
         system=target,
         goal=goal,
-        policy=host.data.get("reboot", "never"),
-        timeout=host.data.get("reboot_timeout", 300),
+        policy=settings.reboot,
+        timeout=settings.reboot_timeout,
+        command=settings.reboot_command,
     )
     generations.prune(
         name="Prune old generations",
         system=target,
         machine=machine,
         goal=goal,
-        keep=host.data.get("keep_generations"),
+        keep=settings.keep_generations,
     )
-    lock.release(name="Release the deploy lock")
+    preflight.release(name="Release the deploy lock")

@@ -2,50 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from pyinfra.api import FactBase
 
 from facts.nix import (
-    RUNNING_SYSTEM,
-    SYSTEM_PROFILE,
     BootedSystem,
     CurrentSystem,
-    Generation,
     NixVersion,
     SystemGenerations,
     SystemProfile,
 )
-from facts.sources import Sources, VarSrc
-from flakefleet import lock, nix, sudo
+from facts.sources import Sources
+from flakefleet import lock, sudo, worker
+from flakefleet.models import RUNNING_SYSTEM, SYSTEM_PROFILE, MachineState, PreflightState
+from flakefleet.target import RemoteFact
 
 SECTION = "@@flakefleet-fact "
 
-
-@dataclass(frozen=True)
-class MachineState:
-    """A machine's systems, generations, Nix and /var/src, as one snapshot."""
-
-    current_system: str | None = None
-    booted_system: str | None = None
-    profile_system: str | None = None
-    generations: list[Generation] = field(default_factory=list)
-    nix_version: str | None = None
-    var_src: VarSrc = field(default_factory=VarSrc)
-
-
-def system_links(data: Mapping[str, Any]) -> tuple[str, str]:
-    """The profile the machine `data` describes keeps its generations in, and the link to what
-    it runs (a home-manager machine runs what its profile selects)."""
-    machine_class = data.get("machine_class", "nixos")
-    profile = nix.profile_path(machine_class, data.get("ssh_user") or "root")
-    return profile, profile if machine_class == "home" else RUNNING_SYSTEM
-
-
 # The facts MachineState is made of, by the field each one fills.
-PARTS: dict[str, type[FactBase]] = {
+PARTS: dict[str, type[FactBase[Any]]] = {
     "current_system": CurrentSystem,
     "booted_system": BootedSystem,
     "profile_system": SystemProfile,
@@ -55,7 +31,7 @@ PARTS: dict[str, type[FactBase]] = {
 }
 
 
-class Machine(FactBase[MachineState]):
+class MachineSnapshot(RemoteFact[MachineState]):
     """Runs every fact in PARTS as one command, each output behind a section line.
 
     `profile` is the profile holding the machine's generations (the system profile, or a
@@ -67,7 +43,8 @@ class Machine(FactBase[MachineState]):
     def default() -> MachineState:
         return MachineState()
 
-    def command(self, profile: str = SYSTEM_PROFILE, running: str = RUNNING_SYSTEM) -> str:
+    @staticmethod
+    def script(profile: str = SYSTEM_PROFILE, running: str = RUNNING_SYSTEM) -> str:
         commands = {
             "current_system": CurrentSystem().command(running),
             "booted_system": BootedSystem().command(),
@@ -94,45 +71,28 @@ class Machine(FactBase[MachineState]):
         return MachineState(**values)
 
 
-@dataclass(frozen=True)
-class PreflightState:
-    """The machine's state, and whether this deploy now holds its lock (else who does)."""
-
-    lock_acquired: bool
-    lock_holder: str
-    machine: MachineState
-    activations_in_progress: int = 0  # workers still activating or awaiting confirmation
-    sudo_refusal: str | None = None  # why sudo would not run the preflight (nothing ran)
-
-
-class Preflight(FactBase[PreflightState]):
+class Preflight(RemoteFact[PreflightState]):
     """Take the machine's deploy lock and read its state, in one round trip, as root.
 
     Output: ``lock acquired`` or ``lock held <holder>``, the number of activations still in
-    progress, then the ``Machine`` fact's sections; or, when sudo refuses (`become`), only
-    its reason behind ``sudo.REFUSED``.
+    progress, then the ``MachineSnapshot`` sections; or, when sudo refuses (read with
+    ``gate``), only its reason behind ``sudo.REFUSED``.
     """
 
     @staticmethod
     def default() -> PreflightState:
         return PreflightState(lock_acquired=False, lock_holder="", machine=MachineState())
 
-    def command(
-        self,
-        lock_dir: str,
-        holder: str,
+    @staticmethod
+    def script(
+        lock_dir: str = "/run/flakefleet",
+        holder: str = "",
         profile: str = SYSTEM_PROFILE,
         running: str = RUNNING_SYSTEM,
-        become: sudo.Become = sudo.Become.ROOT,
-        nix_dir: str | None = None,
     ) -> str:
-        busy = (
-            f"cat {lock_dir}/activation/*/phase 2>/dev/null"
-            " | grep -c -x -e running -e awaiting-confirmation"
-        )
-        machine = Machine().command(profile, running)
-        script = f"{lock.acquire_command(lock_dir, holder)}; {busy}; {machine}"
-        return sudo.gate(become, sudo.nix_on_path(nix_dir, script))
+        machine = MachineSnapshot.script(profile, running)
+        busy = worker.busy_count_command(lock_dir)
+        return f"{lock.acquire_command(lock_dir, holder)}; {busy}; {machine}"
 
     def process(self, output: list[str]) -> PreflightState:
         first = output[0].strip() if output else ""
@@ -143,6 +103,6 @@ class Preflight(FactBase[PreflightState]):
         return PreflightState(
             lock_acquired=first == "lock acquired",
             lock_holder=first.removeprefix("lock held").strip(),
-            machine=Machine().process(output[2:]),
+            machine=MachineSnapshot().process(output[2:]),
             activations_in_progress=int(busy) if busy.isdigit() else 0,
         )

@@ -7,22 +7,10 @@ trip, which is what a deploy uses.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from pyinfra.api import FactBase
 
-SYSTEM_PROFILE = "/nix/var/nix/profiles/system"
-RUNNING_SYSTEM = "/run/current-system"
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One generation of a Nix profile, as `nix-env --list-generations` shows it."""
-
-    number: int
-    created: str
-    current: bool
-    system: str | None = None  # the store path the generation links to
+from flakefleet.models import BOOTED_SYSTEM, RUNNING_SYSTEM, SYSTEM_PROFILE, Generation
 
 
 class CurrentSystem(FactBase[str | None]):
@@ -45,7 +33,7 @@ class BootedSystem(CurrentSystem):
     """The store path the machine booted (`/run/booted-system`), or None."""
 
     def command(self) -> str:
-        return "readlink /run/booted-system || true"
+        return f"readlink {BOOTED_SYSTEM} || true"
 
 
 class SystemProfile(CurrentSystem):

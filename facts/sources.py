@@ -2,35 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from pyinfra.api import FactBase
 
-SOURCES_ROOT = "/var/src"
-# Where a login without root keeps its sources (a home-manager machine cannot write /var/src).
-USER_SOURCES_ROOT = "$HOME/.var/src"
-# flakefleet's own directory in /var/src: its presence is the marker that flakefleet manages
-# this /var/src, and it holds every source's trees, one per content digest.
-STORE_DIR = ".flakefleet"
-
-
-@dataclass(frozen=True)
-class VarSrc:
-    """What /var/src holds: whether flakefleet manages it, and each source's content digest
-    (None for an entry flakefleet did not put there).
-
-    `live` names the directory in the store each managed source points to (its digest, or
-    ``<digest>.<n>`` after a resync rebuilt a tree with an unchanged digest); `stored` names
-    every source directory in the store, linked or not (an interrupted first sync leaves one).
-    """
-
-    exists: bool = False
-    managed: bool = False
-    sources: dict[str, str | None] = field(default_factory=dict)
-    root: str = SOURCES_ROOT
-    empty: bool = False
-    live: dict[str, str] = field(default_factory=dict)
-    stored: frozenset[str] = frozenset()
+from flakefleet.models import SOURCES_ROOT, STORE_DIR, USER_SOURCES_ROOT, VarSrc
 
 
 class Sources(FactBase[VarSrc]):

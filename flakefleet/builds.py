@@ -21,17 +21,18 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from flakefleet import cache as caches
-from flakefleet import nix, signing
-from flakefleet.fleet import fleet_file
-from flakefleet.remote import Unreachable, run_on
-from flakefleet.ssh import relay_options, ssh_destination, ssh_options
+from flakefleet import nix, remote_nix, signing
+from flakefleet.target import Target, Unreachable
+
+if TYPE_CHECKING:
+    from flakefleet.settings import MachineSettings
 
 GCROOTS = ".flakefleet/gcroots"
 
@@ -70,40 +71,30 @@ def placement(value: Any, machines: Collection[str]) -> Placement:
 @dataclass(frozen=True)
 class Peer:
     """A machine flakefleet runs Nix commands on besides the one it deploys: a builder or a
-    cache machine, reached with its fleet data or, for a URL, the user's own ssh settings."""
+    cache machine, reached as the fleet reaches it or, for a URL, with the user's own ssh
+    settings."""
 
-    name: str
-    data: Mapping[str, Any]
+    target: Target
     protocol: str = "ssh"
+
+    @property
+    def name(self) -> str:
+        return self.target.name
 
     @property
     def store(self) -> str:
         """Its store, as the controller's Nix reaches it."""
-        return nix.store_url(
-            self.protocol,
-            ssh_destination(self.data, self.name),
-            nix_dir=self.data.get("remote_nix_dir"),
-        )
+        return self.target.store_url(self.protocol)
 
     def run(self, command: str) -> str:
         """Run a command there; its stdout, or NixError with its last words."""
         try:
-            completed = run_on(self.data, self.name, command, timeout=3600)
+            completed = self.target.run(command, timeout=3600)
         except Unreachable as error:
             raise nix.NixError(str(error)) from error
         if completed.returncode != 0:
             raise nix.NixError(f"on {self.name}: {nix.copy_error(completed.stderr)}")
         return completed.stdout
-
-
-def peer(spec: str, hosts: Mapping[str, Any]) -> Peer:
-    """The builder or cache machine named by `spec`: a fleet machine, or an ssh URL."""
-    if spec in hosts:
-        data = hosts[spec]
-        return Peer(spec, data, str(data.get("copy_protocol") or "ssh"))
-    url = urlsplit(spec)
-    data = {"ssh_hostname": url.hostname or spec, "ssh_user": url.username}
-    return Peer(url.hostname or spec, data, url.scheme)
 
 
 @dataclass
@@ -126,48 +117,59 @@ class _Batch:
 class FleetBuilds:
     """Evaluations, builds and uploads of one run, keyed by machine name."""
 
-    def __init__(self, cwd: Path, hosts: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        cwd: Path,
+        fleet_file: Path,
+        targets: Mapping[str, Target],
+        settings: Callable[[str], MachineSettings],
+    ) -> None:
         self.cwd = cwd
-        self._hosts = hosts  # every machine's data, selected or not (builders may be either)
+        self.fleet_file = fleet_file
+        self._targets = targets  # every machine, selected or not (builders may be either)
+        self._settings = settings
         self._batches: dict[tuple[str, tuple[tuple[str, str], ...]], _Batch] = {}
         self._by_machine: dict[str, _Batch] = {}
-        self._placements: dict[str, Placement] = {}
-        self._invalid: dict[str, str] = {}  # machines whose settings cannot be used, and why
         self._pushed: dict[caches.Cache, set[str]] = {}
         self._lock = threading.Lock()
 
-    def add(self, name: str, data: Any) -> None:
-        """Register a machine (from its pyinfra host data) before any evaluation."""
-        flake = (self.cwd / str(data.get("flake", "."))).resolve()
-        options = {str(k): str(v) for k, v in (data.get("nix_options") or {}).items()}
+    def add(self, name: str) -> None:
+        """Register a selected machine before any evaluation."""
+        settings, target = self._settings(name), self._targets[name]
+        flake = (self.cwd / settings.flake).resolve()
+        options = dict(settings.nix_options)
         key = (str(flake), tuple(sorted(options.items())))
         with self._lock:
             if name in self._by_machine:
                 return
             batch = self._batches.setdefault(key, _Batch(flake, options, {}))
             batch.attributes[name] = nix.configuration_attribute(
-                data.get("machine_class", "nixos"), name, data.get("ssh_user") or "root"
+                target.machine_class, name, target.user
             )
             self._by_machine[name] = batch
-            try:
-                self._placements[name] = placement(data.get("build_on"), self._hosts)
-                cache_of(data, self.cwd, self._hosts)
-            except ValueError as error:
-                self._placements[name] = Placement("local")
-                self._invalid[name] = str(error)
+
+    def peer(self, spec: str) -> Peer:
+        """The builder or cache machine named by `spec`: a fleet machine, or an ssh URL."""
+        if spec in self._targets:
+            return Peer(self._targets[spec], self._settings(spec).copy_protocol)
+        url = urlsplit(spec)
+        address = url.hostname or spec
+        return Peer(Target(name=address, address=address, ssh_user=url.username), url.scheme)
+
+    def signing_key(self, name: str) -> Path | None:
+        """The key the machine's closures are signed with (made on first use), or None."""
+        settings = self._settings(name)
+        return signing.key_for(settings.signing_key, settings.sign_closures, self.cwd)
 
     def placement(self, name: str) -> Placement:
-        return self._placements[name]
+        return self._settings(name).build_on
 
     def cache(self, name: str) -> caches.Cache | None:
         """The cache the machine's closure goes through, if any."""
-        return cache_of(self._hosts[name], self.cwd, self._hosts)
+        return self._settings(name).cache
 
     def system(self, name: str) -> nix.System:
-        """The machine's evaluated system; raises NixError if it does not evaluate (or its
-        settings cannot be used)."""
-        if name in self._invalid:
-            raise nix.NixError(self._invalid[name])
+        """The machine's evaluated system; raises NixError if it does not evaluate."""
         batch = self._by_machine[name]
         with batch.lock:
             if batch.systems is None:
@@ -191,7 +193,7 @@ class FleetBuilds:
         """Build the machine's system where it is placed (with every needed system of its
         batch placed there); returns its path. Target builds are the machine's own business
         (see operations.closure)."""
-        where = self._placements[name]
+        where = self.placement(name)
         if where.kind == "builder":
             return self._build_on_builder(name, where.builder)
         return self._build_locally(name)
@@ -233,7 +235,7 @@ class FleetBuilds:
                 if batch.systems[m].drv not in batch.attempted
             ]
             if machines:
-                self._realise_on(peer(builder, self._hosts), batch, machines)
+                self._realise_on(self.peer(builder), batch, machines)
         if name in batch.build_errors:
             raise nix.NixError(batch.build_errors[name])
         return system.out
@@ -243,12 +245,8 @@ class FleetBuilds:
         drvs = [batch.systems[m].drv for m in machines]
         batch.attempted.update(drvs)
         try:
-            nix.copy_derivations(drvs, builder.store, ssh_options(builder.data), batch.options)
-            built = set(
-                builder.run(nix.remote_realise_command(drvs, builder.data.get("remote_nix_dir")))
-                .strip()
-                .splitlines()
-            )
+            nix.copy_derivations(drvs, builder.store, builder.target.ssh_options(), batch.options)
+            built = set(builder.run(remote_nix.realise_command(drvs, builder.target)).split())
         except nix.NixError as error:
             for machine in machines:
                 batch.build_errors[machine] = f"build on {builder.name} failed: {error}"
@@ -266,7 +264,7 @@ class FleetBuilds:
         return [
             machine
             for machine in sorted(batch.needed | {name})
-            if machine in batch.systems and self._placements[machine] == where
+            if machine in batch.systems and self.placement(machine) == where
         ]
 
     # -- what the controller keeps and sends -----------------------------------------------
@@ -276,7 +274,7 @@ class FleetBuilds:
         self._root(name, self.system(name).out)
 
     def _root(self, name: str, out: str) -> None:
-        link = gcroot(self.cwd, fleet_file(), name)
+        link = gcroot(self.cwd, self.fleet_file, name)
         if os.path.islink(link) and os.readlink(link) == out:
             return
         nix.add_root(link, out)
@@ -314,8 +312,8 @@ class FleetBuilds:
                 for machine in self._users_of(cache) | {name}:
                     self.sign(machine, key)
             if cache.machine:
-                target = peer(cache.machine, self._hosts)
-                store, options = target.store, ssh_options(target.data)
+                holder = self.peer(cache.machine)
+                store, options = holder.store, holder.target.ssh_options()
             else:
                 store, options = cache.store, []
             sent = nix.copy_paths(outs, store, options, self._by_machine[name].options)
@@ -328,8 +326,8 @@ class FleetBuilds:
             machine
             for machine, batch in self._by_machine.items()
             if machine in batch.needed
-            and self._placements[machine].kind == "local"
-            and cache_of(self._hosts.get(machine, {}), self.cwd, self._hosts) == cache
+            and self.placement(machine).kind == "local"
+            and self.cache(machine) == cache
             and self._evaluated(machine)
         }
 
@@ -337,31 +335,25 @@ class FleetBuilds:
         systems = self._by_machine[name].systems
         return systems is not None and name in systems
 
-    def relay(
-        self, name: str, source: str, destination: Mapping[str, Any], key: Path | None,
-        sign_there: bool = False,
-    ) -> int:  # fmt: skip
+    def relay(self, name: str, source: str, key: Path | None, sign_there: bool = False) -> int:
         """Have `source` (the builder or cache machine holding the closure) send it to the
         machine directly; the controller only asks. Returns how many paths were sent.
 
         `sign_there`: sign the closure in the holder's store first (a builder's own builds);
         only the signatures travel, computed here with the fleet's key.
         """
-        holder = peer(source, self._hosts)
+        holder = self.peer(source)
         out = self.system(name).out
         if key is not None and sign_there:
-            nix.sign_paths([out], str(key), _ssh_ng(holder), ssh_options(holder.data))
-        target = nix.store_url(
-            str(destination.get("copy_protocol") or "ssh"),
-            ssh_destination(destination, name),
-            compress=bool(destination.get("copy_compress")),
-            nix_dir=destination.get("remote_nix_dir"),
-        )
-        command = nix.remote_copy_command(
+            nix.sign_paths(
+                [out], str(key), holder.target.store_url("ssh-ng"), holder.target.ssh_options()
+            )
+        destination, settings = self._targets[name], self._settings(name)
+        command = remote_nix.copy_command(
             [out],
-            target,
-            relay_options(destination),
-            holder.data.get("remote_nix_dir"),
+            destination.store_url(settings.copy_protocol, compress=settings.copy_compress),
+            destination.relay_options(),
+            holder.target,
             nix.copy_flags(check_sigs=key is not None),
         )
         return nix.copied_count(holder_log(holder, command))
@@ -372,44 +364,7 @@ def holder_log(holder: Peer, command: str) -> str:
     return holder.run(f"{{ {command}; }} 2>&1")
 
 
-def _ssh_ng(holder: Peer) -> str:
-    """The holder's store over ssh-ng, which can take signatures made here."""
-    return nix.store_url(
-        "ssh-ng",
-        ssh_destination(holder.data, holder.name),
-        nix_dir=holder.data.get("remote_nix_dir"),
-    )
-
-
 def mismatch(where: str, built: list[str], evaluated: str) -> str:
     """Why a machine stops when the path built elsewhere is not the one evaluated here."""
     got = ", ".join(built) or "nothing"
     return f"build on {where} gave {got}, but the flake evaluates to {evaluated} here"
-
-
-def cache_of(data: Mapping[str, Any], cwd: Path, hosts: Collection[str]) -> caches.Cache | None:
-    """The cache a machine's closures go through, if any."""
-    return caches.parse(data.get("cache"), cwd, hosts)
-
-
-def signing_key(data: Mapping[str, Any], cwd: Path) -> Path | None:
-    return signing.key_for(data, cwd)
-
-
-_runs: dict[int, FleetBuilds] = {}
-
-
-def for_run(state: Any) -> FleetBuilds:
-    """The FleetBuilds of a pyinfra run (one per State), with every active machine registered.
-
-    Keyed by the run's inventory: deploy files see pyinfra's context proxy of the State,
-    operations' commands the State itself, and both must find the same builds.
-    """
-    key = id(state.inventory)
-    builds = _runs.get(key)
-    if builds is None:
-        hosts = {host.name: host.data for host in state.inventory}
-        builds = _runs[key] = FleetBuilds(Path(state.cwd or "."), hosts)
-        for host in state.inventory.get_active_hosts():
-            builds.add(host.name, host.data)
-    return builds

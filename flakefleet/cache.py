@@ -10,12 +10,11 @@ every machine fetches its closure from the cache in parallel.
                                     # and it sends each machine its closure
 
 A served cache is a `python3 -m http.server` the controller starts on first use and stops by
-PID once every machine fetched from it (and at exit, whatever happened).
+PID once every machine fetched from it (and when the run closes, whatever happened).
 """
 
 from __future__ import annotations
 
-import atexit
 import socket
 import subprocess
 import sys
@@ -139,21 +138,3 @@ def _answers(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-_servers: dict[Cache, Server] = {}
-_servers_lock = threading.Lock()
-
-
-def server(cache: Cache) -> Server:
-    """The one server of a served cache in this run."""
-    with _servers_lock:
-        if not _servers:
-            atexit.register(stop_all)
-        return _servers.setdefault(cache, Server(cache))
-
-
-def stop_all() -> None:
-    """Stop every server this run started (at exit, whatever happened)."""
-    for entry in _servers.values():
-        entry.stop()

@@ -13,26 +13,29 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flakefleet.remote import Unreachable, run_on
+from flakefleet.target import Target, Unreachable
+
+if TYPE_CHECKING:
+    from flakefleet.run import Run
 
 
-def run_checks(name: str, data: Mapping[str, Any]) -> list[str]:
+def run_checks(run: Run, name: str) -> list[str]:
     """Run every declared check of a machine; returns the failures (empty when all pass)."""
     failures = []
-    for check in data.get("checks") or []:
-        problem = _run(name, data, check)
+    for check in run.settings(name).checks:
+        problem = _run(run.target(name), check)
         if problem:
             failures.append(problem)
     return failures
 
 
-def _run(name: str, data: Mapping[str, Any], check: Mapping[str, Any]) -> str | None:
+def _run(target: Target, check: Mapping[str, Any]) -> str | None:
     timeout = float(check.get("timeout", 10))
     if "command" in check:
         try:
-            completed = run_on(data, name, str(check["command"]), timeout=timeout)
+            completed = target.run(str(check["command"]), timeout=timeout)
         except Unreachable as error:
             return f"command {check['command']!r}: {error}"
         if completed.returncode != 0:

@@ -46,6 +46,12 @@ class Holder:
         age = max(0, int(time.time()) - self.since)
         return f"deployer PID {self.pid} on {self.controller}, for {age}s"
 
+    @classmethod
+    def this_process(cls) -> Holder:
+        """This deployer process, as a lock holder."""
+        pid = os.getpid()
+        return cls(socket.gethostname(), pid, _start_ticks(pid) or "?", int(time.time()))
+
     def is_dead(self) -> bool:
         """True only when the holder is known to be gone: a process of this controller that no
         longer exists (or whose PID now belongs to another process)."""
@@ -61,19 +67,6 @@ def _start_ticks(pid: int) -> str | None:
     except OSError:
         return None
     return stat.rsplit(")", 1)[1].split()[19]
-
-
-_this_deployer: list[Holder] = []
-
-
-def this_deployer() -> Holder:
-    """This process, as a lock holder (the same for the whole run)."""
-    if not _this_deployer:
-        pid = os.getpid()
-        _this_deployer.append(
-            Holder(socket.gethostname(), pid, _start_ticks(pid) or "?", int(time.time()))
-        )
-    return _this_deployer[0]
 
 
 def acquire_command(directory: str, holder: Holder | str) -> str:

@@ -1,6 +1,5 @@
-"""The controller's Nix commands (evaluate, build, sign, copy, root systems), and the Nix
-command lines flakefleet runs on machines (builds on a target or builder, copies from a
-builder or cache).
+"""The controller's Nix commands: evaluate, build, sign, copy, root systems, diff closures.
+(The Nix command lines flakefleet runs on machines are in `flakefleet.remote_nix`.)
 
 Every call passes its settings explicitly (experimental features, `--option`s) instead of
 relying on the controller's nix.conf.
@@ -10,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +26,6 @@ CONFIGURATION_ATTRIBUTES: dict[str, tuple[tuple[str, ...], ...]] = {
         ("homeConfigurations", "{user}@{name}", "activationPackage"),
         ("homeConfigurations", "{user}", "activationPackage"),
     ),
-}
-
-# The Nix profile holding each class's generations (home-manager's is the SSH user's own).
-PROFILES = {
-    "nixos": "/nix/var/nix/profiles/system",
-    "darwin": "/nix/var/nix/profiles/system",
-    "home": "/nix/var/nix/profiles/per-user/{user}/home-manager",
 }
 
 # Nix's own words when a destination refuses a path for want of a trusted signature.
@@ -68,11 +59,6 @@ def configuration_attribute(machine_class: str, name: str, user: str) -> list[li
         [part.format(name=name, user=user) for part in path]
         for path in CONFIGURATION_ATTRIBUTES[machine_class]
     ]
-
-
-def profile_path(machine_class: str, user: str) -> str:
-    """The profile a machine class keeps its generations in, e.g. the system profile."""
-    return PROFILES[machine_class].format(user=user)
 
 
 def describe_attribute(alternatives: Sequence[Sequence[str]]) -> str:
@@ -179,25 +165,6 @@ def build_failure(log: str, drv: str) -> str:
     return _nix_error("\n".join(lines)) if lines else "build failed"
 
 
-def store_url(
-    protocol: str, destination: str, *, compress: bool = False, nix_dir: str | None = None
-) -> str:
-    """A Nix store URL for a machine over SSH, e.g. ``ssh-ng://root@web1?compress=true``.
-
-    `nix_dir` is where the machine keeps Nix when its SSH sessions do not have it on their
-    PATH (nix-darwin: /nix/var/nix/profiles/default/bin).
-    """
-    if protocol not in ("ssh", "ssh-ng"):
-        raise ValueError(f"copy_protocol must be ssh or ssh-ng, not {protocol!r}")
-    parameters = []
-    if compress:
-        parameters.append("compress=true")
-    if nix_dir:
-        program = "nix-daemon" if protocol == "ssh-ng" else "nix-store"
-        parameters.append(f"remote-program={nix_dir.rstrip('/')}/{program}")
-    return f"{protocol}://{destination}" + ("?" + "&".join(parameters) if parameters else "")
-
-
 def copy_flags(
     *, substitute: bool = False, check_sigs: bool = True, protocol: str = "ssh"
 ) -> list[str]:
@@ -300,70 +267,6 @@ def diff_closures(old: str, new: str) -> list[str] | None:
         return None  # e.g. a closure only partly in this store
     # Nix 2.8 colours the size even on a pipe.
     return [ANSI_COLOUR.sub("", line) for line in output.splitlines() if line.strip()]
-
-
-# -- command lines run on machines --------------------------------------------------------------
-
-
-def remote_nix(nix_dir: str | None, program: str = "nix") -> str:
-    """A Nix program on a machine: from `nix_dir` when its SSH sessions lack Nix on PATH."""
-    return f"{nix_dir.rstrip('/')}/{program}" if nix_dir else program
-
-
-def remote_build_command(flake: str, name: str, attributes: Attributes, nix_dir: str | None) -> str:
-    """Build one machine's system from a flake directory on the machine itself (a symlink,
-    as /var/src/config is, is resolved first); prints `nix build`'s JSON."""
-    reference = '("path:" + builtins.getEnv "FLAKEFLEET_FLAKE")'
-    expression = f"({systems_expression(reference, {name: attributes})}).{json.dumps(name)}"
-    argv = [remote_nix(nix_dir), *FEATURES, "build", "--impure", "--no-link", "--json"]
-    return (
-        f"FLAKEFLEET_FLAKE=$(readlink -f {shell_path(flake)}) "
-        f"{shlex.join([*argv, '--expr', expression])}"
-    )
-
-
-def shell_path(path: str) -> str:
-    """A path as one shell word; a leading ``$HOME/`` stays expandable (a user's sources)."""
-    if path.startswith("$HOME/"):
-        return '"$HOME"/' + shlex.quote(path.removeprefix("$HOME/"))
-    return shlex.quote(path)
-
-
-def built_path(output: str) -> str:
-    """The output path in `nix build --json`'s answer."""
-    try:
-        return json.loads(output)[0]["outputs"]["out"]
-    except (ValueError, LookupError, TypeError) as error:
-        raise NixError(f"unexpected answer from nix build: {output.strip()[:200]!r}") from error
-
-
-def remote_realise_command(drvs: Sequence[str], nix_dir: str | None) -> str:
-    """Build derivations on a builder; prints the output paths it built."""
-    return shlex.join([remote_nix(nix_dir, "nix-store"), "--realise", "--keep-going", *drvs])
-
-
-def remote_copy_command(
-    paths: Sequence[str], destination: str, ssh_command_options: Sequence[str],
-    nix_dir: str | None, flags: Sequence[str] = (),
-) -> str:  # fmt: skip
-    """Copy closures from this machine's store to another store (a builder or cache machine
-    sending a closure straight to a machine)."""
-    argv = [remote_nix(nix_dir), *FEATURES, "copy", *flags, "--to", destination, *paths]
-    return f"NIX_SSHOPTS={shlex.quote(' '.join(ssh_command_options))} {shlex.join(argv)}"
-
-
-def fetch_command(
-    source: str, paths: Sequence[str], nix_dir: str | None, check_sigs: bool = True
-) -> str:
-    """Fetch closures from a binary cache into this machine's store (a cache fan-out).
-
-    Answers "not in the cache" are not remembered: the machine may have asked before the
-    upload (Nix would otherwise believe them for an hour).
-    """
-    argv = [remote_nix(nix_dir), *FEATURES, "copy", "--option", "narinfo-cache-negative-ttl", "0"]
-    if not check_sigs:
-        argv.append("--no-check-sigs")
-    return shlex.join([*argv, "--from", source, *paths])
 
 
 def _safe_url(url: str) -> str:

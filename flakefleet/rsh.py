@@ -1,6 +1,6 @@
 """rsync's remote shell for machines whose sudo asks for a password.
 
-    rsync --rsh 'python -m flakefleet.rsh FD ssh -p 22 ...' --rsync-path '<sudo.wrap(...)>'
+    rsync --rsh 'python -m flakefleet.rsh FD ssh -p 22 ...' --rsync-path '<Target.rsync_path>'
 
 Starts the ssh command, sends it the password line read from the inherited descriptor FD (a
 pipe: the password stays out of every command line), then relays rsync's stream until ssh

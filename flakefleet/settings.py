@@ -13,18 +13,32 @@ machine deployed with the default. (`sources` have checks of their own, in
 from __future__ import annotations
 
 import difflib
-import threading
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pyinfra import host
+from flakefleet import builds, cache, signing
+from flakefleet.models import Goal
 
-from flakefleet import builds, cache, report
-from flakefleet.fleet import fleet_file
 
-CHECK_FAILURE_POLICIES = ("rollback", "keep", "stop")
-REBOOT_POLICIES = ("never", "when-needed", "always")
+class CheckFailure(StrEnum):
+    """What a failed health check does to a machine that was just activated."""
+
+    ROLLBACK = "rollback"
+    KEEP = "keep"  # the new system stays (the machine is still reported failed)
+    STOP = "stop"  # roll back, and activate no further machine in this run
+
+
+class RebootPolicy(StrEnum):
+    NEVER = "never"
+    WHEN_NEEDED = "when-needed"
+    ALWAYS = "always"
+
+
+CHECK_FAILURE_POLICIES = tuple(CheckFailure)
+REBOOT_POLICIES = tuple(RebootPolicy)
 COPY_PROTOCOLS = ("ssh", "ssh-ng")
 
 # What a value must be: a check returns the problem with a value, or None.
@@ -102,6 +116,8 @@ def _checks(value: Any) -> str | None:
 
 SETTINGS: dict[str, Check] = {
     "flake": _text(),
+    "goal": _one_of(*Goal),
+    "generation": _number(1, whole=True, optional=True),
     "confirm_timeout": _number(0),
     "on_check_failure": _one_of(*CHECK_FAILURE_POLICIES),
     "checks": _checks,
@@ -124,8 +140,8 @@ SETTINGS: dict[str, Check] = {
     "sources_resync": _boolean,
     "sources_rsync_options": _text_list,
 }
-# Settings read elsewhere whose checks need the fleet (build_on, cache) or are their own.
-OTHER_NAMES = {"build_on", "cache", "sources", "goal"}
+# Settings whose checks need the fleet (build_on, cache) or are their own (sources).
+OTHER_NAMES = {"build_on", "cache", "sources"}
 
 
 Layers = list[tuple[str, Mapping[str, Any]]]
@@ -186,28 +202,13 @@ def problems(
     return lines
 
 
-_runs: dict[int, tuple[list[str], dict[str, str]]] = {}
-_runs_lock = threading.Lock()
-
-
-def check() -> None:
-    """Check every selected machine's settings, once per run (at the first machine's call);
-    bad ones stop the run with one line each, before any machine is contacted."""
-    state = host.state  # the State itself: `pyinfra.state` is a proxy with an id of its own
-    with _runs_lock:
-        if id(state) not in _runs:
-            _runs[id(state)] = _check_selected(state)
-    lines, reasons = _runs[id(state)]
-    if lines:
-        report.stop_run(state, lines, reasons, "not deployed: bad settings stopped the run")
-
-
-def _check_selected(state: Any) -> tuple[list[str], dict[str, str]]:
+def selected_problems(state: Any, fleet_label: str) -> tuple[list[str], dict[str, str]]:
+    """Every selected machine's problems, one line per problem (machines with the same one
+    share it), and each machine's first problem."""
     fleet = [each.name for each in state.inventory]
     cwd = Path(state.cwd or ".")
-    machines: dict[str, list[str]] = {}  # the same problem on many machines is one line
+    machines: dict[str, list[str]] = {}
     reasons: dict[str, str] = {}
-    fleet_label = str(fleet_file())
     for each in state.inventory.get_active_hosts():
         found = layers(each, state.inventory, fleet_label)
         for problem in problems(each.data.dict(), found, fleet, cwd):
@@ -215,3 +216,53 @@ def _check_selected(state: Any) -> tuple[list[str], dict[str, str]]:
             reasons.setdefault(each.name, problem)
     lines = sorted(f"{', '.join(sorted(names))}: {problem}" for problem, names in machines.items())
     return lines, reasons
+
+
+@dataclass(frozen=True)
+class MachineSettings:
+    """A machine's settings, checked, with their defaults: the one place defaults live
+    (group_data/all.py shows them as comments). How to reach the machine (its address, user,
+    `remote_nix_dir`, `sudo_password_command`) is its `flakefleet.target.Target`."""
+
+    flake: str = "."
+    goal: Goal = Goal.SWITCH
+    generation: int | None = None  # deploy/rollback.py: the generation to go back to
+    confirm_timeout: float = 30
+    on_check_failure: CheckFailure = CheckFailure.ROLLBACK
+    checks: tuple[Mapping[str, Any], ...] = ()
+    smoke_check_processes: int = 4
+    reboot: RebootPolicy = RebootPolicy.NEVER
+    reboot_timeout: float = 300
+    reboot_command: str = "reboot"
+    nix_options: Mapping[str, str] = field(default_factory=dict)
+    build_on: builds.Placement = field(default_factory=lambda: builds.Placement("local"))
+    cache: cache.Cache | None = None
+    copy_protocol: str = "ssh"
+    copy_compress: bool = False
+    substitute_on_destination: bool = False
+    signing_key: str = signing.DEFAULT_KEY
+    sign_closures: bool = True
+    keep_generations: int | None = None
+    break_lock: str | None = None
+    sources_keep_undeclared: bool = False
+    sources_force: bool = False
+    sources_resync: bool = False
+    sources_rsync_options: tuple[str, ...] = ()
+
+    @classmethod
+    def from_data(
+        cls, data: Mapping[str, Any], fleet: Collection[str], cwd: Path
+    ) -> MachineSettings:
+        """The settings in a machine's data, which `problems` found nothing wrong with."""
+        given = {
+            name: data[name] for name in cls.__dataclass_fields__ if data.get(name) is not None
+        }
+        given["goal"] = Goal(given.get("goal", Goal.SWITCH))
+        given["on_check_failure"] = CheckFailure(given.get("on_check_failure", "rollback"))
+        given["reboot"] = RebootPolicy(given.get("reboot", "never"))
+        given["checks"] = tuple(given.get("checks", ()))
+        given["nix_options"] = {str(k): str(v) for k, v in given.get("nix_options", {}).items()}
+        given["build_on"] = builds.placement(data.get("build_on"), fleet)
+        given["cache"] = cache.parse(data.get("cache"), cwd, fleet)
+        given["sources_rsync_options"] = tuple(map(str, given.get("sources_rsync_options", ())))
+        return cls(**given)

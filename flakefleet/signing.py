@@ -8,29 +8,27 @@ Copying unsigned is an explicit choice: `sign_closures = False`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from flakefleet.nix import FEATURES, NixError
 from flakefleet.process import CommandError, run
 
 DEFAULT_KEY = ".flakefleet/keys/signing.sec"
 
-_lock = threading.Lock()
 
-
-def key_for(data: Mapping[str, Any], cwd: Path) -> Path | None:
+def key_for(signing_key: str, sign_closures: bool, cwd: Path) -> Path | None:
     """The secret key a machine's closures are signed with, made if missing; None when the
-    data says to copy unsigned (`sign_closures = False`)."""
-    if not data.get("sign_closures", True):
+    settings say to copy unsigned (`sign_closures = False`)."""
+    if not sign_closures:
         return None
-    path = cwd / str(data.get("signing_key") or DEFAULT_KEY)
-    with _lock:
-        if not path.exists():
+    path = cwd / signing_key
+    if not path.exists():
+        # Another machine's copy may make it first: use that one.
+        with contextlib.suppress(FileExistsError):
             generate(path, f"flakefleet-{socket.gethostname()}-1")
     return path
 
@@ -46,9 +44,16 @@ def generate(path: Path, name: str) -> str:
     except CommandError as error:
         raise NixError(f"cannot make a signing key: {error}") from error
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as stream:
-        stream.write(secret)
+    # Written aside, then linked into place: a key is never seen half written, and of two
+    # deploys making one at once, the second gets FileExistsError and uses the first's.
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "w") as stream:
+            stream.write(secret)
+        os.link(partial, path)
+    finally:
+        partial.unlink()
     public_path(path).write_text(public.strip() + "\n")
     return public.strip()
 

@@ -22,13 +22,10 @@ import getpass
 import os
 import shlex
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
-
-from pyinfra.api import StringCommand
 
 from flakefleet.process import CommandError, run
 
@@ -49,18 +46,6 @@ class Become(StrEnum):
     ROOT = "root"  # logged in as root, or a home-manager machine: no sudo
     SUDO = "sudo"  # sudo, which must not ask for a password (`sudo -n`)
     SUDO_PASSWORD = "sudo with the password"  # the run's password on standard input
-
-
-def needed(data: Mapping[str, Any]) -> bool:
-    """Whether the machine's privileged commands go through sudo."""
-    return (data.get("ssh_user") or "root") != "root" and data.get("machine_class") != "home"
-
-
-def how(data: Mapping[str, Any]) -> Become:
-    """How the machine's commands become root now: with the password once the run has one."""
-    if not needed(data):
-        return Become.ROOT
-    return Become.SUDO if _password_for(data) is None else Become.SUDO_PASSWORD
 
 
 def wrap(become: Become, command: str) -> str:
@@ -103,16 +88,6 @@ def _sudo(become: Become, command: str) -> str:
     )
 
 
-def stdin(data: Mapping[str, Any], become: Become, text: str | None = None) -> Stdin | None:
-    """The standard input for a command `wrap`ped or `gate`d with `become` on the machine
-    `data` describes: its password line first when sudo gets it, then `text`."""
-    if become is not Become.SUDO_PASSWORD:
-        return None if text is None else Stdin(text)
-    password = _password_for(data)
-    assert password is not None
-    return Stdin(password + "\n" + (text or ""))
-
-
 def wants_password(refusal: str) -> bool:
     """Whether sudo refused only because it needs a password."""
     return any(reason in refusal for reason in _PASSWORD_REQUIRED)
@@ -139,17 +114,10 @@ class Stdin:
 
 @dataclass(frozen=True)
 class Invocation:
-    """A command as root on one machine, and the standard input it needs."""
+    """A command for a machine's shell, and the standard input it needs."""
 
     command: str
     stdin: Stdin | None
-
-
-def as_root(data: Mapping[str, Any], command: str, text: str | None = None) -> Invocation:
-    """`command` as root on the machine `data` describes, with `text` on its standard input."""
-    become = how(data)
-    command = nix_on_path(data.get("remote_nix_dir"), command)
-    return Invocation(wrap(become, command), stdin(data, become, text))
 
 
 def nix_on_path(nix_dir: str | None, command: str) -> str:
@@ -162,33 +130,45 @@ def nix_on_path(nix_dir: str | None, command: str) -> str:
     return f"PATH={shlex.quote(nix_dir)}:$PATH; export PATH; {command}"
 
 
-# The passwords of this run (one pyinfra process), by where they come from: a
-# `sudo_password_command`, or "" for the terminal (asked once, for every machine without one).
-_passwords: dict[str, str] = {}
-_lock = threading.Lock()
+class Passwords:
+    """The sudo passwords of one run, by where they come from: a `sudo_password_command`, or
+    "" for the terminal (asked once, for every machine without a command)."""
 
+    def __init__(self) -> None:
+        self._passwords: dict[str, str] = {}
+        self._lock = threading.Lock()
 
-def _source(data: Mapping[str, Any]) -> str:
-    return str(data.get("sudo_password_command") or "")
+    def get(self, source: str) -> str | None:
+        return self._passwords.get(source)
 
+    def obtain(self, source: str, user: str, machine: str) -> None:
+        """Get the password for `source` once per run: from the command (a controller command
+        that prints it, e.g. `pass show fleet/sudo`), else from the terminal.
 
-def _password_for(data: Mapping[str, Any]) -> str | None:
-    return _passwords.get(_source(data))
+        Raises SudoError when neither works; no machine is touched by this.
+        """
+        with self._lock:
+            if source not in self._passwords:
+                if source:
+                    self._passwords[source] = _from_command(source, machine)
+                else:
+                    self._passwords[source] = _from_terminal(user, machine)
 
-
-def obtain_password(data: Mapping[str, Any], machine: str) -> None:
-    """Get the machine's sudo password, once per run: from its `sudo_password_command` (a
-    controller command that prints it, e.g. `pass show fleet/sudo`), else from the terminal.
-
-    Raises SudoError when neither works; no machine is touched by this.
-    """
-    source = _source(data)
-    with _lock:
-        if source not in _passwords:
-            if source:
-                _passwords[source] = _from_command(source, machine)
-            else:
-                _passwords[source] = _from_terminal(data, machine)
+    @contextmanager
+    def pipe(self, source: str) -> Iterator[int]:
+        """A pipe holding a password line, for a local helper (the rsync relay) to read from an
+        inherited descriptor: the password stays out of its command line and environment."""
+        password = self.get(source)
+        assert password is not None
+        read, write = os.pipe()
+        try:
+            os.write(write, (password + "\n").encode())  # one line fits in a pipe's buffer
+        finally:
+            os.close(write)
+        try:
+            yield read
+        finally:
+            os.close(read)
 
 
 def _from_command(command: str, machine: str) -> str:
@@ -205,7 +185,7 @@ def _from_command(command: str, machine: str) -> str:
     return password
 
 
-def _from_terminal(data: Mapping[str, Any], machine: str) -> str:
+def _from_terminal(user: str, machine: str) -> str:
     try:  # getpass falls back to an echoing stdin without a terminal: never let it
         with open("/dev/tty"):
             pass
@@ -214,41 +194,9 @@ def _from_terminal(data: Mapping[str, Any], machine: str) -> str:
             f"{machine}: sudo asks for a password and there is no terminal to ask on; "
             "set sudo_password_command in the fleet file's data"
         ) from None
-    user = data.get("ssh_user")
     password = getpass.getpass(
         f"flakefleet: sudo password for {user} (asked once for this run, needed on {machine}): "
     )
     if not password:
         raise SudoError(f"{machine}: no sudo password given")
     return password
-
-
-@contextmanager
-def password_pipe(data: Mapping[str, Any]) -> Iterator[int]:
-    """A pipe holding the machine's password line, for a local helper (the rsync relay) to read
-    from an inherited descriptor: the password stays out of its command line and environment."""
-    password = _password_for(data)
-    assert password is not None
-    read, write = os.pipe()
-    try:
-        os.write(write, (password + "\n").encode())  # one line fits in a pipe's buffer
-    finally:
-        os.close(write)
-    try:
-        yield read
-    finally:
-        os.close(read)
-
-
-def root_command(data: Mapping[str, Any], command: str) -> StringCommand:
-    """`command` as root, for pyinfra to run over its own connection."""
-    invocation = as_root(data, command)
-    if invocation.stdin is None:
-        return StringCommand(invocation.command)
-    return StringCommand(invocation.command, _stdin=invocation.stdin)  # type: ignore[arg-type]
-
-
-def run_as_root(host: Any, command: str) -> tuple[bool, Any]:
-    """Run `command` as root over pyinfra's connection to `host`, now (in a FunctionCommand)."""
-    invocation = as_root(host.data, command)
-    return host.run_shell_command(StringCommand(invocation.command), _stdin=invocation.stdin)

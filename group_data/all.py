@@ -1,7 +1,9 @@
-"""Defaults for every machine.
+"""Settings for every machine.
 
-Override them per group (`group_data/<role or class>.py`), per machine (`data:` in the fleet
-file) or per run (`pyinfra inventory.py deploy/site.py --data goal=boot`).
+The commented lines show each setting with its default (the defaults themselves live in one
+place, `flakefleet.settings.MachineSettings`). Set one here, per group
+(`group_data/<role or class>.py`), per machine (`data:` in the fleet file) or per run
+(`pyinfra inventory.py deploy/site.py --data goal=boot`).
 """
 
 # The flake that describes the fleet: a local directory, relative to the repository root.
@@ -13,62 +15,62 @@ flake = "example"
 
 # Seconds a switched machine waits for the deployer's confirmation, made over a new SSH
 # connection after the health checks pass, before it rolls itself back (0: no confirmation).
-confirm_timeout = 30
+# confirm_timeout = 30
 
 # What a failed health check does to a machine just activated: rollback, keep, or stop (roll
 # back and activate no further machine in this run).
-on_check_failure = "rollback"
+# on_check_failure = "rollback"
 
 # Declared health checks besides tests/smoke/, e.g.
 #   checks = [{"command": "systemctl is-active nginx", "timeout": 10},
 #             {"http": "https://web1.example.org/health", "status": 200, "timeout": 5}]
-checks: list[dict] = []
+# checks = []
 
 # How many pytest processes run the smoke checks (tests/smoke/) side by side, each for its
 # share of the machines: a machine's checks are round trips one after another.
-smoke_check_processes = 4
+# smoke_check_processes = 4
 
 # Reboot after activating: never, when-needed (kernel, initrd or modules changed, or a boot
 # goal), or always; the machine must come back on the new system within reboot_timeout seconds.
-reboot = "never"
-reboot_timeout = 300
-reboot_command = "reboot"
+# reboot = "never"
+# reboot_timeout = 300
+# reboot_command = "reboot"
 
 # Extra Nix settings for the controller's Nix commands, as `--option NAME VALUE`
 # (the test fleet sets `substituters: ""` because this machine is offline).
-nix_options: dict[str, str] = {}
+# nix_options = {}
 
 # Where each machine's system is built: "local" (this controller, one build for all machines),
 # "target" (the machine builds it from /var/src/config), or a builder: a fleet machine's name
 # or an ssh:// / ssh-ng:// URL (one build there for all its machines; it then sends each
 # machine its closure itself, so it must be able to ssh to them, as a Nix remote builder does).
-build_on = "local"
+# build_on = "local"
 
 # How closures travel to a machine: "ssh" (nix-store --serve) or "ssh-ng" (the Nix daemon
 # protocol, which checks signatures); copy_compress compresses the SSH stream;
 # substitute_on_destination lets the machine take paths from its own substituters first.
-copy_protocol = "ssh"
-copy_compress = False
-substitute_on_destination = False
+# copy_protocol = "ssh"
+# copy_compress = False
+# substitute_on_destination = False
 
 # Closures are signed with the fleet's key before they leave the controller; machines list its
 # public half (<key>.pub) in trusted-public-keys. Made on first use; sign_closures = False
 # copies unsigned instead (ssh-ng copies then pass --no-check-sigs: trusted users only).
-signing_key = ".flakefleet/keys/signing.sec"
-sign_closures = True
+# signing_key = ".flakefleet/keys/signing.sec"
+# sign_closures = True
 
 # Fan-out for large fleets: upload each closure once to a binary cache and let every machine
 # fetch from it, instead of one upload per machine, e.g.
 #   cache = {"store": "file://.flakefleet/cache", "url": "http://10.0.0.5:8370", "serve": True}
 #   cache = {"machine": "build1"}
-cache: dict | None = None
+# cache = None
 
 # How many generations a machine keeps (the one it runs always stays); older ones are deleted
 # and their store paths collected after the deploy. None keeps them all.
-keep_generations: int | None = None
+# keep_generations = None
 
 # Where Nix is on machines whose SSH sessions lack it on PATH (group_data/darwin.py sets it).
-remote_nix_dir: str | None = None
+# remote_nix_dir = None
 
 # Sources for /var/src besides the flake (always `config`), krops' layout: name -> source, e.g.
 #   sources = {
@@ -77,14 +79,14 @@ remote_nix_dir: str | None = None
 #   }
 # Groups (group_data/<role>.py), the fleet file and --data add to them or override them by name
 # (field by field; None removes one). README.md "Sources" has every type and field.
-sources: dict[str, dict] = {}
+# sources = {}
 # Keep sources that are no longer declared in /var/src (by default they are removed).
-sources_keep_undeclared = False
+# sources_keep_undeclared = False
 # Take over a /var/src that holds files but not flakefleet's marker, moving aside any entry
 # flakefleet did not make that has a declared source's name (only for a first deploy).
-sources_force = False
+# sources_force = False
 # Rebuild every source's tree even if its digest is unchanged (puts back files changed on the
 # machine; a one-off repair, e.g. --data sources_resync=true).
-sources_resync = False
+# sources_resync = False
 # Extra rsync options for the sources' transfers, e.g. ["--compress", "--bwlimit=5000"].
-sources_rsync_options: list[str] = []
+# sources_rsync_options = []

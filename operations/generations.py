@@ -8,36 +8,26 @@ costs no command.
 from __future__ import annotations
 
 import re
-import shlex
 from typing import Any
 
-from pyinfra import host
+from pyinfra import host, state
 from pyinfra.api import FunctionCommand, operation
 
-from facts.machine import MachineState
-from flakefleet import nix, report, sudo
-
-# Goals that add a generation to the profile.
-NEW_GENERATION_GOALS = ("switch", "boot")
+from flakefleet import nix, remote_nix
+from flakefleet.models import Goal, MachineState
+from flakefleet.run import Run
 
 
-def generations_after(machine: MachineState, system: str, goal: str) -> int:
+def generations_after(machine: MachineState, system: str, goal: Goal) -> int:
     """How many generations the profile will have once this deploy is done."""
-    adds = goal in NEW_GENERATION_GOALS and machine.profile_system != system
+    adds = goal.sets_profile and machine.profile_system != system
     return len(machine.generations) + (1 if adds else 0)
 
 
-def prune_command(profile: str, keep: int, nix_dir: str | None = None) -> str:
-    """Delete all but the newest `keep` generations (the current one always stays), then
-    collect garbage."""
-    return (
-        f"{shlex.join([nix.remote_nix(nix_dir, 'nix-env'), '--profile', profile])} "
-        f"--delete-generations +{keep} && {nix.remote_nix(nix_dir, 'nix-store')} --gc"
-    )
-
-
 @operation()
-def prune(system: nix.System, machine: MachineState, goal: str = "switch", keep: int | None = None):
+def prune(
+    system: nix.System, machine: MachineState, goal: Goal = Goal.SWITCH, keep: int | None = None
+):
     """Delete the machine's generations beyond the newest `keep` and collect garbage.
 
     + keep: how many generations to keep (None: keep them all)
@@ -51,29 +41,26 @@ def prune(system: nix.System, machine: MachineState, goal: str = "switch", keep:
     if keep is None:
         host.noop("keep_generations is not set: every generation stays")
         return
-    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
-        yield report.stop(f"keep_generations must be a number of at least 1, not {keep!r}")
-        return
     count = generations_after(machine, system.out, goal)
     if count <= keep:
         host.noop(f"{host.name} has {count} generations, keeps {keep}")
         return
-    machine_class = host.data.get("machine_class", "nixos")
-    profile = nix.profile_path(machine_class, host.data.get("ssh_user") or "root")
-    command = prune_command(profile, keep, host.data.get("remote_nix_dir"))
-    yield FunctionCommand(_prune, (command,), {})
+    target = Run.of(state).target(host.name)
+    yield FunctionCommand(_prune, (remote_nix.prune_command(target, keep),), {})
 
 
 def _prune(state: Any, host: Any, command: str) -> bool:
+    run = Run.of(state)
+    outcome = run.outcome(host.name)
     # The system profile belongs to root; a home-manager profile to its user.
-    succeeded, output = sudo.run_as_root(host, command)
+    succeeded, output = run.target(host.name).run_over(host, command)
     if not succeeded:
         lines = [line for line in output.stderr_lines if line.strip()]
-        report.failed(host.name, f"prune: {lines[-1] if lines else 'failed'}")
+        outcome.fail(f"prune: {lines[-1] if lines else 'failed'}")
         return False
     removed = len(re.findall(r"removing (?:profile )?(?:version|generation) \d+", output.stderr))
     freed = re.search(r"(\d+ store paths deleted, .* freed)", output.stdout + output.stderr)
-    report.changed(host.name, f"pruned {removed} generations")
+    outcome.changed_by(f"pruned {removed} generations")
     if freed:
-        report.note(host.name, freed.group(1))
+        outcome.note(freed.group(1))
     return True

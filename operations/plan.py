@@ -10,47 +10,51 @@ from __future__ import annotations
 
 from typing import Any
 
-from pyinfra import host
+from pyinfra import host, state
 from pyinfra.api import FunctionCommand, operation
 
-from facts.machine import Machine, MachineState, system_links
-from flakefleet import builds, nix, report
-from flakefleet.plan import MachinePlan, plan, render
+from facts.machine import MachineSnapshot
+from flakefleet import nix
+from flakefleet.drift import Assessment, assess, render
+from flakefleet.models import MachineState
+from flakefleet.run import Run
 
 WIDTH = 8  # machine names are padded to this in the plan's lines
 
 
 def read_state() -> MachineState:
     """The machine's systems and generations, as its SSH user sees them."""
-    profile, running = system_links(host.data)
-    return host.get_fact(Machine, profile=profile, running=running)
+    target = Run.of(state).target(host.name)
+    return target.read(
+        host, MachineSnapshot, as_root=False, profile=target.profile, running=target.running_link
+    )
 
 
 @operation(is_idempotent=False)
 def show(system: nix.System, machine: MachineState):
     """Record the machine's plan for the end of the run (`--> flakefleet plan`)."""
-    yield FunctionCommand(_show, (system, machine, plan(machine, system.out)), {})
+    yield FunctionCommand(_show, (system, machine, assess(machine, system.out)), {})
 
 
 def _show(
-    state: Any, host: Any, system: nix.System, machine: MachineState, machine_plan: MachinePlan
+    state: Any, host: Any, system: nix.System, machine: MachineState, assessment: Assessment
 ) -> bool:
+    run = Run.of(state)
     packages: list[str] = []
-    if machine_plan.verdict == "would switch":
-        packages = _package_changes(state, host.name, machine.current_system, system)
+    if assessment.verdict == "would switch":
+        packages = _package_changes(run, host.name, machine.current_system, system)
     width = max(WIDTH, *(len(each.name) for each in state.inventory))
-    report.outcome(host.name).plan = render(host.name, machine_plan, packages, width)
+    run.outcome(host.name).plan = render(host.name, assessment, packages, width)
     return True
 
 
-def _package_changes(state: Any, name: str, running: str | None, system: nix.System) -> list[str]:
+def _package_changes(run: Run, name: str, running: str | None, system: nix.System) -> list[str]:
     if running is None:
         return []  # a first deploy: everything is new
-    fleet = builds.for_run(state)
-    if fleet.placement(name).kind != "local":
+    if run.builds.placement(name).kind != "local":
         return ["(no package list: built elsewhere; deploy/build.py builds it)"]
     try:
-        fleet.build(name)
+        run.builds.build(name)
     except nix.NixError as error:
         return [f"(no package list: the build failed: {error})"]
     changes = nix.diff_closures(running, system.out)

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import time
-from pathlib import Path
 from typing import Any
 
 from pyinfra import host
 from pyinfra.api import FunctionCommand, operation
 
-from flakefleet import checks, nix, report
-from flakefleet.remote import Unreachable, reconnect, run_on
-from flakefleet.settings import REBOOT_POLICIES
+from flakefleet import checks, nix
+from flakefleet.models import BOOTED_SYSTEM, RUNNING_SYSTEM, Goal
+from flakefleet.run import Run
+from flakefleet.settings import RebootPolicy
+from flakefleet.target import Unreachable
 from operations.verify import run_smoke_checks
 
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
@@ -26,68 +27,76 @@ BOOT_ID = "/proc/sys/kernel/random/boot_id"
 BOOT_PARTS = ("kernel", "initrd", "kernel-modules")
 
 
-def needs_reboot_command(system: str, goal: str) -> str:
+def needs_reboot_command(system: str, goal: Goal) -> str:
     """Print the boot id, then `needed` or `not-needed` for the new system."""
     differs = " || ".join(
-        f'[ "$(readlink -f /run/booted-system/{part})" != "$(readlink -f {system}/{part})" ]'
+        f'[ "$(readlink -f {BOOTED_SYSTEM}/{part})" != "$(readlink -f {system}/{part})" ]'
         for part in BOOT_PARTS
     )
-    running = f'[ "$(readlink -f /run/current-system)" != {system} ]' if goal == "boot" else "false"
+    running = f'[ "$(readlink -f {RUNNING_SYSTEM})" != {system} ]' if goal is Goal.BOOT else "false"
     return f"cat {BOOT_ID}; if {running} || {differs}; then echo needed; else echo not-needed; fi"
 
 
 @operation(is_idempotent=False)
-def reboot(system: nix.System, goal: str, policy: str = "never", timeout: int = 300):
-    """Reboot the machine if `policy` says so, and wait until it runs `system` again."""
-    if policy not in REBOOT_POLICIES:
-        yield report.stop(f"reboot: {policy!r} is not one of {', '.join(REBOOT_POLICIES)}")
-        return
-    if policy == "never" or goal not in ("switch", "boot"):
+def reboot(
+    system: nix.System,
+    goal: Goal,
+    policy: RebootPolicy = RebootPolicy.NEVER,
+    timeout: float = 300,
+    command: str = "reboot",
+):
+    """Reboot the machine if `policy` says so, and wait until it runs `system` again.
+
+    + command: how the machine is rebooted (`reboot_command`)
+    """
+    if policy is RebootPolicy.NEVER or not goal.sets_profile:
         host.noop("no reboot")
         return
-    yield FunctionCommand(_reboot, (system.out, goal, policy, timeout), {})
+    yield FunctionCommand(_reboot, (system.out, goal, policy, timeout, command), {})
 
 
-def _reboot(state: Any, host: Any, system: str, goal: str, policy: str, timeout: int) -> bool:
+def _reboot(
+    state: Any, host: Any, system: str, goal: Goal, policy: RebootPolicy, timeout: float,
+    command: str,
+) -> bool:  # fmt: skip
+    run = Run.of(state)
+    target, outcome = run.target(host.name), run.outcome(host.name)
     try:
-        boot_id, verdict = run_on(
-            host.data, host.name, needs_reboot_command(system, goal), timeout=60
+        boot_id, verdict = target.run(
+            needs_reboot_command(system, goal), timeout=60
         ).stdout.split()[:2]
     except (Unreachable, ValueError) as error:
-        report.failed(host.name, f"reboot: could not read the boot state ({error})")
+        outcome.fail(f"reboot: could not read the boot state ({error})")
         return False
-    if policy == "when-needed" and verdict != "needed":
-        report.note(host.name, "no reboot needed")
+    if policy is RebootPolicy.WHEN_NEEDED and verdict != "needed":
+        outcome.note("no reboot needed")
         return True
 
-    command = str(host.data.get("reboot_command") or "reboot")
     with contextlib.suppress(Unreachable):  # it may already be gone
         # The connection usually dies with the machine; that is expected.
-        run_on(
-            host.data, host.name, f"nohup sh -c 'sleep 1; {command}' >/dev/null 2>&1 &", timeout=30
-        )
+        target.run(f"nohup sh -c 'sleep 1; {command}' >/dev/null 2>&1 &", timeout=30)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(1)
         try:
-            lines = run_on(
-                host.data, host.name, f"cat {BOOT_ID}; readlink -f /run/current-system", timeout=15
+            lines = target.run(
+                f"cat {BOOT_ID}; readlink -f {RUNNING_SYSTEM}", timeout=15
             ).stdout.split()
         except Unreachable:
             continue
         if len(lines) == 2 and lines[0] != boot_id:
             if lines[1] != system:
-                report.failed(host.name, f"reboot: came back on {lines[1]}, expected {system}")
+                outcome.fail(f"reboot: came back on {lines[1]}, expected {system}")
                 return False
-            report.changed(host.name, "rebooted")
-            if not reconnect(host, reason="after the reboot"):
-                report.failed(host.name, "reboot: back, but pyinfra could not reconnect")
+            outcome.changed_by("rebooted")
+            if not target.reconnect(host, reason="after the reboot"):
+                outcome.fail("reboot: back, but pyinfra could not reconnect")
                 return False
-            failures = run_smoke_checks([host.name], Path(state.cwd or "."))[host.name].failures
-            failures += checks.run_checks(host.name, host.data)
+            failures = run_smoke_checks(run, [host.name])[host.name].failures
+            failures += checks.run_checks(run, host.name)
             if failures:
-                report.failed(host.name, f"after the reboot, checks failed: {', '.join(failures)}")
+                outcome.fail(f"after the reboot, checks failed: {', '.join(failures)}")
                 return False
             return True
-    report.failed(host.name, f"reboot: not back with a new boot id within {timeout}s")
+    outcome.fail(f"reboot: not back with a new boot id within {timeout:.0f}s")
     return False

@@ -12,23 +12,18 @@ command at all here.
 
 from __future__ import annotations
 
-import os
 import shlex
-import sys
-import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources import files
 from typing import Any
 
-from pyinfra import host, logger
+from pyinfra import host, logger, state
 from pyinfra.api import FunctionCommand, operation
 
-from facts.sources import STORE_DIR, VarSrc
-from flakefleet import report, sudo
-from flakefleet.fleet import fleet_file
+from flakefleet.models import STORE_DIR, VarSrc
 from flakefleet.process import CommandError, run
-from flakefleet.remote import KEEPALIVE
+from flakefleet.run import Run, change, fail
 from flakefleet.settings import layers
 from flakefleet.sources import (
     BuildError,
@@ -40,13 +35,10 @@ from flakefleet.sources import (
     config_layer,
     filter_options,
 )
-from flakefleet.ssh import ssh_destination, ssh_options
+from flakefleet.target import Target
 
-# The checked sources of each run (one per pyinfra State), or why they were refused.
-_runs: dict[int, RunSources | SourcesInvalid] = {}
-_runs_lock = threading.Lock()
-# Local builds run in parallel across machines, at most one per core.
-_build_slots = threading.BoundedSemaphore(os.cpu_count() or 2)
+# The remote half of a sync: shell functions the install commands below use.
+INSTALL_FUNCTIONS = files("operations").joinpath("scripts/install-sources.sh").read_text()
 
 
 def declared() -> MachineSources:
@@ -56,33 +48,33 @@ def declared() -> MachineSources:
     local paths, git URLs and refs, pipe commands), before anything is copied to any machine;
     bad input stops the whole run with one line per problem, naming machine and source.
     """
-    run = host.state  # the State itself: `pyinfra.state` is a proxy with an id of its own
-    with _runs_lock:
-        checked = _runs.get(id(run))
-        if checked is None:
-            checked = _runs[id(run)] = _check_selected(run)
+    session = Run.of(state)
+    with session.lock:
+        if session.sources is None:
+            session.sources = _check_selected(session)
+        checked = session.sources
     if isinstance(checked, SourcesInvalid):
-        _stop(run, checked)
+        reasons = {bad.machine: f"sources: {bad.detail}" for bad in checked.errors}
+        session.stop(checked.lines, reasons, "not deployed: bad sources stopped the run")
     return checked.machines[host.name]
 
 
-def _stop(state: Any, error: SourcesInvalid) -> None:
-    reasons = {bad.machine: f"sources: {bad.detail}" for bad in error.errors}
-    report.stop_run(state, error.lines, reasons, "not deployed: bad sources stopped the run")
-
-
-def _check_selected(state: Any) -> RunSources | SourcesInvalid:
-    fleet = str(fleet_file())
+def _check_selected(session: Run) -> RunSources | SourcesInvalid:
+    fleet = str(session.fleet_file)
+    inventory = session.state.inventory
     machines = [
         (
             each.name,
-            [*config_layer(each.data.get("flake")), *layers(each, state.inventory, fleet)],
-            each.data,
+            [
+                *config_layer(session.settings(each.name).flake),
+                *layers(each, inventory, fleet),
+            ],
+            session.settings(each.name),
         )
-        for each in state.inventory.get_active_hosts()
+        for each in inventory.get_active_hosts()
     ]
     try:
-        return check_run(Path(state.cwd or "."), machines)
+        return check_run(session.cwd, machines)
     except SourcesInvalid as error:
         return error
 
@@ -107,20 +99,20 @@ def sync(wanted: MachineSources, var_src: VarSrc):
     """
     refusal = guard(wanted, var_src)
     if refusal:
-        yield report.stop(f"sources: {refusal}")
+        yield fail(f"sources: {refusal}")
         return
     built: dict[str, Ready] = {}
     for item in wanted.pending_builds():
         yield FunctionCommand(_build, (item, built), {})
-    changes = plan(wanted.finalize(built), var_src, wanted)
+    changes = changes_for(wanted.finalize(built), var_src, wanted)
     if not changes:
         host.noop(f"{var_src.root} already holds its {len(wanted.sources)} sources")
         return
     for item, tree in changes.install:
         if item.local is not None:
             yield FunctionCommand(_push, (item, tree, var_src, wanted.rsync_options), {})
-    yield sudo.root_command(host.data, install_script(changes, var_src.root))
-    yield report.change("sources")
+    yield Run.of(state).target(host.name).command(install_script(changes, var_src.root))
+    yield change("sources")
 
 
 def guard(wanted: MachineSources, var_src: VarSrc) -> str | None:
@@ -160,7 +152,7 @@ class Changes:
         return bool(self.install or self.remove or self.orphans or self.displace)
 
 
-def plan(items: list[Ready], var_src: VarSrc, wanted: MachineSources) -> Changes:
+def changes_for(items: list[Ready], var_src: VarSrc, wanted: MachineSources) -> Changes:
     """Compare the sources' digests with the machine's: what to install and what to remove."""
     install = []
     displace = []
@@ -190,33 +182,33 @@ def tree_name(digest: str, live: str | None) -> str:
 
 
 def _build(state: Any, host: Any, item: Ready, built: dict[str, Ready]) -> bool:
-    """Run a source's build stage on the controller (in parallel with other machines')."""
-    checked = _runs[id(state)]
+    """Run a source's build stage on the controller (in parallel with other machines', at most
+    one per core)."""
+    session = Run.of(state)
+    checked = session.sources
     assert isinstance(checked, RunSources)
     try:
-        with _build_slots:
+        with session.build_slots:
             built[item.source.name] = checked.built(item)
     except BuildError as error:
         logger.error(f"{host.print_prefix}build of {item.source.name} failed:\n{error.output}")
-        report.failed(host.name, f"sources: {item.source.name}: {error}")
+        session.outcome(host.name).fail(f"sources: {item.source.name}: {error}")
         return False
     return True
 
 
 def _push(state: Any, host: Any, item: Ready, tree: str, var_src: VarSrc, options: tuple) -> bool:
     """rsync one source into <store>/<tree>.partial on the machine."""
+    session = Run.of(state)
     store = f"{var_src.root}/{STORE_DIR}/{item.source.name}"
     live = var_src.live.get(item.source.name)
-    become = sudo.how(host.data)
+    target = session.target(host.name)
     try:
-        if become is sudo.Become.SUDO_PASSWORD:
-            with sudo.password_pipe(host.data) as password:
-                argv = rsync_command(item, tree, store, live, host, options, become, password)
-                run(argv, pass_fds=(password,))
-        else:
-            run(rsync_command(item, tree, store, live, host, options, become))
+        with target.rsync_shell() as (shell, descriptors):
+            argv = rsync_command(item, tree, store, live, target, shell, options)
+            run(argv, pass_fds=descriptors)
     except CommandError as error:
-        report.failed(host.name, f"sources: {item.source.name}: {error}")
+        session.outcome(host.name).fail(f"sources: {item.source.name}: {error}")
         return False
     return True
 
@@ -226,24 +218,18 @@ def rsync_command(
     tree: str,
     store: str,
     live: str | None,
-    machine: Any,
+    target: Target,
+    shell: list[str],
     options: tuple = (),
-    become: sudo.Become = sudo.Become.ROOT,
-    password: int | None = None,
 ) -> list[str]:
-    """The rsync command line that sends a source's local file or tree into the store.
+    """The rsync command line that sends a source's local file or tree into the store, over
+    `shell` (the target's `rsync_shell`), received as root.
 
     Files are compared by content (`checksum`) or by size and time to the nanosecond, so a
-    change rsync would miss cannot hide behind a new digest. The remote rsync runs as root;
-    when sudo wants the password, it comes from the descriptor `password` through the relay
-    `flakefleet.rsh`.
+    change rsync would miss cannot hide behind a new digest.
     """
     assert item.local is not None
-    data = machine.data
     directory = item.local.is_dir()
-    ssh = ["ssh", *ssh_options(data), *KEEPALIVE]
-    if password is not None:
-        ssh = [sys.executable, "-m", "flakefleet.rsh", str(password), *ssh]
     argv = [
         "rsync",
         "--archive",
@@ -252,63 +238,22 @@ def rsync_command(
         *filter_options(item.source.include, item.source.exclude),
         *options,
         "--rsh",
-        shlex.join(ssh),
+        shlex.join(shell),
         "--rsync-path",
-        _receiver(become, store),
+        target.rsync_path(f"mkdir -p {shlex.quote(store)}"),
     ]
     if directory and live:
         argv.append(f"--link-dest=../{live}")
-    destination = f"{ssh_destination(data, machine.name)}:{store}/{tree}.partial"
+    destination = f"{target.destination}:{store}/{tree}.partial"
     if directory:
         return [*argv, f"{item.local}/", f"{destination}/"]
     return [*argv, str(item.local), destination]
 
 
-def _receiver(become: sudo.Become, store: str) -> str:
-    """rsync's remote half (`--rsync-path`): make the store, then receive, as root.
-
-    rsync appends its server's arguments to this; under sudo they reach `sh -c` as "$@".
-    """
-    if become is sudo.Become.ROOT:
-        return f"mkdir -p {shlex.quote(store)} && rsync"
-    return sudo.wrap(become, f'mkdir -p {shlex.quote(store)} && exec rsync "$@"') + " rsync"
-
-
-# The remote half: one POSIX sh script per sync (GNU or BSD tools).
-_SCRIPT_HEAD = """\
-set -e
-s="$r/{store}"
-mkdir -p "$s"
-cd "$r"  # a derivation's flake may be a source: ./name
-if mv --version >/dev/null 2>&1; then mvt="mv -T"; else mvt="mv -h"; fi
-live() {{  # make tree $2 the live /var/src/$1 with one rename, then drop the source's others
-  ln -sfn "{store}/$1/$2" "$r/.$1.flakefleet-new"
-  $mvt "$r/.$1.flakefleet-new" "$r/$1"
-  find "$s/$1" -mindepth 1 -maxdepth 1 ! -name "$2" -exec rm -rf {{}} +
-}}
-flake() {{  # Nix wants a path flake's directory itself, not /var/src's link to it
-  case "$1" in
-    path:*|/*|./*)
-      ref=${{1#path:}}; dir=${{ref%%[#?]*}}
-      printf 'path:%s%s' "$(readlink -f "$dir")" "${{ref#"$dir"}}" ;;
-    *) printf '%s' "$1" ;;
-  esac
-}}
-realise() {{  # source name, then a Nix command; on failure, say which source and why
-  name=$1; shift
-  if ! log=$("$@" 2>&1); then
-    printf '%s\\n' "$log" >&2
-    why=$(printf '%s\\n' "$log" | grep -m1 'error' || printf '%s\\n' "$log" | tail -n1)
-    echo "source '$name': $1 failed: $why" >&2
-    exit 1
-  fi
-}}"""
-
-
 def install_script(changes: Changes, root: str) -> str:
     """The one command that installs a sync's trees, links and derivations, in order, and
     removes what is no longer declared."""
-    lines = [f"r={shlex.quote(root)}", _SCRIPT_HEAD.format(store=STORE_DIR)]
+    lines = [f"r={shlex.quote(root)}", f"store={shlex.quote(STORE_DIR)}", INSTALL_FUNCTIONS]
     if any(item.source.type == "derivation" for item, _ in changes.install):
         lines.append('NIX_PATH="$r"; export NIX_PATH  # <name> is /var/src/name, as with krops')
     for name in map(shlex.quote, changes.displace):

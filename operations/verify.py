@@ -13,7 +13,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import xml.etree.ElementTree as ElementTree
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +23,10 @@ from typing import Any
 from pyinfra import host
 from pyinfra.api import FunctionCommand, operation
 
-from flakefleet import checks, report
-from flakefleet.fleet import fleet_file
+from flakefleet import checks
 from flakefleet.process import run
-from flakefleet.settings import CHECK_FAILURE_POLICIES
+from flakefleet.run import Run
+from flakefleet.settings import CheckFailure
 from operations import activation
 
 SMOKE_SUITES = "tests/smoke"
@@ -46,7 +45,7 @@ class Verdict:
 
 
 @operation(is_idempotent=False)
-def health_gate(on_failure: str = "rollback"):
+def health_gate(on_failure: CheckFailure = CheckFailure.ROLLBACK):
     """Check the machine (smoke suites for its roles, and the `checks` in its data), then
     confirm its pending activation, or roll it back when a check fails.
 
@@ -56,72 +55,65 @@ def health_gate(on_failure: str = "rollback"):
 
     Checks change nothing on the machine; they run on every deploy.
     """
-    if on_failure not in CHECK_FAILURE_POLICIES:
-        choices = ", ".join(CHECK_FAILURE_POLICIES)
-        yield report.stop(f"health gate: on_check_failure must be one of {choices}")
-        return
     yield FunctionCommand(_gate, (host.current_op_hash, on_failure), {})
 
 
-_lock = threading.Lock()
-_verdicts: dict[tuple[str, str], Verdict] = {}
-
-
-def _gate(state: Any, host: Any, op_hash: str, on_failure: str) -> bool:
-    with _lock:
-        if (op_hash, host.name) not in _verdicts:
+def _gate(state: Any, host: Any, op_hash: str, on_failure: CheckFailure) -> bool:
+    run = Run.of(state)
+    outcome = run.outcome(host.name)
+    with run.lock:
+        if (op_hash, host.name) not in run.verdicts:
             machines = [
                 h.name for h in state.inventory.get_active_hosts() if op_hash in state.ops[h]
             ]
-            processes = host.data.get("smoke_check_processes", 4)
-            cwd = Path(state.cwd or ".")
-            for name, verdict in run_smoke_checks(machines, cwd, processes).items():
-                _verdicts[op_hash, name] = verdict
-    verdict = _verdicts[op_hash, host.name]
-    failures = verdict.failures + checks.run_checks(host.name, host.data)
+            processes = run.settings(host.name).smoke_check_processes
+            for name, verdict in run_smoke_checks(run, machines, processes).items():
+                run.verdicts[op_hash, name] = verdict
+    verdict = run.verdicts[op_hash, host.name]
+    failures = verdict.failures + checks.run_checks(run, host.name)
     if not failures:
-        report.note(host.name, f"smoke checks: {verdict.summary()}")
-        if activation.pending(host.name):
-            confirmed, message = activation.confirm(host)
+        outcome.note(f"smoke checks: {verdict.summary()}")
+        if host.name in run.pending:
+            confirmed, message = activation.confirm(run, host.name)
             if not confirmed:
-                report.failed(host.name, f"activation: {message}")
+                outcome.fail(f"activation: {message}")
                 return False
         return True
 
     reason = f"checks failed: {', '.join(failures)}"
-    if activation.pending(host.name):
-        if on_failure == "keep":
-            _confirmed, message = activation.confirm(host)
+    if host.name in run.pending:
+        if on_failure is CheckFailure.KEEP:
+            _confirmed, message = activation.confirm(run, host.name)
             reason += f"; kept the new system ({message})"
         else:
-            outcome = activation.abort(host, reason)
-            reason = outcome if outcome.startswith(reason) else f"{reason}; {outcome}"
-            if on_failure == "stop":
-                activation.stop_rollout(f"{host.name} failed its checks")
-    report.failed(host.name, reason)
+            aborted = activation.abort(run, host.name, reason)
+            reason = aborted if aborted.startswith(reason) else f"{reason}; {aborted}"
+            if on_failure is CheckFailure.STOP:
+                run.stopped.append(f"{host.name} failed its checks")
+    outcome.fail(reason)
     return False
 
 
-def expected(machines: list[str]) -> list[tuple[str, str]]:
+def expected(run: Run, machines: list[str]) -> list[tuple[str, str]]:
     """The system each machine should run now, as this run decided it."""
-    systems = [(name, report.outcome(name).system) for name in machines]
+    systems = [(name, run.outcome(name).system) for name in machines]
     return [(name, system) for name, system in systems if system]
 
 
-def run_smoke_checks(machines: list[str], cwd: Path, processes: int = 1) -> dict[str, Verdict]:
+def run_smoke_checks(run: Run, machines: list[str], processes: int = 1) -> dict[str, Verdict]:
     """Run the smoke suites against machines, in up to `processes` pytest processes at once,
     each with its share of the machines; a verdict per machine."""
     shares = [machines[start::processes] for start in range(min(processes, len(machines)))]
     verdicts: dict[str, Verdict] = {}
     with ThreadPoolExecutor(max_workers=max(1, len(shares))) as pool:
-        for share in pool.map(lambda share: _run_pytest(share, cwd), shares):
+        for share in pool.map(lambda share: _run_pytest(run, share), shares):
             verdicts.update(share)
     return verdicts
 
 
-def _run_pytest(machines: list[str], cwd: Path) -> dict[str, Verdict]:
+def _run_pytest(session: Run, machines: list[str]) -> dict[str, Verdict]:
     """Run the smoke suites against machines in one pytest process; a verdict per machine."""
-    fleet = str(fleet_file())
+    fleet, cwd = str(session.fleet_file), session.cwd
     with tempfile.TemporaryDirectory(prefix="flakefleet-smoke-") as scratch:
         junit = Path(scratch) / "junit.xml"
         verdicts = {name: Verdict() for name in machines}
@@ -129,7 +121,7 @@ def _run_pytest(machines: list[str], cwd: Path) -> dict[str, Verdict]:
             sys.executable, "-m", "pytest", SMOKE_SUITES, "-q", "-p", "no:cacheprovider",
             "--fleet", fleet, f"--junitxml={junit}",
             *(f"--machine={name}" for name in machines),
-            *(f"--expect-system={name}={system}" for name, system in expected(machines)),
+            *(f"--expect-system={name}={system}" for name, system in expected(session, machines)),
         ]  # fmt: skip
         try:
             completed = run(argv, cwd=str(cwd), check=False, timeout=SMOKE_TIMEOUT)

@@ -87,7 +87,9 @@ class RunSources:
         self._trees: dict[tuple[Path, tuple[str, ...], tuple[str, ...], bool], str] = {}
         self._empty = self.state / "empty"
 
-    def add(self, machine: str, found: Sequence[tuple[str, Mapping[str, Any]]], data: Any) -> None:
+    def add(
+        self, machine: str, found: Sequence[tuple[str, Mapping[str, Any]]], settings: Any
+    ) -> None:
         """Check and digest one machine's sources; raises SourceError on the first problem."""
         declared = merge(machine, found)
         items = []
@@ -103,10 +105,10 @@ class RunSources:
         self.machines[machine] = MachineSources(
             machine=machine,
             sources=tuple(items),
-            keep_undeclared=bool(data.get("sources_keep_undeclared", False)),
-            force=bool(data.get("sources_force", False)),
-            resync=bool(data.get("sources_resync", False)),
-            rsync_options=tuple(str(o) for o in data.get("sources_rsync_options") or ()),
+            keep_undeclared=settings.sources_keep_undeclared,
+            force=settings.sources_force,
+            resync=settings.sources_resync,
+            rsync_options=settings.sources_rsync_options,
         )
 
     def _ready(self, machine: str, source: Source) -> Ready:
@@ -186,13 +188,13 @@ def check_run(
     root: Path,
     machines: Sequence[tuple[str, Sequence[tuple[str, Mapping[str, Any]]], Any]],
 ) -> RunSources:
-    """Check every machine's sources (name, data layers, host data); raises SourcesInvalid
-    with every machine's first problem."""
+    """Check every machine's sources (name, data layers, its `MachineSettings`); raises
+    SourcesInvalid with every machine's first problem."""
     sources = RunSources(root)
     errors = []
-    for machine, found, data in machines:
+    for machine, found, settings in machines:
         try:
-            sources.add(machine, found, data)
+            sources.add(machine, found, settings)
         except SourceError as error:
             errors.append(error)
     if errors:

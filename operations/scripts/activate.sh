@@ -1,27 +1,45 @@
 # flakefleet's activation worker: the remote half of an activation, started detached on the
-# machine so that a dropped SSH connection cannot kill it halfway:
+# machine so that a dropped SSH connection cannot kill it halfway (the protocol, its phases and
+# its files are described once, in flakefleet/worker.py):
 #
-#   sh activate.sh DIR CLASS GOAL SYSTEM PROFILE CONFIRM_TIMEOUT [GENERATION]
+#   sh activate.sh --dir DIR --class CLASS --goal GOAL --system SYSTEM --profile PROFILE
+#                  --confirm-timeout SECONDS [--generation N]
 #
-# With GENERATION (a rollback), the profile is switched to that existing generation, SYSTEM,
+# With --generation (a rollback), the profile is switched to that existing generation, SYSTEM,
 # instead of gaining a new one, and a failure switches it back without deleting anything.
 #
 # It sets the profile (switch, boot), activates SYSTEM the way its class does, and then, when
-# CONFIRM_TIMEOUT > 0, waits that many seconds for DIR/confirm, made by the deployer over a new
-# SSH connection after its checks pass. Without it (the machine became unreachable), or with
-# DIR/abort (the checks failed), and whenever activation fails, it puts the machine back on
-# what it ran before: profile and activation both, deleting the new generation.
+# the confirmation timeout is > 0, waits that long for DIR/confirm, made by the deployer over a
+# new SSH connection after its checks pass. Without it (the machine became unreachable), or
+# with DIR/abort (the checks failed), and whenever activation fails, it puts the machine back
+# on what it ran before: profile and activation both, deleting the new generation.
 #
 # Progress is in DIR/phase (running, awaiting-confirmation, succeeded, failed, rolled-back,
 # rollback-failed) with one line in DIR/message; everything it prints goes to DIR/log.
 set -u
-dir=$1
-class=$2
-goal=$3
-system=$4
-profile=$5
-confirm_timeout=$6
-generation=${7:-}
+usage() {
+  echo "usage: activate.sh --dir DIR --class CLASS --goal GOAL --system SYSTEM" \
+    "--profile PROFILE --confirm-timeout SECONDS [--generation N]" >&2
+  exit 2
+}
+dir='' class='' goal='' system='' profile='' confirm_timeout='' generation=''
+while [ $# -gt 0 ]; do
+  [ $# -ge 2 ] || usage
+  case $1 in
+    --dir) dir=$2 ;;
+    --class) class=$2 ;;
+    --goal) goal=$2 ;;
+    --system) system=$2 ;;
+    --profile) profile=$2 ;;
+    --confirm-timeout) confirm_timeout=$2 ;;
+    --generation) generation=$2 ;;
+    *) usage ;;
+  esac
+  shift 2
+done
+for value in "$dir" "$class" "$goal" "$system" "$profile" "$confirm_timeout"; do
+  [ -n "$value" ] || usage
+done
 exec >>"$dir/log" 2>&1 </dev/null
 
 phase() {

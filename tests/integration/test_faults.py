@@ -83,8 +83,8 @@ def test_a_run_that_dies_while_preparing_leaves_no_lock(fleet, flake, tmp_path):
     locked = tmp_path / "locked"
     dies = tmp_path / "dies.py"  # the pipeline's first step, then a bug in the deploy code
     dies.write_text(
-        "from pyinfra import host\nfrom operations import lock\n"
-        f"if lock.preflight():\n    open({str(locked)!r}, 'a').write(host.name + '\\n')\n"
+        "from pyinfra import host\nfrom operations import preflight\n"
+        f"if preflight.preflight():\n    open({str(locked)!r}, 'a').write(host.name + '\\n')\n"
         "raise RuntimeError('a bug')\n"
     )
     result = fleet.deploy(flake, deploy_file=str(dies))

@@ -26,7 +26,7 @@ from pyinfra.context import ctx_state
 from pyinfra_cli.inventory import make_inventory
 
 from flakefleet.fleet import Machine, load_fleet
-from flakefleet.ssh import ssh_options
+from flakefleet.target import Target
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -114,7 +114,7 @@ def _control_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def host(machine: dict[str, Any], _control_dir: Path) -> Any:
     """A testinfra host reached with the same address, key and known_hosts as the deploy."""
     options = [
-        *ssh_options(machine),
+        *Target.from_data(machine["name"], machine).ssh_options(),
         "-o", "ControlMaster=auto",
         "-o", f"ControlPath={_control_dir / machine['name']}",
         "-o", "ControlPersist=60",

@@ -1,8 +1,9 @@
 """Fact parsing, from the output the commands print on a machine."""
 
-from facts.machine import SECTION, Machine
-from facts.nix import Generation, NixVersion, SystemGenerations
+from facts.machine import SECTION, MachineSnapshot
+from facts.nix import NixVersion, SystemGenerations
 from facts.sources import Sources
+from flakefleet.models import Generation
 
 WEB1 = "/nix/store/60nw2zzmkadwb1ilqj0ssaxm5adp7xd6-nixos-system-web1-1"
 
@@ -45,7 +46,7 @@ def test_machine_state_from_one_command():
         "nix (Nix) 2.8.0",
         f"{SECTION}var_src",
     ]
-    state = Machine().process(output)
+    state = MachineSnapshot().process(output)
     assert state.current_system == WEB1
     assert state.booted_system is None
     assert state.profile_system == WEB1
@@ -55,6 +56,6 @@ def test_machine_state_from_one_command():
 
 
 def test_machine_command_has_every_section():
-    command = Machine().command()
+    command = MachineSnapshot().command()
     for name in ("current_system", "booted_system", "profile_system", "generations", "var_src"):
         assert f"{SECTION}{name}" in command

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from flakefleet.settings import MachineSettings
 from flakefleet.sources import (
     BuildError,
     GitCache,
@@ -136,8 +137,8 @@ def test_every_machines_first_problem_is_reported_once_per_problem(tmp_path):
         check_run(
             tmp_path,
             [
-                ("web1", [("group_data/web.py", bad)], {}),
-                ("web2", [("group_data/web.py", bad)], {}),
+                ("web1", [("group_data/web.py", bad)], MachineSettings()),
+                ("web2", [("group_data/web.py", bad)], MachineSettings()),
             ],
         )
     assert caught.value.lines == [
@@ -260,7 +261,9 @@ def test_git_checkout_has_the_commit_submodules_and_fixed_times(tmp_path):
 
 
 def run_sources(tmp_path: Path, machine: str, sources: dict) -> RunSources:
-    return check_run(tmp_path, [(machine, [("group_data/all.py", {"sources": sources})], {})])
+    return check_run(
+        tmp_path, [(machine, [("group_data/all.py", {"sources": sources})], MachineSettings())]
+    )
 
 
 def test_pipe_output_becomes_a_file_with_its_mode(tmp_path):

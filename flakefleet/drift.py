@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from facts.machine import MachineState
+from flakefleet.models import MachineState
 
 
 def name_of(path: str | None) -> str:
@@ -24,7 +24,7 @@ def name_of(path: str | None) -> str:
 
 
 @dataclass(frozen=True)
-class MachinePlan:
+class Assessment:
     """What a deploy would do to one machine (`verdict`), and what else is worth knowing."""
 
     verdict: str
@@ -36,11 +36,11 @@ class MachinePlan:
         return self.verdict == "up to date" and not self.drift
 
 
-def plan(machine: MachineState, system: str) -> MachinePlan:
+def assess(machine: MachineState, system: str) -> Assessment:
     """The plan for a machine in `machine`'s state whose flake now gives `system`.
 
     Example: a machine that runs and boots ``…-web1-1`` while the flake gives ``…-web1-2``:
-    ``MachinePlan("would switch", "nixos-system-web1-1 → nixos-system-web1-2")``.
+    ``Assessment("would switch", "nixos-system-web1-1 → nixos-system-web1-2")``.
     """
     current, profile = machine.current_system, machine.profile_system
     if current != system:
@@ -49,7 +49,7 @@ def plan(machine: MachineState, system: str) -> MachinePlan:
         verdict, change = "would select", f"boots {name_of(profile)}, would boot {name_of(system)}"
     else:
         verdict, change = "up to date", ""
-    return MachinePlan(verdict, change, drift(machine))
+    return Assessment(verdict, change, drift(machine))
 
 
 def drift(machine: MachineState) -> list[str]:
@@ -73,13 +73,13 @@ def drift(machine: MachineState) -> list[str]:
     return found
 
 
-def render(name: str, machine_plan: MachinePlan, packages: Sequence[str], width: int) -> list[str]:
+def render(name: str, assessment: Assessment, packages: Sequence[str], width: int) -> list[str]:
     """The plan's lines for one machine: a heading line, then the drift and package changes."""
-    heading = f"{name:<{width}}  {machine_plan.verdict:<12}"
-    if machine_plan.change:
-        heading += f"  {machine_plan.change}"
+    heading = f"{name:<{width}}  {assessment.verdict:<12}"
+    if assessment.change:
+        heading += f"  {assessment.change}"
     lines = [heading.rstrip()]
     indent = " " * (width + 2)
-    lines += [f"{indent}drift: {phrase}" for phrase in machine_plan.drift]
+    lines += [f"{indent}drift: {phrase}" for phrase in assessment.drift]
     lines += [f"{indent}{package}" for package in packages]
     return lines

@@ -1,0 +1,78 @@
+"""The Nix command lines flakefleet runs on machines: a build on a target or builder, a copy
+from a builder or cache machine to another machine, a fetch from a binary cache.
+
+Each takes the `Target` it runs on, for where that machine keeps Nix; the caller runs the line
+through the same target (`Target.run`, `Target.run_over`).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Sequence
+
+from flakefleet.nix import FEATURES, Attributes, NixError, systems_expression
+from flakefleet.target import Target, shell_path
+
+
+def build_command(flake: str, name: str, attributes: Attributes, target: Target) -> str:
+    """Build one machine's system from a flake directory on the machine itself (a symlink,
+    as /var/src/config is, is resolved first); prints `nix build`'s JSON."""
+    reference = '("path:" + builtins.getEnv "FLAKEFLEET_FLAKE")'
+    expression = f"({systems_expression(reference, {name: attributes})}).{json.dumps(name)}"
+    argv = [target.nix(), *FEATURES, "build", "--impure", "--no-link", "--json"]
+    return (
+        f"FLAKEFLEET_FLAKE=$(readlink -f {shell_path(flake)}) "
+        f"{shlex.join([*argv, '--expr', expression])}"
+    )
+
+
+def built_path(output: str) -> str:
+    """The output path in `nix build --json`'s answer."""
+    try:
+        return json.loads(output)[0]["outputs"]["out"]
+    except (ValueError, LookupError, TypeError) as error:
+        raise NixError(f"unexpected answer from nix build: {output.strip()[:200]!r}") from error
+
+
+def realise_command(drvs: Sequence[str], target: Target) -> str:
+    """Build derivations on a builder; prints the output paths it built."""
+    return shlex.join([target.nix("nix-store"), "--realise", "--keep-going", *drvs])
+
+
+def copy_command(
+    paths: Sequence[str], destination: str, ssh_command_options: Sequence[str],
+    target: Target, flags: Sequence[str] = (),
+) -> str:  # fmt: skip
+    """Copy closures from `target`'s store to another store (a builder or cache machine
+    sending a closure straight to a machine)."""
+    argv = [target.nix(), *FEATURES, "copy", *flags, "--to", destination, *paths]
+    return f"NIX_SSHOPTS={shlex.quote(' '.join(ssh_command_options))} {shlex.join(argv)}"
+
+
+def fetch_command(
+    source: str, paths: Sequence[str], target: Target, check_sigs: bool = True
+) -> str:
+    """Fetch closures from a binary cache into `target`'s store (a cache fan-out).
+
+    Answers "not in the cache" are not remembered: the machine may have asked before the
+    upload (Nix would otherwise believe them for an hour).
+    """
+    argv = [target.nix(), *FEATURES, "copy", "--option", "narinfo-cache-negative-ttl", "0"]
+    if not check_sigs:
+        argv.append("--no-check-sigs")
+    return shlex.join([*argv, "--from", source, *paths])
+
+
+def collect_garbage_command(target: Target) -> str:
+    """Collect the machine's garbage; prints Nix's last line (what it freed)."""
+    return f"{target.nix('nix-store')} --gc 2>&1 | tail -1"
+
+
+def prune_command(target: Target, keep: int) -> str:
+    """Delete all but the newest `keep` generations of the machine's profile (the current one
+    always stays), then collect garbage."""
+    return (
+        f"{shlex.join([target.nix('nix-env'), '--profile', target.profile])} "
+        f"--delete-generations +{keep} && {target.nix('nix-store')} --gc"
+    )

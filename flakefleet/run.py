@@ -1,0 +1,169 @@
+"""One deploy run: what it knows about its machines, in one object, closed once at exit.
+
+pyinfra runs a deploy file once per machine (each in its own greenlet) and operations' commands
+later; all of them find the same `Run` with `Run.of(state)`. It holds how each machine is
+reached (`Target`) and its checked settings, the run's builds, sources and sudo passwords,
+the locks it holds, the activations waiting for confirmation, the smoke-check verdicts, the
+cache servers it started, every machine's outcome, and whether the rollout stopped. When the
+process exits it is closed once: servers stopped, locks released, summary printed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from pyinfra.api import FunctionCommand
+
+from flakefleet import cache as caches
+from flakefleet import lock, sudo
+from flakefleet.builds import FleetBuilds
+from flakefleet.fleet import fleet_file
+from flakefleet.report import Outcome, Report
+from flakefleet.settings import MachineSettings, selected_problems
+from flakefleet.target import Target, Unreachable
+from flakefleet.worker import Activation
+
+if TYPE_CHECKING:
+    from flakefleet.sources import RunSources, SourcesInvalid
+
+ATTRIBUTE = "flakefleet_run"  # where a State keeps its Run
+
+
+class Run:
+    """What one pyinfra run (one State) knows about its machines."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+        self.cwd = Path(state.cwd or ".")
+        self.fleet_file = fleet_file()
+        self.deployer = lock.Holder.this_process()
+        self.report = Report()
+        self.passwords = sudo.Passwords()
+        self.targets = {
+            host.name: Target.from_data(host.name, host.data, self.passwords)
+            for host in state.inventory
+        }
+        self.locks: set[str] = set()  # machines whose deploy lock this run holds
+        self.pending: dict[str, Activation] = {}  # activations awaiting their confirmation
+        self.stopped: list[str] = []  # why the rollout stopped (on_check_failure = stop)
+        self.verdicts: dict[tuple[str, str], Any] = {}  # (health gate, machine) -> Verdict
+        self.sources: RunSources | SourcesInvalid | None = None  # checked at the first use
+        self.build_slots = threading.BoundedSemaphore(os.cpu_count() or 2)  # local builds
+        self.lock = threading.RLock()
+        self._settings: dict[str, MachineSettings] = {}
+        self._problems: tuple[list[str], dict[str, str]] | None = None
+        self._builds: FleetBuilds | None = None
+        self._servers: dict[caches.Cache, caches.Server] = {}
+        self._stopping = False
+        atexit.register(self.close)
+
+    @classmethod
+    def of(cls, state: Any) -> Run:
+        """The run of a pyinfra State (deploy files see a proxy of it, commands the State)."""
+        run = getattr(state, ATTRIBUTE, None)
+        if run is None:
+            run = cls(state)
+            setattr(state, ATTRIBUTE, run)
+        return run
+
+    # -- machines ---------------------------------------------------------------------------
+
+    def target(self, name: str) -> Target:
+        return self.targets[name]
+
+    def outcome(self, name: str) -> Outcome:
+        return self.report(name)
+
+    def settings(self, name: str) -> MachineSettings:
+        """A machine's checked settings (`check_settings` ran first for selected machines)."""
+        with self.lock:
+            if name not in self._settings:
+                data = self.state.inventory.get_host(name).data.dict()
+                fleet = [host.name for host in self.state.inventory]
+                self._settings[name] = MachineSettings.from_data(data, fleet, self.cwd)
+            return self._settings[name]
+
+    def check_settings(self) -> None:
+        """Check every selected machine's settings, once per run (at the first machine's
+        call); bad ones stop the run with one line each, before any machine is contacted."""
+        with self.lock:
+            if self._problems is None:
+                self._problems = selected_problems(self.state, str(self.fleet_file))
+        lines, reasons = self._problems
+        if lines:
+            self.stop(lines, reasons, "not deployed: bad settings stopped the run")
+
+    @property
+    def builds(self) -> FleetBuilds:
+        """The run's evaluations, builds and uploads, with every selected machine in them."""
+        with self.lock:
+            if self._builds is None:
+                self._builds = FleetBuilds(self.cwd, self.fleet_file, self.targets, self.settings)
+                for host in self.state.inventory.get_active_hosts():
+                    self._builds.add(host.name)
+            return self._builds
+
+    def cache_server(self, cache: caches.Cache) -> caches.Server:
+        """The one HTTP server of a served cache in this run."""
+        with self.lock:
+            return self._servers.setdefault(cache, caches.Server(cache))
+
+    # -- ending -----------------------------------------------------------------------------
+
+    def stop(self, lines: list[str], reasons: dict[str, str], others: str) -> NoReturn:
+        """End the run on bad input, before it touches any machine: each machine is failed
+        with its reason (the rest with `others`), and pyinfra exits with one line per problem.
+
+        Only the first caller raises at once. The other machines' deploy files, still running
+        in their greenlets, would run on while the interpreter shuts down: they wait here.
+        """
+        with self.lock:
+            first, self._stopping = not self._stopping, True
+        if not first:
+            threading.Event().wait(timeout=60)  # never set: the run ends meanwhile
+            raise SystemExit(1)
+        for host in self.state.inventory.get_active_hosts():  # the summary, if any, stays true
+            self.outcome(host.name).fail(reasons.get(host.name, others))
+        raise SystemExit("\n".join(f"flakefleet: {line}" for line in lines))
+
+    def close(self) -> None:
+        """At exit, however the run ended: stop the cache servers, release the locks this run
+        still holds (over new connections: pyinfra may have skipped a machine's release),
+        print the summary."""
+        for server in self._servers.values():
+            server.stop()
+        for name in sorted(self.locks):
+            try:
+                self.target(name).run(
+                    lock.release_command(self.target(name).state_dir, self.deployer), timeout=30
+                )
+            except Unreachable:
+                self.outcome(name).note("could not release the deploy lock (unreachable)")
+        self.report.print(self.state)
+
+
+# -- commands that record an outcome when pyinfra runs them ------------------------------------
+
+
+def fail(reason: str) -> FunctionCommand:
+    """A command that fails the machine with a reason; its later steps are skipped."""
+    return FunctionCommand(_fail, (reason,), {})
+
+
+def change(what: str) -> FunctionCommand:
+    """A command that records, when it runs, that a step changed the machine."""
+    return FunctionCommand(_change, (what,), {})
+
+
+def _fail(state: Any, host: Any, reason: str) -> bool:
+    Run.of(state).outcome(host.name).fail(reason)
+    return False
+
+
+def _change(state: Any, host: Any, what: str) -> bool:
+    Run.of(state).outcome(host.name).changed_by(what)
+    return True

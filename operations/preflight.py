@@ -1,0 +1,129 @@
+"""The preflight: take the machine's deploy lock and read its state, in one round trip; and the
+lock's release at the end of the run.
+
+A machine whose deploy fails keeps no lock: whatever pyinfra skipped, the locks this run
+still holds are released over new connections when the run closes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyinfra import host, state
+from pyinfra.api import FunctionCommand, operation
+
+from facts.machine import Preflight
+from flakefleet import sudo
+from flakefleet.fleet import PYINFRA_PRIVILEGE_KEYS
+from flakefleet.lock import Holder, release_command, take_over_command
+from flakefleet.models import MachineState, PreflightState
+from flakefleet.run import Run
+from operations.refuse import refuse
+
+
+def preflight() -> MachineState | None:
+    """Take the machine's deploy lock and read its state, in one round trip.
+
+    Returns the machine's state, or None when another deploy holds the machine or sudo
+    refuses (it is then failed with the reason, and the deploy file skips its steps). When
+    sudo asks for a password the run has not got yet, it is asked for (once per run) and the
+    preflight runs again with it.
+    """
+    run = Run.of(state)
+    target = run.target(host.name)
+    pyinfra_privilege = sorted(key for key in PYINFRA_PRIVILEGE_KEYS if host.data.get(key))
+    if pyinfra_privilege:  # set in group_data/*.py (the fleet file refuses them itself)
+        refuse(
+            name="Deploy lock",
+            reason=f"data {pyinfra_privilege[0]}: remove it: flakefleet runs sudo itself",
+        )
+        return None
+    run.locks.add(host.name)  # before the preflight may take it: released at exit, whatever
+    try:
+        if target.needs_sudo and target.password_source:
+            target.obtain_password()  # on the controller: saves a round trip
+        found = _read_preflight(run)
+        if found.sudo_refusal and sudo.wants_password(found.sudo_refusal):
+            target.obtain_password()
+            found = _read_preflight(run)
+    except sudo.SudoError as error:
+        _locked(run, str(error))
+        return None
+    if found.sudo_refusal:
+        _locked(run, f"sudo refused to run the deploy: {found.sudo_refusal}")
+        return None
+    return found.machine if hold(run, found) else None
+
+
+def _read_preflight(run: Run) -> PreflightState:
+    target = run.target(host.name)
+    return target.read(
+        host,
+        Preflight,
+        as_root=True,
+        gate=True,
+        lock_dir=target.state_dir,
+        holder=str(run.deployer),
+        profile=target.profile,
+        running=target.running_link,
+    )
+
+
+def hold(run: Run, found: PreflightState) -> bool:
+    """Decide, at prepare time, whether this run may deploy the machine.
+
+    The lock was taken by the preflight fact, or it is taken over (an operation) from a
+    deployer that died on this controller or that the user names in `break_lock` (one on
+    another controller that will not come back), or the machine is failed naming the holder.
+    """
+    if found.lock_acquired:
+        return True
+    holder = Holder.parse(found.lock_holder)
+    if holder is None:
+        return _locked(run, f"locked by another deploy ({found.lock_holder or 'unknown holder'})")
+    broken = run.settings(host.name).break_lock == holder.name
+    if not (holder.is_dead() or broken):
+        return _locked(
+            run,
+            f"locked by another deploy ({holder.describe()}); if that deploy is gone for good, "
+            f"run again with --data break_lock={holder.name}",
+        )
+    if found.activations_in_progress:
+        return _locked(
+            run,
+            f"locked: a deployer that {'was named in break_lock' if broken else 'died'} "
+            f"({holder.describe()}) left an activation in progress; it completes or rolls back "
+            "by itself within its confirmation timeout",
+        )
+    _take_over(name="Take over a stale lock", stale=str(holder))
+    how = "broke (break_lock)" if broken else "took over"
+    run.outcome(host.name).note(f"{how} the lock of a deployer that died ({holder.describe()})")
+    return True
+
+
+def _locked(run: Run, reason: str) -> bool:
+    """Fail the machine before anything on it is touched; this run holds no lock on it."""
+    refuse(name="Deploy lock", reason=reason)
+    run.locks.discard(host.name)
+    return False
+
+
+@operation(is_idempotent=False)
+def _take_over(stale: str):
+    run = Run.of(state)
+    target = run.target(host.name)
+    yield target.command(take_over_command(target.state_dir, stale, run.deployer))
+
+
+@operation(is_idempotent=False)
+def release():
+    """Release this run's lock on the machine."""
+    run = Run.of(state)
+    target = run.target(host.name)
+    yield target.command(release_command(target.state_dir, run.deployer))
+    yield FunctionCommand(_released, (), {})
+
+
+def _released(state: Any, host: Any) -> bool:
+    Run.of(state).locks.discard(host.name)
+    return True

@@ -1,0 +1,30 @@
+# The shell functions of flakefleet's sources install (operations/sources.py `install_script`):
+# the install commands of one sync follow them in the same POSIX sh script (GNU or BSD tools),
+# with `r` (the sources root, /var/src) and `store` (flakefleet's directory in it) set first.
+set -e
+s="$r/$store"
+mkdir -p "$s"
+cd "$r"  # a derivation's flake may be a source: ./name
+if mv --version >/dev/null 2>&1; then mvt="mv -T"; else mvt="mv -h"; fi
+live() {  # make tree $2 the live /var/src/$1 with one rename, then drop the source's others
+  ln -sfn "$store/$1/$2" "$r/.$1.flakefleet-new"
+  $mvt "$r/.$1.flakefleet-new" "$r/$1"
+  find "$s/$1" -mindepth 1 -maxdepth 1 ! -name "$2" -exec rm -rf {} +
+}
+flake() {  # Nix wants a path flake's directory itself, not /var/src's link to it
+  case "$1" in
+    path:*|/*|./*)
+      ref=${1#path:}; dir=${ref%%[#?]*}
+      printf 'path:%s%s' "$(readlink -f "$dir")" "${ref#"$dir"}" ;;
+    *) printf '%s' "$1" ;;
+  esac
+}
+realise() {  # source name, then a Nix command; on failure, say which source and why
+  name=$1; shift
+  if ! log=$("$@" 2>&1); then
+    printf '%s\n' "$log" >&2
+    why=$(printf '%s\n' "$log" | grep -m1 'error' || printf '%s\n' "$log" | tail -n1)
+    echo "source '$name': $1 failed: $why" >&2
+    exit 1
+  fi
+}

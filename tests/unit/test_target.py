@@ -1,0 +1,100 @@
+"""The one handle every remote command goes through: how a machine is reached, what it is, and
+that no other way to run a command on a machine remains in the code."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from flakefleet.target import Target, shell_path
+
+ROOT = Path(__file__).resolve().parents[2]
+WEB1 = {
+    "ssh_hostname": "127.0.0.1",
+    "ssh_user": "root",
+    "ssh_port": 22401,
+    "ssh_key": "/k/id",
+    "ssh_known_hosts_file": "/k/known_hosts",
+    "ssh_strict_host_key_checking": "yes",
+}
+
+
+def test_ssh_options_keep_strict_host_key_checking():
+    web1 = Target.from_data("web1", WEB1)
+    assert web1.ssh_options() == [
+        "-o", "BatchMode=yes", "-p", "22401", "-i", "/k/id", "-o", "IdentitiesOnly=yes",
+        "-o", "UserKnownHostsFile=/k/known_hosts", "-o", "StrictHostKeyChecking=yes",
+    ]  # fmt: skip
+    assert web1.destination == "root@127.0.0.1"
+    # Another machine reaching this one uses its own keys and known hosts: only the port.
+    assert web1.relay_options() == ["-o", "BatchMode=yes", "-p", "22401"]
+
+
+def test_store_urls():
+    assert Target.from_data("web1", {"ssh_user": "root"}).store_url() == "ssh://root@web1"
+    mac1 = Target.from_data("mac1", {"ssh_user": "deploy", "remote_nix_dir": "/nix/bin/"})
+    assert mac1.store_url("ssh-ng", compress=True) == (
+        "ssh-ng://deploy@mac1?compress=true&remote-program=/nix/bin/nix-daemon"
+    )
+    assert mac1.store_url("ssh").endswith("remote-program=/nix/bin/nix-store")
+    with pytest.raises(ValueError, match="ssh or ssh-ng"):
+        mac1.store_url("http")
+
+
+def test_profiles_and_state_directories():
+    home = Target.from_data("home1", {"ssh_user": "deploy", "machine_class": "home"})
+    assert home.profile == "/nix/var/nix/profiles/per-user/deploy/home-manager"
+    assert home.running_link == home.profile  # a home-manager machine runs what it selects
+    assert home.state_dir == "/tmp/flakefleet-deploy"
+    mac1 = Target.from_data("mac1", {"ssh_user": "deploy", "machine_class": "darwin"})
+    assert (mac1.profile, mac1.running_link) == (
+        "/nix/var/nix/profiles/system",
+        "/run/current-system",
+    )
+
+
+def test_shell_paths():
+    assert shell_path("$HOME/.var/src/config") == '"$HOME"/.var/src/config'
+    assert shell_path("/a b") == "'/a b'"
+
+
+# What only flakefleet/target.py may do: start ssh, run a command over pyinfra's connection,
+# read a fact, or wrap a command in sudo. (rsync and Nix get their ssh from the Target.)
+ONLY_IN_TARGET = {
+    "starts ssh": re.compile(r"""\[\s*["']ssh["']"""),
+    "runs over pyinfra's connection": re.compile(r"\.run_shell_command\("),
+    "reads a fact": re.compile(r"\.get_fact\("),
+    "builds a pyinfra command": re.compile(r"\bStringCommand\("),
+    "wraps a command in sudo": re.compile(r"\bsudo\.(wrap|gate)\("),
+}
+DEPLOY_CODE = ["flakefleet", "operations", "facts", "deploy"]
+
+
+def test_every_remote_command_goes_through_the_target():
+    found = []
+    for folder in DEPLOY_CODE:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path == ROOT / "flakefleet" / "target.py":
+                continue
+            text = path.read_text()
+            for what, pattern in ONLY_IN_TARGET.items():
+                if pattern.search(text):
+                    found.append(f"{path.relative_to(ROOT)} {what}")
+    assert found == []
+
+
+# Module-level state: a dict, list or set assigned at module level and changed later, or a
+# `global` statement. Per-run state belongs to flakefleet.run.Run.
+MUTABLE_AT_MODULE_LEVEL = re.compile(
+    r"^_?[a-z_]+(: [^=]+)? = (\{\}|\[\]|set\(\)|dict\(\)|list\(\))", re.MULTILINE
+)
+
+
+def test_no_module_keeps_state_of_its_own():
+    found = []
+    for folder in DEPLOY_CODE:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            text = path.read_text()
+            if MUTABLE_AT_MODULE_LEVEL.search(text) or re.search(r"^\s+global ", text, re.M):
+                found.append(str(path.relative_to(ROOT)))
+    assert found == []
