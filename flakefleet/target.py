@@ -109,7 +109,7 @@ class Target:
             address=text("ssh_hostname") or name,
             machine_class=MachineClass(data.get("machine_class") or MachineClass.NIXOS),
             ssh_user=text("ssh_user"),
-            port=int(data["ssh_port"]) if data.get("ssh_port") else None,
+            port=int(str(data.get("ssh_port"))) if data.get("ssh_port") else None,
             key=text("ssh_key"),
             known_hosts=text("ssh_known_hosts_file"),
             strict_host_key_checking=text("ssh_strict_host_key_checking"),

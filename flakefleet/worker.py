@@ -51,35 +51,28 @@ class Unanswered(StrEnum):
     UNREACHABLE = "unknown"  # the machine could not be asked; the worker may go on
 
 
+class _File:
+    """A file of the protocol, as a path in the worker's directory."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, directory: WorkerDir, owner: type) -> str:
+        return f"{directory.path}/{self.name}"
+
+
 @dataclass(frozen=True)
 class WorkerDir:
     """A worker's directory on the machine and the files of the protocol in it."""
 
     path: str
 
-    @property
-    def script(self) -> str:
-        return f"{self.path}/activate.sh"
-
-    @property
-    def phase(self) -> str:
-        return f"{self.path}/phase"
-
-    @property
-    def message(self) -> str:
-        return f"{self.path}/message"
-
-    @property
-    def log(self) -> str:
-        return f"{self.path}/log"
-
-    @property
-    def confirm(self) -> str:
-        return f"{self.path}/confirm"
-
-    @property
-    def abort(self) -> str:
-        return f"{self.path}/abort"
+    script = _File("activate.sh")  # the worker itself, sent with the launch
+    phase = _File("phase")  # a Phase, replaced atomically
+    message = _File("message")  # one line saying why
+    log = _File("log")  # everything the worker and the activation printed
+    confirm = _File("confirm")  # made by the deployer: keep the new system
+    abort = _File("abort")  # made by the deployer: roll back; holds the reason
 
 
 def busy_count_command(state_dir: str) -> str:

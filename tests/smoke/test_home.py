@@ -3,7 +3,7 @@ are linked into the user's home."""
 
 import pytest
 
-from flakefleet.nix import remote_nix
+from flakefleet.target import Target
 
 classes = {"home"}
 
@@ -21,7 +21,7 @@ def test_profile_selects_the_expected_generation(generation, expected_system):
 
 
 def test_generation_is_valid_in_the_store(host, machine, generation):
-    nix_store = remote_nix(machine.get("remote_nix_dir"), "nix-store")
+    nix_store = Target.from_data(machine["name"], machine).nix("nix-store")
     assert host.run(f"{nix_store} --verify-path {generation}").rc == 0
 
 

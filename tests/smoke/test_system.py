@@ -2,7 +2,7 @@
 
 import pytest
 
-from flakefleet.nix import remote_nix
+from flakefleet.target import Target
 
 classes = {"nixos", "darwin"}
 
@@ -14,7 +14,7 @@ def test_runs_the_expected_system(host, expected_system):
 
 
 def test_system_is_valid_in_the_store(host, machine):
-    nix_store = remote_nix(machine.get("remote_nix_dir"), "nix-store")  # off PATH on macOS
+    nix_store = Target.from_data(machine["name"], machine).nix("nix-store")  # off PATH on macOS
     assert host.run(f"{nix_store} --verify-path $(readlink -f /run/current-system)").rc == 0
 
 

@@ -1,0 +1,205 @@
+"""The activation protocol: the worker script run for real with `sh` against a fake system
+(switch succeeds, exits 4, exits 100, hangs), and the deployer's half of it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from flakefleet.models import Goal, MachineClass
+from flakefleet.worker import BUSY, Activation, Phase, Unanswered, WorkerDir, parse_answer
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "operations" / "scripts" / "activate.sh"
+
+
+def test_the_script_writes_exactly_the_protocols_phases():
+    written = set(re.findall(r"\bphase ([a-z-]+) ", SCRIPT.read_text()))
+    assert written == {str(phase) for phase in Phase}
+
+
+# Profile generations as Nix keeps them (`system-N-link`, and `system` linking to one), for
+# systems outside the store: the real nix-env only takes store paths, and a unit test must not
+# write this computer's store. The test fleet runs the real one.
+NIX_ENV = """#!/bin/sh
+[ "$1" = -p ] || exit 2
+profile=$2 action=$3 value=${4:-}
+dir=$(dirname "$profile") base=$(basename "$profile")
+current=$(readlink "$profile" 2>/dev/null | sed 's/.*-\\([0-9]*\\)-link$/\\1/')
+numbers() { ls "$dir" | sed -n "s/^$base-\\([0-9]*\\)-link$/\\1/p" | sort -n; }
+select() { ln -sfn "$base-$1-link" "$profile.new" && mv -T "$profile.new" "$profile"; }
+case $action in
+  --set) n=$(( $(numbers | tail -n1) + 1 )); ln -s "$value" "$dir/$base-$n-link"; select $n ;;
+  --switch-generation) [ -e "$dir/$base-$value-link" ] && select "$value" ;;
+  --rollback) n=$(numbers | awk -v c="$current" '$1 < c' | tail -n1); [ -n "$n" ] && select $n ;;
+  --delete-generations) [ "$value" != "$current" ] && rm "$dir/$base-$value-link" ;;
+  *) exit 2 ;;
+esac
+"""
+
+
+class Machine:
+    """A fake machine in a directory: a profile, and systems whose switch-to-configuration
+    does what a test says."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.profile = root / "profiles" / "system"
+        self.profile.parent.mkdir(parents=True)
+        self.log = root / "activations"
+        self.bin = root / "bin"
+        self.bin.mkdir()
+        (self.bin / "nix-env").write_text(NIX_ENV)
+        (self.bin / "nix-env").chmod(0o755)
+        self.env = {**os.environ, "PATH": f"{self.bin}:{os.environ['PATH']}"}
+
+    def system(self, name: str, script: str = "exit 0") -> str:
+        system = self.root / name
+        (system / "bin").mkdir(parents=True)
+        switch = system / "bin" / "switch-to-configuration"
+        switch.write_text(f'#!/bin/sh\necho "{name} $1" >> {self.log}\n{script}\n')
+        switch.chmod(0o755)
+        return str(system)
+
+    def activation(self, system: str, goal: Goal = Goal.SWITCH, confirm: float = 0) -> Activation:
+        return Activation(
+            id=f"a{time.monotonic_ns()}",
+            machine_class=MachineClass.NIXOS,
+            goal=goal,
+            system=system,
+            profile=str(self.profile),
+            confirm_timeout=confirm,
+            state_dir=str(self.root / "state"),
+        )
+
+    def start(self, activation: Activation) -> subprocess.Popen[bytes]:
+        Path(activation.directory.path).mkdir(parents=True)
+        return subprocess.Popen(["sh", str(SCRIPT), *activation.arguments()[2:]], env=self.env)
+
+    def run(self, activation: Activation) -> tuple[Phase | Unanswered, str]:
+        self.start(activation).wait(timeout=60)
+        return self.answer(activation)
+
+    def answer(
+        self, activation: Activation, busy: tuple[Phase, ...] = BUSY
+    ) -> tuple[Phase | Unanswered, str]:
+        """The phase once the worker leaves the `busy` ones (the deployer's wait)."""
+        completed = subprocess.run(
+            ["sh", "-c", activation.wait_command(busy, seconds=30)], capture_output=True, text=True
+        )
+        return parse_answer(completed.returncode, completed.stdout, completed.stderr)
+
+    def selected(self) -> str:
+        return str(Path(self.profile).resolve())
+
+
+@pytest.fixture
+def machine(tmp_path: Path) -> Machine:
+    return Machine(tmp_path)
+
+
+def test_a_switch_sets_the_profile_and_succeeds(machine):
+    new = machine.system("new")
+    assert machine.run(machine.activation(new)) == (Phase.SUCCEEDED, f"activated {new}")
+    assert machine.selected() == new
+    assert machine.log.read_text() == "new switch\n"
+
+
+def test_failed_units_exit_4_roll_profile_and_activation_back(machine):
+    old = machine.system("old")
+    assert machine.run(machine.activation(old))[0] is Phase.SUCCEEDED
+    new = machine.system("new", "exit 4")
+    phase, message = machine.run(machine.activation(new))
+    assert phase is Phase.ROLLED_BACK
+    assert message == f"activation failed (exit 4); rolled back to {old}"
+    assert machine.selected() == old
+    assert machine.log.read_text().splitlines() == ["old switch", "new switch", "old switch"]
+    assert not list(machine.profile.parent.glob("system-2-link"))  # the failed one is deleted
+
+
+def test_exit_100_is_a_failed_activation_today(machine):
+    # NixOS: the new init is incompatible and takes effect at the next boot (issue 10 makes
+    # this "reboot required"); until then the worker treats it as any other failure.
+    old = machine.system("old")
+    machine.run(machine.activation(old))
+    phase, message = machine.run(machine.activation(machine.system("new", "exit 100")))
+    assert (phase, message) == (
+        Phase.ROLLED_BACK,
+        f"activation failed (exit 100); rolled back to {old}",
+    )
+
+
+def test_a_first_activation_that_fails_has_nothing_to_go_back_to(machine):
+    phase, message = machine.run(machine.activation(machine.system("new", "exit 4")))
+    assert phase is Phase.FAILED
+    assert "no previous generation to roll back to" in message
+
+
+def test_confirmation_and_abort(machine):
+    old = machine.system("old")
+    machine.run(machine.activation(old))
+    new = machine.system("new")
+
+    confirmed = machine.activation(new, confirm=30)
+    worker = machine.start(confirmed)
+    assert machine.answer(confirmed, (Phase.RUNNING,))[0] is Phase.AWAITING_CONFIRMATION
+    subprocess.run(["sh", "-c", confirmed.confirm_command()], check=True)
+    worker.wait(timeout=30)
+    assert machine.answer(confirmed) == (Phase.SUCCEEDED, f"activated {new}, confirmed")
+    assert machine.selected() == new
+
+    aborted = machine.activation(machine.system("newer"), confirm=30)
+    worker = machine.start(aborted)
+    assert machine.answer(aborted, (Phase.RUNNING,))[0] is Phase.AWAITING_CONFIRMATION
+    subprocess.run(["sh", "-c", aborted.abort_command()], input=b"checks failed", check=True)
+    worker.wait(timeout=30)
+    assert machine.answer(aborted) == (Phase.ROLLED_BACK, f"checks failed; rolled back to {new}")
+    assert machine.selected() == new
+
+
+def test_no_confirmation_in_time_rolls_back(machine):
+    old = machine.system("old")
+    machine.run(machine.activation(old))
+    phase, message = machine.run(machine.activation(machine.system("new"), confirm=1))
+    assert phase is Phase.ROLLED_BACK
+    assert message.startswith("not confirmed within 1s") and message.endswith(f"to {old}")
+
+
+def test_a_hanging_switch_keeps_the_worker_running(machine):
+    activation = machine.activation(machine.system("new", "sleep 30"))
+    worker = machine.start(activation)
+    try:
+        completed = subprocess.run(
+            ["sh", "-c", activation.wait_command((Phase.RUNNING,), seconds=1)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert parse_answer(completed.returncode, completed.stdout, "")[0] is Phase.RUNNING
+    finally:
+        worker.kill()
+
+
+def test_the_worker_refuses_a_command_line_it_does_not_know(tmp_path):
+    completed = subprocess.run(
+        ["sh", str(SCRIPT), "--dir", str(tmp_path), "--goal"], capture_output=True, text=True
+    )
+    assert completed.returncode == 2 and completed.stderr.startswith("usage: activate.sh")
+
+
+def test_what_the_deployer_reads():
+    assert parse_answer(0, "phase=succeeded\nactivated /nix/store/x\n", "") == (
+        Phase.SUCCEEDED,
+        "activated /nix/store/x",
+    )
+    assert parse_answer(0, "phase=missing\n", "")[0] is Unanswered.NOT_STARTED
+    assert parse_answer(255, "", "ssh: connect refused") == (
+        Unanswered.NOT_STARTED,
+        "ssh: connect refused",
+    )
+    assert WorkerDir("/run/flakefleet/activation/x").confirm == (
+        "/run/flakefleet/activation/x/confirm"
+    )
