@@ -4,7 +4,7 @@ and /var/src. Facts fill them (``facts/``), the library and operations decide on
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 
 # The profile holding a NixOS or nix-darwin machine's generations, and what it runs and booted.
@@ -83,8 +83,16 @@ CLASS_GOALS: dict[MachineClass, tuple[Goal, ...]] = {
 }
 
 
+class Shown:
+    """A value `pyinfra inventory.py fact ...` can print (pyinfra asks for `to_json`)."""
+
+    def to_json(self) -> dict[str, object]:
+        values = {each.name: getattr(self, each.name) for each in fields(self)}  # type: ignore[arg-type]
+        return {k: sorted(v) if isinstance(v, frozenset) else v for k, v in values.items()}
+
+
 @dataclass(frozen=True)
-class Generation:
+class Generation(Shown):
     """One generation of a Nix profile, as `nix-env --list-generations` shows it."""
 
     number: int
@@ -94,7 +102,7 @@ class Generation:
 
 
 @dataclass(frozen=True)
-class VarSrc:
+class VarSrc(Shown):
     """What /var/src holds: whether flakefleet manages it, and each source's content digest
     (None for an entry flakefleet did not put there).
 
@@ -113,7 +121,7 @@ class VarSrc:
 
 
 @dataclass(frozen=True)
-class MachineState:
+class MachineState(Shown):
     """A machine's systems, generations, Nix and /var/src, as one snapshot."""
 
     current_system: str | None = None
@@ -129,7 +137,7 @@ class MachineState:
 
 
 @dataclass(frozen=True)
-class PreflightState:
+class PreflightState(Shown):
     """The machine's state, and whether this deploy now holds its lock (else who does)."""
 
     lock_acquired: bool

@@ -1,5 +1,7 @@
 """Fact parsing, from the output the commands print on a machine."""
 
+import json
+
 from facts.machine import SECTION, MachineSnapshot
 from facts.nix import NixVersion, SystemGenerations
 from facts.sources import Sources
@@ -59,3 +61,18 @@ def test_machine_command_has_every_section():
     command = MachineSnapshot().command()
     for name in ("current_system", "booted_system", "profile_system", "generations", "var_src"):
         assert f"{SECTION}{name}" in command
+
+
+def test_the_facts_can_be_printed_by_pyinfra():
+    """`pyinfra inventory.py fact facts.machine.MachineSnapshot` prints what it read."""
+    from pyinfra_cli.util import json_encode
+
+    from flakefleet.models import MachineState, VarSrc
+
+    state = MachineState(
+        generations=[Generation(1, "2026-11-22 02:56:28", True, "/nix/store/a-system")],
+        var_src=VarSrc(stored=frozenset({"config"})),
+    )
+    printed = json.loads(json.dumps(state, default=json_encode))
+    assert printed["generations"][0]["system"] == "/nix/store/a-system"
+    assert printed["var_src"]["stored"] == ["config"]
