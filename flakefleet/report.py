@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import threading
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -59,17 +60,15 @@ class Report:
         with self._lock:
             return self.outcomes.setdefault(machine, Outcome(machine))
 
-    def explain_failures(self, state: Any) -> None:
+    def explain_failures(self, state: Any, addresses: Mapping[str, str]) -> None:
         """Give failed machines without a recorded reason the failing operation and its
-        output."""
+        output (`addresses`: where each machine was reached, `address:port`)."""
         for host in state.inventory:
             if host not in state.failed_hosts or self(host.name).error:
                 continue
             if host not in state.activated_hosts:
-                address = (
-                    f"{host.data.get('ssh_hostname') or host.name}:{host.data.get('ssh_port', 22)}"
-                )
-                self(host.name).fail(f"unreachable: could not connect over SSH to {address}")
+                where = addresses.get(host.name, host.name)
+                self(host.name).fail(f"unreachable: could not connect over SSH to {where}")
                 continue
             for op_hash in state.get_op_order():
                 op_data = state.ops[host].get(op_hash)
@@ -98,7 +97,7 @@ class Report:
             lines.append(f"{name:<{width}}  {record.status:<9}  {detail}{what}")
         return lines
 
-    def print(self, state: Any) -> None:
+    def print(self, state: Any, addresses: Mapping[str, str]) -> None:
         """Print the plan and the summary, and write the JSON report."""
         if not self.outcomes:
             return
@@ -106,7 +105,7 @@ class Report:
             # --dry, or the run stopped while preparing: nothing was changed.
             print("\n--> flakefleet: nothing was executed", file=sys.stderr)
             return
-        self.explain_failures(state)
+        self.explain_failures(state, addresses)
         plans = [line for name in sorted(self.outcomes) for line in self.outcomes[name].plan]
         if plans:
             print("\n--> flakefleet plan", file=sys.stderr)

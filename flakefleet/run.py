@@ -143,7 +143,8 @@ class Run:
                 )
             except Unreachable:
                 self.outcome(name).note("could not release the deploy lock (unreachable)")
-        self.report.print(self.state)
+        addresses = {name: f"{t.address}:{t.port or 22}" for name, t in self.targets.items()}
+        self.report.print(self.state, addresses)
 
 
 # -- commands that record an outcome when pyinfra runs them ------------------------------------
