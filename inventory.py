@@ -5,12 +5,21 @@ Reads `fleet.yaml` in the directory pyinfra runs in, or the file named by FLAKEF
 is contacted.
 """
 
-from flakefleet.fleet import FleetError, fleet_file, load_fleet
+import sys
+from pathlib import Path
+
+from flakefleet.fleet import FleetError, fleet_file, limit_problems, limits, load_fleet
 
 try:
     _fleet = load_fleet(fleet_file())
 except FleetError as _error:
     raise SystemExit(f"flakefleet: {_error}") from None
+
+# A --limit that selects nothing is a mistake to stop on, before any machine is contacted.
+if Path(sys.argv[0]).name == "pyinfra":
+    _problems = limit_problems(_fleet, limits(sys.argv[1:]))
+    if _problems:
+        raise SystemExit("\n".join(f"flakefleet: {_problem}" for _problem in _problems))
 
 _groups: dict[str, list[tuple[str, dict]]] = {}
 for _machine in _fleet.machines:

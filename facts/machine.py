@@ -74,9 +74,13 @@ class MachineSnapshot(RemoteFact[MachineState]):
 class Preflight(RemoteFact[PreflightState]):
     """Take the machine's deploy lock and read its state, in one round trip, as root.
 
-    Output: ``lock acquired`` or ``lock held <holder>``, the number of activations still in
-    progress, then the ``MachineSnapshot`` sections; or, when sudo refuses (read with
-    ``gate``), only its reason behind ``sudo.REFUSED``.
+    The lock is not taken while an activation worker is busy on the machine, whoever holds
+    the lock: the machine is in that worker's hands until it succeeds or rolls back.
+
+    Output: ``workers <busy> <dead>``, then ``lock acquired``, ``lock held <holder>`` or
+    ``lock busy <holder>``, then the ``MachineSnapshot`` sections. Or only one line: sudo's
+    reason behind ``sudo.REFUSED`` when it refuses (read with ``gate``), or ``lock failed:
+    <reason>`` when no lock can be taken safely (see ``flakefleet.lock``).
     """
 
     @staticmethod
@@ -91,18 +95,33 @@ class Preflight(RemoteFact[PreflightState]):
         running: str = RUNNING_SYSTEM,
     ) -> str:
         machine = MachineSnapshot.script(profile, running)
-        busy = worker.busy_count_command(lock_dir)
-        return f"{lock.acquire_command(lock_dir, holder)}; {busy}; {machine}"
+        workers = worker.workers_command(lock_dir)
+        busy = f'echo "lock busy $(cat {lock_dir}/lock/holder 2>/dev/null)"'
+        acquire = lock.acquire_command(lock_dir, holder)
+        return (
+            f"{lock.state_dir_command(lock_dir)}; "
+            f'w=$({workers}); echo "$w"; b=${{w#workers }}; '
+            f'if [ "${{b%% *}}" -gt 0 ]; then {busy}; else {acquire}; fi; {machine}'
+        )
 
     def process(self, output: list[str]) -> PreflightState:
         first = output[0].strip() if output else ""
         if first.startswith(sudo.REFUSED.strip()):
             refusal = first.removeprefix(sudo.REFUSED.strip()).strip() or "sudo refused"
             return PreflightState(False, "", MachineState(), sudo_refusal=refusal)
-        busy = output[1].strip() if len(output) > 1 else "0"
+        if first.startswith("lock failed:"):
+            problem = first.removeprefix("lock failed:").strip()
+            return PreflightState(False, "", MachineState(), lock_problem=problem)
+        status = output[1].strip() if len(output) > 1 else ""
+        if status.startswith("lock failed:"):
+            problem = status.removeprefix("lock failed:").strip()
+            return PreflightState(False, "", MachineState(), lock_problem=problem)
+        counts = first.split()[1:3] if first.startswith("workers ") else []
+        busy, dead = (int(n) for n in counts) if len(counts) == 2 else (0, 0)
         return PreflightState(
-            lock_acquired=first == "lock acquired",
-            lock_holder=first.removeprefix("lock held").strip(),
+            lock_acquired=status == "lock acquired",
+            lock_holder=status.removeprefix("lock held").removeprefix("lock busy").strip(),
             machine=MachineSnapshot().process(output[2:]),
-            activations_in_progress=int(busy) if busy.isdigit() else 0,
+            activations_in_progress=busy,
+            dead_workers=dead,
         )

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -144,8 +146,7 @@ def load_fleet(path: Path | str) -> Fleet:
     except OSError as error:
         raise FleetError(path, f"cannot read the fleet file ({error.strerror})") from error
     except yaml.YAMLError as error:
-        detail = str(error).splitlines()[-1].strip() if str(error) else "invalid YAML"
-        raise FleetError(path, f"not valid YAML: {detail}") from error
+        raise FleetError(path, f"not valid YAML: {_yaml_problem(error)}") from error
     return parse_fleet(document, path)
 
 
@@ -163,6 +164,9 @@ def parse_fleet(document: Any, path: Path) -> Fleet:
         if not isinstance(value, str) or not value:
             raise FleetError(path, f"field 'ssh.{key}': expected a path")
     resolved_ssh = {key: str((path.parent / value).resolve()) for key, value in ssh.items()}
+    for key, value in resolved_ssh.items():
+        if not Path(value).is_file():
+            raise FleetError(path, f"field 'ssh.{key}': {value} is not a file")
 
     data = document.get("data") or {}
     if not isinstance(data, dict):
@@ -175,11 +179,23 @@ def parse_fleet(document: Any, path: Path) -> Fleet:
 
     machines: list[Machine] = []
     seen: set[str] = set()
+    reached: dict[tuple[str, int | None, str], str] = {}  # where each machine is logged into
     for index, entry in enumerate(entries, start=1):
         machine = _parse_machine(path, index, entry)
         if machine.name in seen:
             raise FleetError(path, "field 'name': duplicate machine name", machine.name)
         seen.add(machine.name)
+        # Two entries reaching the same login would deploy one machine's system on the other.
+        where = (machine.address.lower(), machine.port, machine.user)
+        if where in reached:
+            port = f":{machine.port}" if machine.port else ""
+            raise FleetError(
+                path,
+                f"fields 'address', 'port', 'user': {machine.user}@{machine.address}{port} is "
+                f"machine {reached[where]!r} already",
+                machine.name,
+            )
+        reached[where] = machine.name
         machines.append(machine)
     return Fleet(path=path, machines=tuple(machines), ssh=resolved_ssh, data=data)
 
@@ -247,6 +263,15 @@ def _parse_machine(path: Path, index: int, entry: Any) -> Machine:
     )
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What is wrong, and where: `line 3, column 5: mapping values are not allowed here`."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return str(problem)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
 def _check_data(path: Path, machine: str | None, data: dict[str, Any]) -> None:
     """The data settings that must stop a deploy before it starts."""
     for key in data:
@@ -285,3 +310,37 @@ def fleet_file() -> Path:
     """The fleet file of this run: $FLAKEFLEET_FLEET, else `fleet.yaml` in the working
     directory (where `pyinfra inventory.py ...` runs)."""
     return Path(os.environ.get("FLAKEFLEET_FLEET") or "fleet.yaml")
+
+
+def limits(argv: Sequence[str]) -> list[str]:
+    """The `--limit` patterns of a pyinfra command line (`--limit X` or `--limit=X`)."""
+    found = []
+    for index, argument in enumerate(argv):
+        if argument == "--limit" and index + 1 < len(argv):
+            found.append(argv[index + 1])
+        elif argument.startswith("--limit="):
+            found.append(argument.removeprefix("--limit="))
+    return found
+
+
+def limit_problems(fleet: Fleet, patterns: Sequence[str]) -> list[str]:
+    """Each `--limit` pattern that selects no machine, a line each (pyinfra only warns, and
+    deploys the rest, or nothing at all with exit status 0).
+
+    Example: ``limit_problems(fleet, ["web1,web2"])`` names the pattern and says to repeat
+    `--limit`, as pyinfra does not split on commas.
+    """
+    groups = {"all", *(group for machine in fleet.machines for group in machine.groups)}
+    names = [machine.name for machine in fleet.machines]
+    problems = []
+    for pattern in patterns:
+        if pattern in groups or any(fnmatch(name, pattern) for name in names):
+            continue
+        problem = f"--limit {pattern!r} matches no machine, role or class of {fleet.path}"
+        parts = [part.strip() for part in pattern.split(",") if part.strip()]
+        if len(parts) > 1:
+            problem += "; pyinfra does not split on commas: " + " ".join(
+                f"--limit {part}" for part in parts
+            )
+        problems.append(problem)
+    return problems

@@ -27,12 +27,11 @@ class Holder:
     started: str
     since: int
 
-    def __str__(self) -> str:
-        return f"{self.controller}:{self.pid}:{self.started}:{self.since}"
-
     @classmethod
     def parse(cls, text: str) -> Holder | None:
         parts = text.strip().split(":")
+        if len(parts) == 1 and parts[0].isdigit():  # no holder could be read: the lock's age
+            return cls("", 0, "", int(time.time()) - int(parts[0]))
         if len(parts) != 4 or not parts[1].isdigit() or not parts[3].isdigit():
             return None
         return cls(parts[0], int(parts[1]), parts[2], int(parts[3]))
@@ -42,8 +41,20 @@ class Holder:
         """How a user names the holder (in `break_lock`): `controller:pid`."""
         return f"{self.controller}:{self.pid}"
 
+    @property
+    def unknown(self) -> bool:
+        """A lock whose holder could not be read (its writer died, or the disk was full)."""
+        return not self.controller
+
+    def __str__(self) -> str:
+        if self.unknown:
+            return ""
+        return f"{self.controller}:{self.pid}:{self.started}:{self.since}"
+
     def describe(self) -> str:
         age = max(0, int(time.time()) - self.since)
+        if self.unknown:
+            return f"a holder that could not be read, for {age}s"
         return f"deployer PID {self.pid} on {self.controller}, for {age}s"
 
     @classmethod
@@ -54,10 +65,17 @@ class Holder:
 
     def is_dead(self) -> bool:
         """True only when the holder is known to be gone: a process of this controller that no
-        longer exists (or whose PID now belongs to another process)."""
+        longer exists (or whose PID now belongs to another process), or a holder nobody could
+        read for ORPHAN_SECONDS."""
+        if self.unknown:
+            return int(time.time()) - self.since >= ORPHAN_SECONDS
         if self.controller != socket.gethostname():
             return False
         return _start_ticks(self.pid) != self.started
+
+    def is_alive_here(self) -> bool:
+        """True when the holder is a deployer process on this controller that still runs."""
+        return self.controller == socket.gethostname() and not self.is_dead()
 
 
 def _start_ticks(pid: int) -> str | None:
@@ -69,23 +87,60 @@ def _start_ticks(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+# A lock without a readable holder (its writer died, or /run was full) is stale after this.
+ORPHAN_SECONDS = 60
+
+
+def state_dir_command(directory: str) -> str:
+    """Make flakefleet's state directory on the machine, or print `lock failed: ...` when it
+    is not safe: it must belong to the user the deploy runs as and be writable by nobody
+    else (another user could otherwise plant a confirmation). `ls -ldn` reads the same on
+    Linux and macOS."""
+    quoted = shlex.quote(directory)
+    return (
+        f"mkdir -p -m 700 {quoted}/activation 2>/dev/null; set -- $(ls -ldn {quoted}); "
+        f'case "$1:$3" in d????-??-*:"$(id -u)") ;; *) '
+        f"echo 'lock failed: {directory} must belong to '\"$(id -un)\"' and be writable by "
+        "nobody else'; exit 0 ;; esac"
+    )
+
+
 def acquire_command(directory: str, holder: Holder | str) -> str:
-    """Take the lock, or print who holds it: `lock acquired` or `lock held <holder>`."""
+    """Take the lock, or say why not: `lock acquired`, `lock held <holder>` (with the lock's
+    age in seconds when no holder can be read), or `lock failed: <reason>`.
+
+    All or nothing: a lock whose holder cannot be written (a full /run) is removed again.
+    """
     lock = f"{directory}/lock"
     return (
-        f"mkdir -p {directory} && if mkdir {lock} 2>/dev/null; "
-        f"then echo {shlex.quote(str(holder))} > {lock}/holder; echo 'lock acquired'; "
-        f'else echo "lock held $(cat {lock}/holder 2>/dev/null)"; fi'
+        f"if mkdir {lock} 2>/dev/null; then "
+        f"if printf '%s\\n' {shlex.quote(str(holder))} > {lock}/holder.new 2>/dev/null "
+        f"&& mv {lock}/holder.new {lock}/holder; then echo 'lock acquired'; "
+        f"else rm -rf {lock}; echo 'lock failed: could not write {lock}/holder (is it full?)'; "
+        f"fi; else h=$(cat {lock}/holder 2>/dev/null); "
+        f'if [ -n "$h" ]; then echo "lock held $h"; else '
+        f"t=$(stat -c %Y {lock} 2>/dev/null || stat -f %m {lock}); "
+        'echo "lock held  $(( $(date +%s) - t ))"; fi; fi'
     )
 
 
 def take_over_command(directory: str, stale: str, holder: Holder) -> str:
-    """Replace a dead holder's lock with ours, only if it still names that holder."""
+    """Replace a dead holder's lock with ours, only if it still names that holder.
+
+    Of deployers racing for the same stale lock, exactly one wins: `mkdir` of the takeover
+    marker is the one atomic step, and the winner checks the holder again under it. A marker
+    left by a deployer that died halfway is cleared after ORPHAN_SECONDS.
+    """
     lock = f"{directory}/lock"
+    marker = f"{lock}/takeover"
+    old = ORPHAN_SECONDS // 60 or 1
     return (
-        f'[ "$(cat {lock}/holder 2>/dev/null)" = {shlex.quote(stale)} ] '
-        f"&& echo {shlex.quote(str(holder))} > {lock}/holder.new "
-        f"&& mv {lock}/holder.new {lock}/holder && echo 'lock acquired'"
+        f"find {marker} -maxdepth 0 -mmin +{old} -exec rmdir {{}} + 2>/dev/null; "
+        f"mkdir {marker} 2>/dev/null || {{ echo 'lock taken over by another deployer'; exit 1; }}; "
+        f'if [ "$(cat {lock}/holder 2>/dev/null)" = {shlex.quote(stale)} ] '
+        f"&& printf '%s\\n' {shlex.quote(str(holder))} > {lock}/holder.new "
+        f"&& mv {lock}/holder.new {lock}/holder; then rmdir {marker}; echo 'lock acquired'; "
+        f"else rmdir {marker}; echo 'lock taken over by another deployer'; exit 1; fi"
     )
 
 

@@ -143,5 +143,7 @@ class PreflightState(Shown):
     lock_acquired: bool
     lock_holder: str
     machine: MachineState
-    activations_in_progress: int = 0  # workers still activating or awaiting confirmation
+    activations_in_progress: int = 0  # live workers still activating or awaiting confirmation
+    dead_workers: int = 0  # workers that died in a busy phase (now marked failed)
     sudo_refusal: str | None = None  # why sudo would not run the preflight (nothing ran)
+    lock_problem: str | None = None  # why no lock could be taken safely (nothing changed)

@@ -11,7 +11,10 @@ process exits it is closed once: servers stopped, locks released, summary printe
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import signal
+import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -19,13 +22,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from pyinfra.api import FunctionCommand
 
 from flakefleet import cache as caches
-from flakefleet import lock, sudo
+from flakefleet import lock, sudo, worker
 from flakefleet.builds import FleetBuilds
 from flakefleet.fleet import fleet_file
 from flakefleet.report import Outcome, Report
 from flakefleet.settings import MachineSettings, selected_problems
 from flakefleet.target import Target, Unreachable
-from flakefleet.worker import Activation
+from flakefleet.worker import Activation, Phase
 
 if TYPE_CHECKING:
     from flakefleet.sources import RunSources, SourcesInvalid
@@ -48,7 +51,10 @@ class Run:
             for host in state.inventory
         }
         self.locks: set[str] = set()  # machines whose deploy lock this run holds
+        self.launched: dict[str, Activation] = {}  # activations not yet over, as far as we know
         self.pending: dict[str, Activation] = {}  # activations awaiting their confirmation
+        self.finished: set[str] = set()  # machines whose deploy file ran to its end
+        self.interrupted = False
         self.stopped: list[str] = []  # why the rollout stopped (on_check_failure = stop)
         self.verdicts: dict[tuple[str, str], Any] = {}  # (health gate, machine) -> Verdict
         self.sources: RunSources | SourcesInvalid | None = None  # checked at the first use
@@ -60,6 +66,8 @@ class Run:
         self._servers: dict[caches.Cache, caches.Server] = {}
         self._stopping = False
         atexit.register(self.close)
+        with contextlib.suppress(ValueError):  # only the main thread may; greenlets are in it
+            signal.signal(signal.SIGINT, self._interrupt)
 
     @classmethod
     def of(cls, state: Any) -> Run:
@@ -114,6 +122,13 @@ class Run:
 
     # -- ending -----------------------------------------------------------------------------
 
+    def _interrupt(self, signum: int, frame: Any) -> None:
+        """Ctrl-C: stop, and exit non-zero (pyinfra's own handler exits 0). What is in flight on
+        machines is settled when the run closes."""
+        self.interrupted = True
+        print("\nflakefleet: interrupted; stopping what is in flight", file=sys.stderr)
+        raise SystemExit(130)
+
     def stop(self, lines: list[str], reasons: dict[str, str], others: str) -> NoReturn:
         """End the run on bad input, before it touches any machine: each machine is failed
         with its reason (the rest with `others`), and pyinfra exits with one line per problem.
@@ -136,6 +151,8 @@ class Run:
         print the summary."""
         for server in self._servers.values():
             server.stop()
+        if self.interrupted:
+            self._settle_interrupted()
         for name in sorted(self.locks):
             try:
                 self.target(name).run(
@@ -145,6 +162,38 @@ class Run:
                 self.outcome(name).note("could not release the deploy lock (unreachable)")
         addresses = {name: f"{t.address}:{t.port or 22}" for name, t in self.targets.items()}
         self.report.print(self.state, addresses)
+
+    def _settle_interrupted(self) -> None:
+        """After Ctrl-C: every activation still in flight is rolled back (nothing confirmed it)
+        before the lock is released, and every machine the run had not finished is failed as
+        interrupted, saying what it runs now. A worker that does not finish in time keeps the
+        machine locked (nobody else may deploy over it), and the summary says so."""
+        for name, activation in sorted(self.launched.items()):
+            target = self.target(name)
+            answer = worker.abort(target, activation, "the deploy was stopped during activation")
+            if answer[0] in (*worker.BUSY, worker.Unanswered.UNREACHABLE):
+                self.locks.discard(name)  # keep it: the worker still owns the machine
+                self.outcome(name).fail(
+                    f"interrupted during activation; {worker.explain(target, answer)}; "
+                    "the deploy lock is kept until it is over"
+                )
+            elif answer[0] is Phase.SUCCEEDED:
+                self.outcome(name).fail("interrupted after activation; it runs the new system")
+            else:
+                self.outcome(name).fail(f"interrupted: {worker.explain(target, answer)}")
+        for host in self.state.inventory.get_active_hosts():
+            outcome = self.outcome(host.name)
+            if host.name in self.finished or outcome.error:
+                continue
+            outcome.fail(f"interrupted before the deploy finished; {self._running(host.name)}")
+
+    def _running(self, name: str) -> str:
+        target = self.target(name)
+        try:
+            running = target.run(f"readlink -f {target.running_link}", timeout=15).stdout
+        except Unreachable:
+            return "what it runs could not be read"
+        return f"it runs {running.strip() or 'nothing'}"
 
 
 # -- commands that record an outcome when pyinfra runs them ------------------------------------

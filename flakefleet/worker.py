@@ -18,11 +18,14 @@ machine back by itself.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 
 from flakefleet.models import Goal, MachineClass
+from flakefleet.target import Target, Unreachable
 
 
 class Phase(StrEnum):
@@ -45,10 +48,11 @@ BUSY = (Phase.RUNNING, Phase.AWAITING_CONFIRMATION)
 
 
 class Unanswered(StrEnum):
-    """What the deployer knows when no phase could be read: not the worker's own words."""
+    """What the deployer knows when the worker cannot say: not the worker's own words."""
 
     NOT_STARTED = "missing"  # the launch failed: the machine is as it was
     UNREACHABLE = "unknown"  # the machine could not be asked; the worker may go on
+    GONE = "gone"  # its phase is busy but the worker is dead (killed, out of memory)
 
 
 class _File:
@@ -73,12 +77,35 @@ class WorkerDir:
     log = _File("log")  # everything the worker and the activation printed
     confirm = _File("confirm")  # made by the deployer: keep the new system
     abort = _File("abort")  # made by the deployer: roll back; holds the reason
+    pid = _File("pid")  # the worker's process, written before its first phase
 
 
-def busy_count_command(state_dir: str) -> str:
-    """Print how many workers on the machine are still busy (for the preflight)."""
-    phases = " ".join(f"-e {phase}" for phase in BUSY)
-    return f"cat {state_dir}/activation/*/phase 2>/dev/null | grep -c -x {phases}"
+# `alive DIR`: whether the worker of DIR still runs (its process's command line names DIR:
+# a reused PID does not). `ps -ww -o args=` (whole, whatever COLUMNS says) is the same on
+# Linux and macOS.
+ALIVE = (
+    'alive() { p=$(cat "$1/pid" 2>/dev/null) && [ -n "$p" ] && '
+    'ps -ww -p "$p" -o args= 2>/dev/null | grep -qF -- "$1"; }'
+)
+# `busy DIR`: whether the worker of DIR is in a busy phase.
+BUSY_PHASE = (
+    'busy() { case "$(cat "$1/phase" 2>/dev/null)" in '
+    + "|".join(BUSY)
+    + ") return 0 ;; esac; return 1; }"
+)
+
+
+def workers_command(state_dir: str) -> str:
+    """For the preflight, print `workers BUSY DEAD`: how many workers are busy and alive, and
+    how many died in a busy phase (those are marked failed: the deploy may take over)."""
+    return (
+        f"{ALIVE}; {BUSY_PHASE}; b=0; d=0; for w in {state_dir}/activation/*; do "
+        '[ -d "$w" ] && busy "$w" || continue; '
+        'if alive "$w"; then b=$((b + 1)); else d=$((d + 1)); '
+        f'echo {Phase.FAILED} > "$w/phase"; '
+        'echo "the worker died (killed, or out of memory)" > "$w/message"; fi; '
+        'done; echo "workers $b $d"'
+    )
 
 
 @dataclass(frozen=True)
@@ -129,13 +156,16 @@ class Activation:
     def wait_command(self, busy: tuple[Phase, ...], seconds: int = 600) -> str:
         """Wait while the worker's phase is one of `busy`; print `phase=...` and the message."""
         directory = self.directory
-        phase = directory.phase
+        path, phase = directory.path, directory.phase
         waiting = " || ".join(f'[ "$(cat {phase})" = {p} ]' for p in busy)
         return (
-            f"i=0; while [ -d {directory.path} ] && {{ [ ! -e {phase} ] || {waiting}; }} "
+            f"{ALIVE}; i=0; while [ -d {path} ] && {{ [ ! -e {phase} ] || "
+            f"{{ {{ {waiting}; }} && alive {path}; }}; }} "
             f"&& [ $i -lt {seconds * 10} ]; do sleep 0.1; i=$((i + 1)); done; "
-            f'if [ -e {phase} ]; then echo "phase=$(cat {phase})"; cat {directory.message}; '
-            f"else echo phase={Unanswered.NOT_STARTED}; fi"
+            f'if [ ! -e {phase} ]; then echo "phase={Unanswered.NOT_STARTED}"; '
+            f'elif {{ {waiting}; }} && ! alive {path}; then echo "phase={Unanswered.GONE}"; '
+            "echo 'the activation worker died (killed, or out of memory)'; "
+            f'else echo "phase=$(cat {phase})"; cat {directory.message}; fi'
         )
 
     def confirm_command(self) -> str:
@@ -158,3 +188,56 @@ def parse_answer(returncode: int, stdout: str, stderr: str) -> tuple[Phase | Una
     word = phase_lines[-1].removeprefix("phase=")
     known = {str(each): each for each in [*Phase, *Unanswered]}
     return known.get(word, Phase.FAILED), message
+
+
+# -- the deployer's half ------------------------------------------------------------------------
+
+Answer = tuple[Phase | Unanswered, str]
+
+
+def ask(target: Target, command: str, stdin: str | None = None) -> Answer:
+    """Run a launch or wait command over a new connection; the phase and message it printed."""
+    completed = target.run(command, stdin=stdin, timeout=900)
+    return parse_answer(completed.returncode, completed.stdout, completed.stderr)
+
+
+def wait(target: Target, activation: Activation, busy: tuple[Phase, ...]) -> Answer:
+    """Wait for the worker to leave the `busy` phases, over new connections as needed.
+
+    Keeps trying to connect for at least the confirmation timeout, as the machine may only
+    become reachable again once it has rolled itself back.
+    """
+    deadline = time.monotonic() + max(activation.confirm_timeout + 30, 60)
+    while True:
+        try:
+            return ask(target, activation.wait_command(busy))
+        except Unreachable as error:
+            if time.monotonic() > deadline:
+                return Unanswered.UNREACHABLE, f"{target.name} unreachable: {error}"
+            time.sleep(1)
+
+
+def abort(target: Target, activation: Activation, reason: str) -> Answer:
+    """Have the worker roll back now (or as soon as it reaches the confirmation wait); the
+    answer once it is done. Unreachable, it rolls back by itself on time."""
+    with contextlib.suppress(Unreachable):
+        target.run(activation.abort_command(), stdin=reason, timeout=30)
+    return wait(target, activation, BUSY)
+
+
+def explain(target: Target, answer: Answer) -> str:
+    """The worker's message; a failed rollback is shouted and a dead worker explained, with
+    where the machine stands."""
+    phase, message = answer
+    if phase not in (Phase.ROLLBACK_FAILED, Unanswered.GONE):
+        return message
+    loud = "ROLLBACK FAILED: " if phase is Phase.ROLLBACK_FAILED else ""
+    try:
+        running, selected = target.run(
+            f"readlink -f {target.running_link}; readlink -f {target.profile}", timeout=30
+        ).stdout.split()[:2]
+    except (Unreachable, ValueError):
+        return f"{loud}{message}; the machine's state could not be read"
+    return f"{loud}{message}; the machine runs {running} and its profile selects {selected}" + (
+        ": fix it by hand" if loud else ""
+    )

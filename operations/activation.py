@@ -10,8 +10,6 @@ confirmation made over a *new* SSH connection once the health checks pass
 
 from __future__ import annotations
 
-import contextlib
-import time
 import uuid
 from importlib.resources import files
 from typing import Any
@@ -19,11 +17,11 @@ from typing import Any
 from pyinfra import host, state
 from pyinfra.api import FunctionCommand, operation
 
-from flakefleet import nix
+from flakefleet import nix, worker
 from flakefleet.models import Goal, MachineState
 from flakefleet.run import Run, fail
-from flakefleet.target import Target, Unreachable
-from flakefleet.worker import BUSY, Activation, Phase, Unanswered, parse_answer
+from flakefleet.target import Unreachable
+from flakefleet.worker import BUSY, Activation, Phase, Unanswered
 from operations.refuse import refuse
 
 WORKER = files("operations").joinpath("scripts/activate.sh").read_text()
@@ -124,66 +122,29 @@ def _activate(state: Any, host: Any, activation: Activation) -> bool:
     if run.stopped:
         outcome.fail(f"not activated: the rollout stopped ({run.stopped[0]})")
         return False
+    run.launched[host.name] = activation  # an interrupted run stops it (Run.close)
     try:
-        phase, message = _ask(target, activation.launch_command(), stdin=WORKER)
+        answer = worker.ask(target, activation.launch_command(), stdin=WORKER)
     except Unreachable as error:
         # The worker goes on without us: wait for it over new connections, and give pyinfra
         # a new connection too, as its own was most likely cut at the same time.
         outcome.note(f"connection lost during activation ({error}); reconnected")
-        phase, message = _wait(target, activation, (Phase.RUNNING,))
+        answer = worker.wait(target, activation, (Phase.RUNNING,))
         target.reconnect(host, reason="after the connection was lost")
-    if phase is Unanswered.NOT_STARTED:
-        outcome.fail("activation: could not start it (connection failed)")
-        return False
+    phase = answer[0]
     if phase is Phase.AWAITING_CONFIRMATION:
         run.pending[host.name] = activation  # changed once confirmed
         return True
+    del run.launched[host.name]
+    if phase is Unanswered.NOT_STARTED:
+        outcome.fail("activation: could not start it (connection failed)")
+        return False
     if phase is not Phase.SUCCEEDED:
-        outcome.fail(f"activation: {_loud(target, phase, message)}")
+        outcome.fail(f"activation: {worker.explain(target, answer)}")
         return False
     if activation.goal is not Goal.DRY_ACTIVATE:
         outcome.changed_by(activation.goal)
     return True
-
-
-def _loud(target: Target, phase: Phase | Unanswered, message: str) -> str:
-    """The worker's message; a failed rollback is shouted, with where the machine stands."""
-    if phase is not Phase.ROLLBACK_FAILED:
-        return message
-    try:
-        running, selected = target.run(
-            f"readlink -f {target.running_link}; readlink -f {target.profile}", timeout=30
-        ).stdout.split()[:2]
-    except (Unreachable, ValueError):
-        return f"ROLLBACK FAILED: {message}; the machine's state could not be read"
-    return (
-        f"ROLLBACK FAILED: {message}; the machine runs {running} and its profile selects "
-        f"{selected}: fix it by hand"
-    )
-
-
-def _ask(target: Target, command: str, stdin: str | None = None) -> tuple[Phase | Unanswered, str]:
-    """Run a launch or wait command over a new connection; the phase and message it printed."""
-    completed = target.run(command, stdin=stdin, timeout=900)
-    return parse_answer(completed.returncode, completed.stdout, completed.stderr)
-
-
-def _wait(
-    target: Target, activation: Activation, busy: tuple[Phase, ...]
-) -> tuple[Phase | Unanswered, str]:
-    """Wait for the worker to leave the `busy` phases, over new connections as needed.
-
-    Keeps trying to connect for at least the confirmation timeout, as the machine may only
-    become reachable again once it has rolled itself back.
-    """
-    deadline = time.monotonic() + max(activation.confirm_timeout + 30, 60)
-    while True:
-        try:
-            return _ask(target, activation.wait_command(busy))
-        except Unreachable as error:
-            if time.monotonic() > deadline:
-                return Unanswered.UNREACHABLE, f"{target.name} unreachable: {error}"
-            time.sleep(1)
 
 
 def confirm(run: Run, name: str) -> tuple[bool, str]:
@@ -196,19 +157,20 @@ def confirm(run: Run, name: str) -> tuple[bool, str]:
         target.run(activation.confirm_command(), timeout=30)
     except Unreachable as error:
         # The new system may have broken logins: the machine rolls itself back on time.
-        phase, message = _wait(target, activation, BUSY)
-        message = _loud(target, phase, message)
-        return False, f"could not confirm over a new SSH connection ({error}); {message}"
-    phase, message = _wait(target, activation, BUSY)
-    if phase is Phase.SUCCEEDED:
+        answer = worker.wait(target, activation, BUSY)
+        run.launched.pop(name, None)
+        explained = worker.explain(target, answer)
+        return False, f"could not confirm over a new SSH connection ({error}); {explained}"
+    answer = worker.wait(target, activation, BUSY)
+    run.launched.pop(name, None)
+    if answer[0] is Phase.SUCCEEDED:
         run.outcome(name).changed_by(activation.goal)
-    return phase is Phase.SUCCEEDED, _loud(target, phase, message)
+    return answer[0] is Phase.SUCCEEDED, worker.explain(target, answer)
 
 
 def abort(run: Run, name: str, reason: str) -> str:
     """Have the machine roll its pending activation back now; returns what happened."""
     activation, target = run.pending.pop(name), run.target(name)
-    with contextlib.suppress(Unreachable):  # if not, it rolls back by itself on time
-        target.run(activation.abort_command(), stdin=reason, timeout=30)
-    phase, message = _wait(target, activation, BUSY)
-    return _loud(target, phase, message)
+    answer = worker.abort(target, activation, reason)
+    run.launched.pop(name, None)
+    return worker.explain(target, answer)

@@ -52,6 +52,9 @@ def preflight() -> MachineState | None:
     if found.sudo_refusal:
         _locked(run, f"sudo refused to run the deploy: {found.sudo_refusal}")
         return None
+    if found.lock_problem:
+        _locked(run, f"no deploy lock: {found.lock_problem}")
+        return None
     return found.machine if hold(run, found) else None
 
 
@@ -75,30 +78,53 @@ def hold(run: Run, found: PreflightState) -> bool:
     The lock was taken by the preflight fact, or it is taken over (an operation) from a
     deployer that died on this controller or that the user names in `break_lock` (one on
     another controller that will not come back), or the machine is failed naming the holder.
+    While an activation worker is busy on the machine, nobody takes it, whoever holds the lock.
     """
+    outcome = run.outcome(host.name)
+    if found.dead_workers:
+        outcome.note(
+            f"an earlier activation's worker died before it finished; the machine runs "
+            f"{found.machine.current_system or 'nothing'}"
+        )
+    holder = Holder.parse(found.lock_holder)
     if found.lock_acquired:
         return True
-    holder = Holder.parse(found.lock_holder)
+    broken = holder is not None and run.settings(host.name).break_lock == holder.name
+    if holder is not None and broken and holder.is_alive_here():
+        return _locked(
+            run,
+            f"break_lock names {holder.describe()}, which is still running on this controller: "
+            "break_lock is for a deployer that is gone; wait for it, or stop it",
+        )
+    gone = holder is not None and (holder.is_dead() or broken)
+    if found.activations_in_progress:
+        if holder is not None and not gone:
+            return _locked(run, _held_by(holder))
+        left = (
+            f"a deployer that {'was named in break_lock' if broken else 'died'} "
+            f"({holder.describe()}) left an activation in progress"
+            if holder is not None
+            else "an activation is in progress on the machine"
+        )
+        return _locked(
+            run,
+            f"locked: {left}; it completes or rolls back by itself within its confirmation timeout",
+        )
     if holder is None:
         return _locked(run, f"locked by another deploy ({found.lock_holder or 'unknown holder'})")
-    broken = run.settings(host.name).break_lock == holder.name
-    if not (holder.is_dead() or broken):
-        return _locked(
-            run,
-            f"locked by another deploy ({holder.describe()}); if that deploy is gone for good, "
-            f"run again with --data break_lock={holder.name}",
-        )
-    if found.activations_in_progress:
-        return _locked(
-            run,
-            f"locked: a deployer that {'was named in break_lock' if broken else 'died'} "
-            f"({holder.describe()}) left an activation in progress; it completes or rolls back "
-            "by itself within its confirmation timeout",
-        )
+    if not gone:
+        return _locked(run, _held_by(holder))
     _take_over(name="Take over a stale lock", stale=str(holder))
     how = "broke (break_lock)" if broken else "took over"
-    run.outcome(host.name).note(f"{how} the lock of a deployer that died ({holder.describe()})")
+    outcome.note(f"{how} the lock of a deployer that died ({holder.describe()})")
     return True
+
+
+def _held_by(holder: Holder) -> str:
+    return (
+        f"locked by another deploy ({holder.describe()}); if that deploy is gone for good, "
+        f"run again with --data break_lock={holder.name}"
+    )
 
 
 def _locked(run: Run, reason: str) -> bool:
@@ -125,5 +151,7 @@ def release():
 
 
 def _released(state: Any, host: Any) -> bool:
-    Run.of(state).locks.discard(host.name)
+    run = Run.of(state)
+    run.locks.discard(host.name)
+    run.finished.add(host.name)  # the release is a deploy's last step
     return True

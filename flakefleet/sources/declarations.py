@@ -43,6 +43,15 @@ def merge(machine: str, found: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[
         if not isinstance(declared, Mapping):
             raise SourceError(machine, None, label, "expected a mapping of names to sources")
         for name, spec in declared.items():
+            filters_only = isinstance(spec, Mapping) and set(spec) <= CONFIG_FILTERS
+            if name == CONFIG and label != CONFIG_LABEL and not filters_only:
+                raise SourceError(
+                    machine,
+                    CONFIG,
+                    label,
+                    f"'{CONFIG}' is the flake: `sources` may only add "
+                    f"{', '.join(sorted(CONFIG_FILTERS))} to it; set `flake` to change it",
+                )
             if spec is None:
                 merged.pop(name, None)
                 continue
@@ -60,13 +69,18 @@ def merge(machine: str, found: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[
     return merged
 
 
+CONFIG_LABEL = "data key 'flake'"
+# What a layer may change in the flake's source: which of its files are sent, and how compared.
+CONFIG_FILTERS = frozenset({"include", "exclude", "checksum"})
+
+
 def config_layer(flake: str | None) -> list[tuple[str, Mapping[str, Any]]]:
     """The flake as the source `config`, below every declared layer (so a group may add
     filters to it)."""
     if not flake:
         return []
     spec = {"type": "file", "path": flake, "exclude": list(CONFIG_EXCLUDES), "checksum": True}
-    return [("data key 'flake'", {"sources": {CONFIG: spec}})]
+    return [(CONFIG_LABEL, {"sources": {CONFIG: spec}})]
 
 
 def parse(machine: str, name: Any, declared: Declared, root: Path) -> Source:

@@ -99,6 +99,7 @@ roll_back() {  # REASON
   exit 1
 }
 
+echo $$ >"$dir/pid"  # before the first phase: the deployer tells a live worker from a dead one
 previously_running=$(running)
 previous_generation=$(readlink "$profile" 2>/dev/null || true)
 phase running "activating $system ($goal)"

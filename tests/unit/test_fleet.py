@@ -1,10 +1,15 @@
 """The fleet file: what is accepted, and the one-line errors for what is not."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from flakefleet.fleet import FleetError, load_fleet
+from flakefleet.fleet import FleetError, limit_problems, limits, load_fleet
+
+ROOT = Path(__file__).resolve().parents[2]
 
 GOOD = """\
 ssh:
@@ -32,6 +37,9 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_good_fleet_becomes_machines_and_host_data(tmp_path):
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "id").write_text("a key\n")
+    (tmp_path / "known_hosts").write_text("")
     fleet = load_fleet(write(tmp_path, GOOD))
     web1, mac1 = fleet.machines
     assert web1.groups == ("nixos", "web", "frontend")
@@ -130,3 +138,66 @@ machines:
     assert data["nix_options"] == {"substituters": "", "cores": "2"}
     assert set(data["sources"]) == {"shared", "own"}
     assert data["goal"] == "switch"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "machines:\n  - {name: web1, address: 10.0.0.1, port: 22}\n"
+            "  - {name: web2, address: 10.0.0.1, port: 22}\n",
+            "machine 'web2': fields 'address', 'port', 'user': root@10.0.0.1:22 is machine "
+            "'web1' already",
+        ),
+        (
+            "machines:\n  - name: web1\n    address: a\n   roles: [web]\n",
+            "not valid YAML: line 4, column 4: expected <block end>, but found '<block mapping",
+        ),
+        (
+            "ssh: {key: keys/missing}\nmachines:\n  - {name: web1, address: a}\n",
+            "field 'ssh.key': {dir}/keys/missing is not a file",
+        ),
+    ],
+)
+def test_mistakes_that_used_to_go_through(tmp_path, text, message):
+    with pytest.raises(FleetError) as caught:
+        load_fleet(write(tmp_path, text))
+    assert message.format(dir=tmp_path) in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_the_same_address_on_another_port_or_user_is_another_machine(tmp_path):
+    text = (
+        "machines:\n  - {name: web1, address: h, port: 22}\n  - {name: web2, address: h, port: 23}"
+        "\n  - {name: web3, address: h, port: 22, user: deploy}\n"
+    )
+    assert len(load_fleet(write(tmp_path, text)).machines) == 3
+
+
+def test_a_limit_that_selects_nothing_is_named(tmp_path):
+    fleet = load_fleet(
+        write(tmp_path, "machines:\n  - {name: web1, address: a, roles: [web]}\n"
+                        "  - {name: web2, address: b, roles: [web]}\n")
+    )  # fmt: skip
+    assert limits(["deploy/site.py", "--limit", "web", "--limit=db*", "-y"]) == ["web", "db*"]
+    assert limit_problems(fleet, ["web", "nixos", "web*", "all", "web2"]) == []
+    assert limit_problems(fleet, ["web3", "web1,web2"]) == [
+        f"--limit 'web3' matches no machine, role or class of {tmp_path}/fleet.yaml",
+        f"--limit 'web1,web2' matches no machine, role or class of {tmp_path}/fleet.yaml; "
+        "pyinfra does not split on commas: --limit web1 --limit web2",
+    ]
+
+
+def test_pyinfra_stops_on_a_limit_that_selects_nothing_before_connecting():
+    """The example fleet's machines do not exist: reaching them would fail differently."""
+    completed = subprocess.run(
+        [str(Path(sys.executable).parent / "pyinfra"), "-y", "inventory.py", "deploy/site.py",
+         "--limit", "web1", "--limit", "nosuch"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "FLAKEFLEET_FLEET": str(ROOT / "fleet.yaml")},
+    )  # fmt: skip
+    assert completed.returncode != 0
+    assert "flakefleet: --limit 'nosuch' matches no machine, role or class of" in (
+        completed.stdout + completed.stderr
+    )
+    assert "Connecting" not in completed.stdout + completed.stderr

@@ -343,3 +343,28 @@ def test_a_failed_build_says_why_and_leaves_no_result(tmp_path):
     assert "bad token" in caught.value.output
     stage = checked.machines["web1"].sources[0].stage
     assert stage is not None and not stage.cached()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [None, {"type": "symlink", "target": "/etc"}, {"path": "elsewhere"}],
+    ids=["removed", "replaced", "moved"],
+)
+def test_the_flake_source_cannot_be_changed_through_sources(tmp_path, change):
+    layers = [*config_layer("."), ("--data", {"sources": {"config": change}})]
+    with pytest.raises(SourcesInvalid) as caught:
+        check_run(tmp_path, [("web1", layers, MachineSettings())])
+    assert caught.value.lines == [
+        "web1: source 'config' (--data): 'config' is the flake: `sources` may only add "
+        "checksum, exclude, include to it; set `flake` to change it"
+    ]
+
+
+def test_a_group_may_still_filter_the_flake(tmp_path):
+    layers = [
+        *config_layer("."),
+        ("group_data/all.py", {"sources": {"config": {"exclude": ["x"]}}}),
+    ]
+    checked = check_run(tmp_path, [("web1", layers, MachineSettings())])
+    (config,) = checked.machines["web1"].sources
+    assert "x" in config.source.exclude

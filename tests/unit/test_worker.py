@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from flakefleet.models import Goal, MachineClass
-from flakefleet.worker import BUSY, Activation, Phase, Unanswered, WorkerDir, parse_answer
+from flakefleet.worker import (
+    BUSY,
+    Activation,
+    Phase,
+    Unanswered,
+    WorkerDir,
+    parse_answer,
+    workers_command,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "operations" / "scripts" / "activate.sh"
@@ -203,3 +211,28 @@ def test_what_the_deployer_reads():
     assert WorkerDir("/run/flakefleet/activation/x").confirm == (
         "/run/flakefleet/activation/x/confirm"
     )
+
+
+def test_a_worker_that_died_is_told_from_one_that_runs(machine):
+    activation = machine.activation(machine.system("new", "sleep 30"))
+    worker = machine.start(activation)
+    deadline = time.monotonic() + 30
+    while not Path(activation.directory.phase).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # started
+    state_dir = activation.state_dir
+    counts = subprocess.run(
+        ["sh", "-c", workers_command(state_dir)], capture_output=True, text=True
+    )
+    assert counts.stdout.strip() == "workers 1 0"
+    worker.kill()  # killed, as by the OOM killer: its phase stays `running`
+    worker.wait()
+    assert Path(activation.directory.phase).read_text().strip() == "running"
+    assert machine.answer(activation) == (
+        Unanswered.GONE,
+        "the activation worker died (killed, or out of memory)",
+    )
+    counts = subprocess.run(
+        ["sh", "-c", workers_command(state_dir)], capture_output=True, text=True
+    )
+    assert counts.stdout.strip() == "workers 0 1"
+    assert Path(activation.directory.phase).read_text().strip() == "failed"  # so it is counted once
