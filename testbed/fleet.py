@@ -222,8 +222,11 @@ def _wait_one(state: StatePaths, machine: Machine) -> str | None:
     paths = state.machine(machine.name)
     timeout = SYSTEMD_READY_TIMEOUT if machine.systemd else READY_TIMEOUT
     deadline = time.monotonic() + timeout
+    pid = processes.read_pid(paths.pid_file)
     while time.monotonic() < deadline:
-        if _pid(state, machine.name) is None:
+        # Not _pid(): right after posix_spawn the child's command line may still be empty
+        # (exec releases the parent before it sets the new one up).
+        if pid is None or not processes.is_alive(pid):
             return f"{machine.name} stopped while booting: {_last_line(paths.console_log)}"
         if _accepts_tcp(machine.port) and _ssh_ready(state, machine, deadline):
             return None

@@ -15,6 +15,10 @@ What every machine shares, beyond Debian's packages:
   relies on ``mv`` or ``ln`` fails as it does on NixOS (nixpkgs#261691);
 - ``nix-daemon.socket`` enabled (Debian's nix-bin ships no units), for non-root users;
 - a ``deploy`` user (home ``/var/lib/deploy``) whose account is not locked;
+- NixOS's stage 2, imitated: at each boot, before sshd, ``testbed-boot-system.service``
+  links ``/run/booted-system`` and ``/run/current-system`` to the system the imitation
+  bootloader selected (``/var/lib/fake-bootloader/default``) and runs its ``activate``
+  (output in ``/var/log/boot.log``), as a namespace machine's PID 1 does;
 - Debian's timers and the units a container has no use for masked.
 """
 
@@ -33,7 +37,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from testbed.layout import SYSTEMD_BIN, TestbedError, cache_dir
+from testbed.layout import BOOTLOADER_DEFAULT, SYSTEMD_BIN, TestbedError, cache_dir
 
 SUITE = "trixie"
 PACKAGES = (
@@ -78,6 +82,44 @@ KillMode=process
 LimitNOFILE=1048576
 """
 PATH_CONF = f"[Manager]\nDefaultEnvironment=PATH={SYSTEMD_BIN}\n"
+BOOT_SYSTEM = "/usr/lib/testbed/boot-system"
+# NixOS's stage 2 runs with its own PATH, and so does this script.
+BOOT_SYSTEM_SCRIPT = f"""\
+#!/bin/sh
+# Stage 2 of the imitation NixOS boot: activate the system the bootloader selected.
+PATH=/usr/sbin:/usr/bin
+selected={BOOTLOADER_DEFAULT}
+if [ ! -e "$selected" ]; then
+  echo "no system selected by the bootloader yet"
+  exit 0
+fi
+toplevel=$(readlink -f "$selected")
+if [ ! -x "$toplevel/activate" ]; then
+  echo "selected system $toplevel has no activate script; not booting it"
+  exit 0
+fi
+ln -sfn "$toplevel" /run/booted-system
+ln -sfn "$toplevel" /run/current-system
+echo "activating $toplevel"
+echo "== $(date '+%F %T') activating $toplevel" >>/var/log/boot.log
+exec "$toplevel/activate" >>/var/log/boot.log 2>&1
+"""
+# The services its activation starts stay in this unit's cgroup (RemainAfterExit).
+BOOT_SYSTEM_SERVICE = f"""\
+[Unit]
+Description=Activate the system the imitation bootloader selected (NixOS's stage 2)
+After=local-fs.target nix-daemon.socket
+Before=ssh.service multi-user.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart={BOOT_SYSTEM}
+TimeoutStartSec=60
+
+[Install]
+WantedBy=multi-user.target
+"""
 # Removed after the build: what no machine reads (203 MB instead of about 400 MB).
 TRIMMED = (
     "var/cache/apt/archives",
@@ -102,7 +144,7 @@ def recipe() -> dict[str, object]:
         "packages": PACKAGES,
         "masked": MASKED_UNITS,
         "path": SYSTEMD_BIN,
-        "units": [NIX_DAEMON_SOCKET, NIX_DAEMON_SERVICE],
+        "units": [NIX_DAEMON_SOCKET, NIX_DAEMON_SERVICE, BOOT_SYSTEM_SERVICE, BOOT_SYSTEM_SCRIPT],
         "trimmed": TRIMMED,
     }
 
@@ -239,6 +281,15 @@ def configure(root: Path) -> None:
     wants = units / "sockets.target.wants"
     wants.mkdir(exist_ok=True)  # (enabled, as `systemctl enable` would)
     (wants / "nix-daemon.socket").symlink_to("/etc/systemd/system/nix-daemon.socket")
+    boot_system = root / BOOT_SYSTEM.lstrip("/")
+    boot_system.write_text(BOOT_SYSTEM_SCRIPT)
+    boot_system.chmod(0o755)
+    (units / "testbed-boot-system.service").write_text(BOOT_SYSTEM_SERVICE)
+    wants = units / "multi-user.target.wants"
+    wants.mkdir(exist_ok=True)
+    (wants / "testbed-boot-system.service").symlink_to(
+        "/etc/systemd/system/testbed-boot-system.service"
+    )
     for unit in MASKED_UNITS:
         (units / unit).unlink(missing_ok=True)
         (units / unit).symlink_to("/dev/null")

@@ -31,6 +31,7 @@ BASE_PORT = int(os.environ.get("FLAKEFLEET_TESTBED_TEST_PORT", "22600")) + 50
 UP = ["up", "--machines", "2", "--systemd", "web1", "--roster", str(ROSTER)]
 DEADLINE = 120.0  # seconds to wait for any one event (a boot, a unit, a reboot)
 BOOT_ID = "cat /proc/sys/kernel/random/boot_id"
+FAKE_SYSTEM = "/nix/store/00000000000000000000000000000000-nixos-system-web1-1"
 GUARDED = ["/etc/passwd", "/etc/shadow", "/etc/group", "/etc/hosts", "/etc/nix/nix.conf"]
 
 pytestmark = pytest.mark.skipif(
@@ -264,6 +265,27 @@ def test_reboot_command_waits_for_the_new_boot(testbed: Fleet) -> None:
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() != boot_id
     assert testbed.output("web1", BOOT_ID) == completed.stdout.strip()
+
+
+def test_boot_activates_the_selected_system(testbed: Fleet) -> None:
+    """NixOS's stage 2, imitated: a boot links /run/booted-system and /run/current-system to
+    what the bootloader selected and runs its activate, before sshd."""
+    activate = "#!/bin/sh\necho activating\ntouch /run/activated\n"
+    testbed.output(
+        "web1",
+        f"mkdir -p {FAKE_SYSTEM} /var/lib/fake-bootloader"
+        f" && printf '%s' '{activate}' > {FAKE_SYSTEM}/activate && chmod +x {FAKE_SYSTEM}/activate"
+        f" && ln -sfn {FAKE_SYSTEM} /var/lib/fake-bootloader/default",
+    )
+    completed = testbed.cli("reboot", "web1")
+    assert completed.returncode == 0, completed.stderr
+    assert testbed.output("web1", "readlink /run/current-system /run/booted-system") == (
+        f"{FAKE_SYSTEM}\n{FAKE_SYSTEM}"
+    )
+    testbed.output("web1", "test -e /run/activated")
+    assert f"activating {FAKE_SYSTEM}" in testbed.output("web1", "cat /var/log/boot.log")
+    status = testbed.cli("status").stdout.splitlines()
+    assert status[0].split() == ["web1", str(BASE_PORT + 1), "up", FAKE_SYSTEM]
 
 
 def test_stop_and_up_again(testbed: Fleet) -> None:
