@@ -203,11 +203,15 @@ def ensure() -> Path:
     return final
 
 
-def debian_mirror() -> str:
-    """The Debian archive this computer's apt uses (``$FLAKEFLEET_TESTBED_MIRROR`` first)."""
+def debian_mirror(apt: Path = Path("/etc/apt")) -> str:
+    """The Debian archive this computer's apt uses (``$FLAKEFLEET_TESTBED_MIRROR`` first).
+
+    Example: ``http://deb.debian.org/debian`` from ``URIs:`` of a ``Suites: bookworm ...``
+    stanza in ``/etc/apt/sources.list.d/debian.sources``.
+    """
     if os.environ.get(MIRROR_ENV):
         return os.environ[MIRROR_ENV]
-    sources = Path("/etc/apt/sources.list.d")
+    sources = apt / "sources.list.d"
     texts = [p.read_text() for p in sorted(sources.glob("*.sources"))] if sources.is_dir() else []
     for text in texts:  # deb822: "Types: deb", "URIs: ...", "Suites: bookworm ..."
         for stanza in re.split(r"\n\s*\n", text):
@@ -218,13 +222,13 @@ def debian_mirror() -> str:
             )
             if "deb" in fields.get("types", []) and _has_release(fields.get("suites", [])):
                 return fields["uris"][0]
-    lists = [Path("/etc/apt/sources.list"), *sorted(sources.glob("*.list"))]
+    lists = [apt / "sources.list", *sorted(sources.glob("*.list"))]
     for path in lists:
         for line in path.read_text().splitlines() if path.is_file() else []:
             words = re.sub(r"\[[^]]*\]", "", line).split()  # drop "[signed-by=...]"
             if len(words) >= 3 and words[0] == "deb" and _has_release(words[2:3]):
                 return words[1]
-    raise TestbedError(f"no Debian mirror in /etc/apt/sources.list*; set ${MIRROR_ENV}")
+    raise TestbedError(f"no Debian mirror in {apt}/sources.list*; set ${MIRROR_ENV}")
 
 
 def _has_release(suites: list[str]) -> bool:
