@@ -1,7 +1,9 @@
 """The machines of the test fleet: read from the roster, remembered in the state directory.
 
 The roster is the example fleet's ``hosts.json``: ``{"web1": {"class": "nixos", "roles": ["web"],
-...}, ...}``. Key order is machine order; machine ``i`` gets port ``base + 1 + i``.
+...}, ...}``. Key order is machine order; machine ``i`` gets port ``base + 1 + i``. The testbed
+reads ``class``, ``roles``, ``port``, ``user``, ``sudoPassword``, ``nixSize`` and ``systemd``
+(a systemd machine, see ``testbed.nspawn``).
 """
 
 from __future__ import annotations
