@@ -24,6 +24,7 @@ outside, into its upper layer, before it starts (``testbed.files``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -119,29 +120,36 @@ class Launcher:
 
     def __init__(self, command: list[str]) -> None:
         self.command = command
-        self.child: int | None = None
+        self.child: int | None = None  # a pidfd: never signals a reaped (reused) PID
         self.stopping = False
 
     def on_stop(self, signum: int, _frame: object) -> None:
         self.stopping = True
+        self.halt()
+
+    def halt(self) -> None:
+        """nspawn passes SIGTERM on to the machine's systemd as SIGRTMIN+3: a clean halt."""
         if self.child is not None:
-            os.kill(self.child, signal.SIGTERM)  # nspawn halts the machine (SIGRTMIN+3)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.child, signal.SIGTERM)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_stop)
         signal.signal(signal.SIGINT, self.on_stop)
         while True:
-            self.child = os.posix_spawn(
+            pid = os.posix_spawn(
                 NSPAWN,
                 self.command,
                 ENVIRONMENT,
                 file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)],
                 setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM, signal.SIGINT),
             )
+            self.child = os.pidfd_open(pid)
             if self.stopping:  # SIGTERM came while nspawn was being started
-                os.kill(self.child, signal.SIGTERM)
-            code = os.waitstatus_to_exitcode(os.waitpid(self.child, 0)[1])
-            self.child = None
+                self.halt()
+            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            fd, self.child = self.child, None
+            os.close(fd)
             if code == EXIT_REBOOT and not self.stopping:
                 log("the machine rebooted; starting it again")
                 continue
