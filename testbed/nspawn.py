@@ -10,8 +10,10 @@ In order, it
    (``flakefleet-testbed/<state digest>/<name>``): with ``--keep-unit`` nspawn puts the machine
    in ``<its cgroup>/payload``, so two launchers must never share one;
 3. mounts the machine's root, an overlay of its upper layer on the template (the directory
-   named in ``template``), and a fresh tmpfs on ``/run`` (nspawn's scratch files stay out of
-   this computer's ``/run``), then checks them;
+   named in ``template``), a fresh tmpfs on ``/run`` (nspawn's scratch files stay out of this
+   computer's ``/run``) and, for a small ``/nix`` (``nix-size``), a tmpfs of that size on the
+   machine's store directory (it lasts across reboots and is emptied when the machine stops,
+   as on a namespace machine), then checks them;
 4. runs ``systemd-nspawn --boot`` with systemd as the machine's PID 1, its own ``/nix`` and an
    empty ``/root``, and runs it again each time it exits 133 (``systemctl reboot`` inside: the
    machine gets a new boot id); SIGTERM is passed on to nspawn, which halts the machine
@@ -84,21 +86,26 @@ def enter_cgroup(directory: Path) -> None:
 
 
 def mount_root(machine: MachinePaths, template: str) -> None:
-    """The machine's root (overlay on the template) and a private /run; then verify them."""
+    """The machine's root (overlay on the template), a private /run and a small /nix if it
+    has one; then verify them."""
     options = f"lowerdir={template},upperdir={machine.rootfs_upper},workdir={machine.rootfs_work}"
     mount("overlay", str(machine.rootfs), "overlay", 0, options)
     mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
+    tmpfs = ["/run"]
+    if machine.nix_size.exists():
+        size = machine.nix_size.read_text().strip()
+        mount("tmpfs", str(machine.nix), "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode=755")
+        tmpfs.append(str(machine.nix))
     mounts = read_mountinfo()
     fstype, super_options = mounts.get(str(machine.rootfs), ("", []))
     if fstype != "overlay" or f"upperdir={machine.rootfs_upper}" not in super_options:
         raise MachineError(f"{machine.rootfs} is not the machine's overlay ({fstype})")
-    if mounts.get("/run", ("",))[0] != "tmpfs":
-        raise MachineError("/run is not a fresh tmpfs")
+    for target in tmpfs:
+        if mounts.get(target, ("",))[0] != "tmpfs":
+            raise MachineError(f"{target} is not a fresh tmpfs")
 
 
 def nspawn_command(name: str, machine: MachinePaths) -> list[str]:
-    small_nix = machine.nix_size.read_text().strip() if machine.nix_size.exists() else None
-    nix = f"--tmpfs=/nix:mode=0755,size={small_nix}" if small_nix else f"--bind={machine.nix}:/nix"
     return [
         NSPAWN,
         "--quiet",
@@ -110,7 +117,7 @@ def nspawn_command(name: str, machine: MachinePaths) -> list[str]:
         "--keep-unit",
         "--console=read-only",  # the machine's console goes to console.log
         "--link-journal=no",  # never touch this computer's /var/log/journal
-        nix,
+        f"--bind={machine.nix}:/nix",
         f"--bind={machine.home}:/root",
     ]
 

@@ -4,14 +4,16 @@ process, mount or cgroup directory behind.
 
 Needs root. The first run builds the machines' root file system with debootstrap (about a
 minute; then cached in /var/cache/flakefleet): if that fails, the module fails with the reason.
-Uses its own state directory and base port 22650 (``FLAKEFLEET_TESTBED_TEST_PORT`` + 50); web1
-is a systemd machine and web2 a namespace machine beside it. The module runs its tests in
-order on one fleet, and waits on events with generous deadlines, never on timings.
+Uses its own state directory and base port 22650 (``FLAKEFLEET_TESTBED_TEST_PORT`` + 50): web1
+is a systemd machine by ``up --systemd``, web2 a namespace machine beside it, and small1 a
+systemd machine by the roster's knob, with a small ``/nix``. The module runs its tests in order
+on one fleet, and waits on events with generous deadlines, never on timings.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -26,9 +28,13 @@ import yaml
 
 from testbed.layout import REPO_ROOT, SYSTEMD_BIN, StatePaths, cgroup_hierarchies
 
-ROSTER = Path(__file__).with_name("hosts.json")
 BASE_PORT = int(os.environ.get("FLAKEFLEET_TESTBED_TEST_PORT", "22600")) + 50
-UP = ["up", "--machines", "2", "--systemd", "web1", "--roster", str(ROSTER)]
+ROSTER = {
+    "web1": {"class": "nixos", "roles": ["web"]},
+    "web2": {"class": "nixos", "roles": ["web"]},
+    "small1": {"class": "nixos", "roles": [], "systemd": True, "nixSize": "64m"},
+}
+MACHINES = list(ROSTER)
 DEADLINE = 120.0  # seconds to wait for any one event (a boot, a unit, a reboot)
 BOOT_ID = "cat /proc/sys/kernel/random/boot_id"
 FAKE_SYSTEM = "/nix/store/00000000000000000000000000000000-nixos-system-web1-1"
@@ -42,8 +48,9 @@ pytestmark = pytest.mark.skipif(
 class Fleet:
     """A test fleet in its own state directory, driven through the command line and ssh."""
 
-    def __init__(self, state: Path) -> None:
+    def __init__(self, state: Path, roster: Path) -> None:
         self.state = state
+        self.roster = roster
         self.env = {
             **os.environ,
             "FLAKEFLEET_TESTBED_STATE": str(state),
@@ -60,6 +67,9 @@ class Fleet:
             check=False,
             timeout=timeout,
         )
+
+    def up(self, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return self.cli("up", "--systemd", "web1", "--roster", str(self.roster), timeout=timeout)
 
     def ssh(self, target: str, command: str, *options: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -133,25 +143,33 @@ def guarded_digests() -> dict[str, str]:
 def testbed(guarded_digests: dict[str, str]) -> Iterator[Fleet]:
     # Not in pytest's basetemp: other pytest runs on this computer rotate it away.
     directory = Path(tempfile.mkdtemp(prefix="flakefleet-testbed-systemd-"))
-    fleet = Fleet(directory / "state")
+    roster = directory / "hosts.json"
+    roster.write_text(json.dumps(ROSTER))
+    fleet = Fleet(directory / "state", roster)
     try:
         # The first run builds the template: give debootstrap its time, and show its reason.
-        completed = fleet.cli(*UP, timeout=1200)
+        completed = fleet.up(timeout=1200)
         assert completed.returncode == 0, f"up failed:\n{completed.stderr}"
         yield fleet
     finally:
         fleet.cli("down", "--purge")
+        roster.unlink()
         directory.rmdir()
 
 
 def test_fleet_file_asks_systemd_to_reboot(testbed: Fleet) -> None:
     fleet = yaml.safe_load((testbed.state / "fleet.yaml").read_text())
     machines = {machine["name"]: machine for machine in fleet["machines"]}
-    assert machines["web1"]["data"] == {"reboot_command": "systemctl reboot"}
+    for systemd in ("web1", "small1"):
+        assert machines[systemd]["data"] == {"reboot_command": "systemctl reboot"}
     assert "data" not in machines["web2"]
-    assert machines["web1"]["port"] == BASE_PORT + 1
+    assert [machines[name]["port"] for name in MACHINES] == [
+        BASE_PORT + 1,
+        BASE_PORT + 2,
+        BASE_PORT + 3,
+    ]
     config = (testbed.state / "ssh_config").read_text()
-    assert config.count("StrictHostKeyChecking yes") == 2
+    assert config.count("StrictHostKeyChecking yes") == len(MACHINES)
 
 
 def test_host_key_is_checked(testbed: Fleet, tmp_path: Path) -> None:
@@ -288,6 +306,20 @@ def test_boot_activates_the_selected_system(testbed: Fleet) -> None:
     assert status[0].split() == ["web1", str(BASE_PORT + 1), "up", FAKE_SYSTEM]
 
 
+def test_small_nix_lasts_across_reboots_not_stops(testbed: Fleet) -> None:
+    """A small /nix (nixSize) is a tmpfs of that size: a reboot keeps it, a stop empties it."""
+    assert "size=65536k" in testbed.output("small1", "findmnt -n -o OPTIONS /nix")
+    testbed.output("small1", "echo small1 > /nix/marker")
+    completed = testbed.cli("reboot", "small1")
+    assert completed.returncode == 0, completed.stderr
+    assert testbed.output("small1", "cat /nix/marker") == "small1"
+    assert not (testbed.state / "machines/small1/nix/marker").exists()  # never on this computer
+    assert testbed.cli("stop", "small1").returncode == 0
+    completed = testbed.up()
+    assert completed.returncode == 0, completed.stderr
+    assert testbed.ssh("small1", "test -e /nix/marker").returncode == 1
+
+
 def test_stop_and_up_again(testbed: Fleet) -> None:
     machine_id = testbed.output("web1", "cat /etc/machine-id")
     processes = testbed.processes()
@@ -297,9 +329,9 @@ def test_stop_and_up_again(testbed: Fleet) -> None:
     assert not any(directory.exists() for directory in testbed.cgroups())
     assert _refuses(BASE_PORT + 1)
     status = [line.split()[:3] for line in testbed.cli("status").stdout.splitlines()]
-    assert status == [["web1", str(BASE_PORT + 1), "down"], ["web2", str(BASE_PORT + 2), "up"]]
+    assert status[:2] == [["web1", str(BASE_PORT + 1), "down"], ["web2", str(BASE_PORT + 2), "up"]]
 
-    completed = testbed.cli(*UP)
+    completed = testbed.up()
     assert completed.returncode == 0, completed.stderr
     assert "started web1 " in completed.stdout
     # The same machine: its id, /etc and host key (strict checking still passes) are kept.
@@ -317,6 +349,7 @@ def test_down_leaves_nothing_behind(testbed: Fleet, guarded_digests: dict[str, s
     assert not processes & {(pid, _start_time(pid)) for pid, _ in processes}
     assert not any(directory.exists() for directory in testbed.cgroups())
     assert _mounts_of(testbed.state) == []
-    assert _refuses(BASE_PORT + 1) and _refuses(BASE_PORT + 2)
-    assert [line.split()[2] for line in testbed.cli("status").stdout.splitlines()] == ["down"] * 2
+    assert all(_refuses(BASE_PORT + 1 + index) for index in range(len(MACHINES)))
+    status = [line.split()[2] for line in testbed.cli("status").stdout.splitlines()]
+    assert status == ["down"] * len(MACHINES)
     assert _digests() == guarded_digests
