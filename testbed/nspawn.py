@@ -172,7 +172,7 @@ def main(argv: list[str]) -> int:
     state = StatePaths(Path(state_root))
     machine = state.machine(name)
     try:
-        check_private_propagation()
+        check_private_propagation()  # 1.
         template = machine.template.read_text().strip()
         cgroups = own_cgroups()
         if not cgroups:
@@ -182,17 +182,17 @@ def main(argv: list[str]) -> int:
         return 1
     entered: list[Path] = []
     try:
-        for hierarchy in cgroups:
+        for hierarchy in cgroups:  # 2.
             entered.append(hierarchy / state.cgroup(name))
             enter_cgroup(entered[-1])
-        mount_root(machine, template)
+        mount_root(machine, template)  # 3.
         log(f"booting {name} from {template}")
-        return Launcher(nspawn_command(name, machine)).run()
+        return Launcher(nspawn_command(name, machine)).run()  # 4.
     except (MachineError, OSError) as error:
         print(f"testbed.nspawn: refusing to boot {name}: {error}", file=sys.stderr)
         return 1
     finally:
-        for hierarchy, original in cgroups.items():  # back where it came from, then tidy up
+        for hierarchy, original in cgroups.items():  # 5. back where it came from, then tidy up
             try:
                 (hierarchy / original.lstrip("/") / "cgroup.procs").write_text(f"{os.getpid()}\n")
             except OSError:
