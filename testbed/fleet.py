@@ -101,11 +101,12 @@ def up(roster: Path, count: int | None = None, systemd: Sequence[str] = ()) -> l
         running = {name for name in {*previous, *(m.name for m in wanted)} if _pid(state, name)}
         fleet = _fleet_after_up(wanted, previous, running)
         to_start = [machine for machine in wanted if machine.name not in running]
+        # What a systemd machine whose launcher was killed left running (its port too).
+        stop_machines(state, [machine.name for machine in to_start])
         _check_ports(fleet, to_start)
 
         root = template.ensure() if any(machine.systemd for machine in to_start) else None
         for machine in to_start:
-            stop_machines(state, [machine.name])  # what a stopped systemd machine left behind
             files.prepare_machine(state, machine, root)
         save_record(state.record, fleet)
         files.write_client_files(state, fleet)

@@ -17,7 +17,7 @@ In order, it
 4. runs ``systemd-nspawn --boot`` with systemd as the machine's PID 1, its own ``/nix`` and an
    empty ``/root``, and runs it again each time it exits 133 (``systemctl reboot`` inside: the
    machine gets a new boot id); SIGTERM is passed on to nspawn, which halts the machine
-   cleanly, and ends the loop;
+   cleanly, and ends the loop (nspawn also gets SIGTERM if the launcher itself is killed);
 5. leaves the machine's cgroup directories and removes them.
 
 The machine's files (hostname, machine id, host key, sshd and Nix settings) are written from
@@ -27,8 +27,10 @@ outside, into its upper layer, before it starts (``testbed.files``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -51,6 +53,8 @@ ENVIRONMENT = {
     "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1",
 }
 NSPAWN = "/usr/bin/systemd-nspawn"
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
 EXIT_REBOOT = 133  # nspawn's exit code when the machine rebooted itself
 
 
@@ -122,6 +126,13 @@ def nspawn_command(name: str, machine: MachinePaths) -> list[str]:
     ]
 
 
+def halt_with(launcher: int) -> None:
+    """In nspawn before it starts: SIGTERM (a clean halt) when the launcher dies, so a killed
+    launcher leaves no machine running without it."""
+    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0 or os.getppid() != launcher:
+        os._exit(1)  # no such promise, or the launcher is already gone
+
+
 class Launcher:
     """Runs nspawn until the machine halts or SIGTERM; restarts it when it reboots."""
 
@@ -143,18 +154,18 @@ class Launcher:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_stop)
         signal.signal(signal.SIGINT, self.on_stop)
+        launcher = os.getpid()
         while True:
-            pid = os.posix_spawn(
-                NSPAWN,
+            nspawn = subprocess.Popen(  # preexec_fn is safe: the launcher has one thread
                 self.command,
-                ENVIRONMENT,
-                file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)],
-                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM, signal.SIGINT),
+                env=ENVIRONMENT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=lambda: halt_with(launcher),
             )
-            self.child = os.pidfd_open(pid)
+            self.child = os.pidfd_open(nspawn.pid)
             if self.stopping:  # SIGTERM came while nspawn was being started
                 self.halt()
-            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            code = nspawn.wait()
             fd, self.child = self.child, None
             os.close(fd)
             if code == EXIT_REBOOT and not self.stopping:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -318,6 +319,21 @@ def test_small_nix_lasts_across_reboots_not_stops(testbed: Fleet) -> None:
     completed = testbed.up()
     assert completed.returncode == 0, completed.stderr
     assert testbed.ssh("small1", "test -e /nix/marker").returncode == 1
+
+
+def test_a_killed_launcher_leaves_no_machine_running(testbed: Fleet) -> None:
+    """nspawn halts the machine when its launcher dies; the next up clears what is left."""
+    processes = testbed.processes()
+    launcher = int((testbed.state / "machines/web1/pid").read_text())
+    os.kill(launcher, signal.SIGKILL)
+    _wait_for(
+        "web1 to halt without its launcher",
+        lambda: not processes & {(pid, _start_time(pid)) for pid, _ in processes},
+    )
+    completed = testbed.up()
+    assert completed.returncode == 0, completed.stderr
+    assert "started web1 " in completed.stdout
+    assert testbed.output("web1", "cat /proc/1/comm") == "systemd"
 
 
 def test_stop_and_up_again(testbed: Fleet) -> None:
