@@ -238,7 +238,10 @@ def _has_release(suites: list[str]) -> bool:
 
 def _debootstrap(target: Path, mirror: str, debs: Path, log: Path) -> None:
     debs.mkdir(parents=True, exist_ok=True)  # downloaded packages, kept for a rebuild
+    # In a private mount namespace: the /proc and /sys debootstrap mounts in the target go
+    # away with it, even if it is killed, and never show on this computer.
     command = [
+        "unshare", "--mount", "--propagation", "private",
         "debootstrap", "--variant=minbase", f"--cache-dir={debs}",
         f"--include={','.join(PACKAGES)}", SUITE, str(target), mirror,
     ]  # fmt: skip
