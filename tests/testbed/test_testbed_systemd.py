@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testbed.layout import REPO_ROOT, SYSTEMD_BIN, StatePaths, cgroup_hierarchies
+from testbed.layout import REPO_ROOT, SYSTEMD_BIN, StatePaths, cache_dir, cgroup_hierarchies
 
 BASE_PORT = int(os.environ.get("FLAKEFLEET_TESTBED_TEST_PORT", "22600")) + 50
 ROSTER = {
@@ -112,8 +112,11 @@ def _start_time(pid: int) -> str | None:
 
 
 def _mounts_of(state: Path) -> list[str]:
-    """This computer's mounts that name the state directory (a leaked overlay would)."""
-    return [line for line in Path("/proc/mounts").read_text().splitlines() if str(state) in line]
+    """This computer's mounts that name the state directory or the template cache (a leaked
+    overlay or tmpfs would)."""
+    names = (str(state), str(cache_dir()))
+    lines = Path("/proc/mounts").read_text().splitlines()
+    return [line for line in lines if any(name in line for name in names)]
 
 
 def _wait_for(what: str, check: Callable[[], bool]) -> None:
