@@ -5,9 +5,13 @@ It has its own Nix store (``/nix``), its own ``/etc`` and ``/var`` (overlays on 
 an empty ``/root``, fresh ``/run`` and ``/tmp``, a ``deploy`` user, a ``nix-daemon`` and an
 sshd on ``127.0.0.1:<port>``. No container engine, VM or systemd is involved; root is needed.
 
+A systemd machine (``"systemd": true`` in the roster, or ``up --systemd NAMES``) is systemd as
+PID 1 of a Debian trixie root with Nix 2.26 instead, booted by ``systemd-nspawn`` from
+``testbed.nspawn`` on an overlay of a template built once (``testbed.template``).
+
 Usage, from the repository root::
 
-    python -m testbed up [--machines N] [--roster example/hosts.json]
+    python -m testbed up [--machines N] [--roster example/hosts.json] [--systemd web1,db1]
     python -m testbed ssh web1 hostname
     python -m testbed status             # name, port, up/down, /run/current-system
     python -m testbed reboot web1        # prints the new boot id

@@ -32,6 +32,14 @@ def _parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="start machines (those already running stay as they are)")
     up.add_argument("--machines", type=int, metavar="N", help="only the first N roster machines")
     up.add_argument("--roster", type=Path, default=DEFAULT_ROSTER, help="hosts.json to read")
+    up.add_argument(
+        "--systemd",
+        type=_names,
+        default=[],
+        metavar="NAMES",
+        help='make these machines (comma-separated) systemd machines, as `"systemd": true`'
+        " in the roster does",
+    )
 
     down = commands.add_parser("down", help="stop every machine")
     down.add_argument("--purge", action="store_true", help="also delete the state directory")
@@ -51,9 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _names(text: str) -> list[str]:
+    return [name for name in text.split(",") if name]
+
+
 def _up(args: argparse.Namespace) -> None:
     started = time.monotonic()
-    machines = fleet.up(args.roster, args.machines)
+    machines = fleet.up(args.roster, args.machines, args.systemd)
     names = ", ".join(machine.name for machine in machines) or "nothing (all running)"
     elapsed = time.monotonic() - started
     print(f"started {names} in {elapsed:.1f} s; fleet file: {StatePaths(state_dir()).fleet_file}")

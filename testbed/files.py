@@ -1,7 +1,8 @@
 """Files the test fleet writes before machines start: keys, each machine's /etc, client files.
 
-A machine's own files are written from outside into the upper layer of its ``/etc`` overlay,
-so nothing inside a machine has to write ``/etc`` before its mounts are verified. The client
+A machine's own files are written from outside into the upper layer of its ``/etc`` overlay
+(a systemd machine's: of its root), so nothing inside a machine has to write ``/etc`` before
+its mounts are verified, and nothing is written there while the machine runs. The client
 files (``ssh_config``, ``known_hosts``, ``fleet.yaml``) are what the deployer and tests use.
 """
 
@@ -12,8 +13,10 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import stat
 import subprocess
+import uuid
 from pathlib import Path
 
 from testbed.layout import (
@@ -32,6 +35,10 @@ HOST_KEY = f"{SSHD_DIR}/ssh_host_ed25519_key"
 AUTHORIZED_KEYS = f"{SSHD_DIR}/authorized_keys"
 
 SUDOERS = "/etc/sudoers.d/deploy"
+# A systemd machine's sshd is Debian's ssh.service, set up from a drop-in as NixOS sets it up.
+SYSTEMD_HOST_KEY = "/etc/ssh/ssh_host_ed25519_key"
+SYSTEMD_SSHD_CONFIG = "/etc/ssh/sshd_config.d/testbed.conf"
+SYSTEMD_AUTHORIZED_KEYS = "/etc/ssh/authorized_keys.d"
 
 
 def nix_conf(trusted_key: str) -> str:
@@ -66,6 +73,25 @@ MaxStartups 100:30:200
 # VERBOSE logs every session and command to the console log (bench/ counts them).
 LogLevel VERBOSE
 Subsystem sftp /usr/lib/openssh/sftp-server
+"""
+
+
+def systemd_sshd_config(port: int) -> str:
+    """A systemd machine's sshd settings (``/etc/ssh/sshd_config.d/testbed.conf``)."""
+    return f"""\
+# Written by the testbed at each start of the machine; read before Debian's sshd_config
+# (whose UsePAM yes gives each login a logind session, as on NixOS).
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {SYSTEMD_HOST_KEY}
+PermitRootLogin prohibit-password
+# As on NixOS, where users.users.<name>.openssh.authorizedKeys end up.
+AuthorizedKeysFile .ssh/authorized_keys {SYSTEMD_AUTHORIZED_KEYS}/%u
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UseDNS no
+MaxStartups 100:30:200
+LogLevel VERBOSE
 """
 
 
@@ -169,39 +195,78 @@ def _init_layer(upper: Path, lower: Path) -> None:
     upper.chmod(info.st_mode & 0o7777)
 
 
-def _merged_text(paths: MachinePaths, etc_path: str) -> str:
-    """What the machine sees at ``/etc/...``: its upper file if there is one, else the real one."""
-    upper = paths.in_etc(etc_path)
+def _merged_text(upper: Path, lower: Path) -> str:
+    """What a machine sees at a path: its upper file if there is one, else the lower one."""
     if upper.is_file():
         return upper.read_text()
     if upper.exists() or upper.is_symlink():
         return ""  # deleted inside the machine (an overlay whiteout)
     try:
-        return Path(etc_path).read_text()
+        return lower.read_text()
     except FileNotFoundError:
         return ""
 
 
-def prepare_machine(state: StatePaths, machine: Machine) -> None:
+def _hosts(current: str, machine: Machine) -> str:
+    """``/etc/hosts`` with the machine's name on its own loopback address (sudo needs it
+    resolvable too), and no other line for that name."""
+    lines = [line for line in current.splitlines() if machine.name not in line.split()[1:]]
+    return "\n".join([*lines, f"{machine.address}\t{machine.name}"]) + "\n"
+
+
+def _authorized_keys(state: StatePaths) -> str:
+    """The deployer's key and the machines' own (builders, caches), for every user."""
+    return f"{public_key(state.client_key)}\n{public_key(state.machine_key)}\n"
+
+
+def _sudoers(machine: Machine) -> str:
+    """The deploy user may do anything as root: with its password (sudoPassword), or without
+    one (sudo -n works)."""
+    if machine.sudo_password:
+        return "deploy ALL=(ALL:ALL) ALL\n"
+    return "deploy ALL=(ALL:ALL) NOPASSWD: ALL\n"
+
+
+def _lay_out(paths: MachinePaths, kind: str) -> None:
+    """The machine's directory, for a namespace or a systemd machine. A machine that changes
+    kind starts afresh: one Nix version's store and the other's layers do not mix."""
+    previous = paths.kind.read_text().strip() if paths.kind.exists() else None
+    if previous is None and paths.etc_upper.exists():
+        previous = "namespace"  # laid out before machines had kinds
+    if previous not in (None, kind):
+        shutil.rmtree(paths.root)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    write_file(paths.kind, kind + "\n")
+
+
+def prepare_machine(state: StatePaths, machine: Machine, template: Path | None = None) -> None:
     """Lay out a stopped machine's directory and write its /etc files into the upper layer.
 
     Kept across starts: the store, /etc and /var changes, the host key, nix.conf and the
     deploy user. Rewritten at every start: the sshd configuration and authorized keys.
+    A systemd machine needs the ``template`` its root lies on (``testbed.template.ensure``).
     """
     paths = state.machine(machine.name)
-    for directory in (paths.nix, paths.etc_work, paths.var_work):
-        directory.mkdir(parents=True, exist_ok=True)
+    _lay_out(paths, "systemd" if machine.systemd else "namespace")
+    paths.nix.mkdir(exist_ok=True)
+    paths.nix.chmod(0o755)
+    paths.home.mkdir(exist_ok=True)
+    paths.home.chmod(0o700)
     if machine.nix_size:
         paths.nix_size.write_text(machine.nix_size + "\n")
     else:
         paths.nix_size.unlink(missing_ok=True)
+    if machine.systemd:
+        if template is None:
+            raise TestbedError(f"{machine.name} is a systemd machine: it needs a template")
+        _prepare_systemd_machine(state, machine, template)
+        return
+    for directory in (paths.etc_work, paths.var_work):
+        directory.mkdir(exist_ok=True)
     if machine.klass == "darwin":  # a non-interactive SSH session on macOS has no Nix on PATH
         _move_nix_off_path(paths)
     else:
         paths.nix_off_path.unlink(missing_ok=True)
-    paths.nix.chmod(0o755)
-    paths.home.mkdir(exist_ok=True)
-    paths.home.chmod(0o700)
     _init_layer(paths.etc_upper, Path("/etc"))
     _init_layer(paths.var_upper, Path("/var"))
 
@@ -209,17 +274,12 @@ def prepare_machine(state: StatePaths, machine: Machine) -> None:
         _make_upper_dirs(paths.etc_upper, Path("/etc"), Path(etc_path).parent.relative_to("/etc"))
     generate_key(paths.in_etc(HOST_KEY), f"root@{machine.name}")
     write_file(paths.in_etc(SSHD_CONFIG), sshd_config(machine.port))
-    # One file for every user: the deployer's key and the machines' own (builders, caches).
-    keys = [public_key(state.client_key), public_key(state.machine_key)]
-    write_file(paths.in_etc(AUTHORIZED_KEYS), "\n".join(keys) + "\n")
-    # The deploy user may do anything as root: with its password (sudoPassword), or without
-    # one (sudo -n works).
+    write_file(paths.in_etc(AUTHORIZED_KEYS), _authorized_keys(state))  # one for every user
     _make_upper_dirs(paths.etc_upper, Path("/etc"), Path("sudoers.d"))
+    write_file(paths.in_etc(SUDOERS), _sudoers(machine), 0o440)
     if machine.sudo_password:
-        write_file(paths.in_etc(SUDOERS), "deploy ALL=(ALL:ALL) ALL\n", 0o440)
         write_file(paths.deploy_password_hash, password_hash(state.sudo_password.read_text()))
     else:
-        write_file(paths.in_etc(SUDOERS), "deploy ALL=(ALL:ALL) NOPASSWD: ALL\n", 0o440)
         paths.deploy_password_hash.unlink(missing_ok=True)
 
     # Only NixOS machines say so; a darwin or home-manager machine is another system.
@@ -228,15 +288,68 @@ def prepare_machine(state: StatePaths, machine: Machine) -> None:
     if not paths.in_etc("/etc/nix/nix.conf").is_file():
         write_file(paths.in_etc("/etc/nix/nix.conf"), nix_conf(signing_public_key(state)))
     write_file(paths.in_etc("/etc/hostname"), machine.name + "\n")
-    # The machine's name resolves to its own loopback address (sudo needs it resolvable too).
-    hosts = [
-        line
-        for line in _merged_text(paths, "/etc/hosts").splitlines()
-        if machine.name not in line.split()[1:]
+    hosts = _merged_text(paths.in_etc("/etc/hosts"), Path("/etc/hosts"))
+    write_file(paths.in_etc("/etc/hosts"), _hosts(hosts, machine))
+
+
+def _prepare_systemd_machine(state: StatePaths, machine: Machine, template: Path) -> None:
+    """A systemd machine's own files, in the upper layer of its root: machine id, hostname,
+    hosts, host key, sshd drop-in, authorized keys, sudo, nix.conf. Its /nix and /root are the
+    same directories a namespace machine has."""
+    paths = state.machine(machine.name)
+    if paths.template.exists() and paths.template.read_text().strip() != str(template):
+        # Its /etc and /var changes were made on another template: start them afresh.
+        for layer in (paths.rootfs_upper, paths.rootfs_work):
+            if layer.exists():
+                shutil.rmtree(layer)
+    write_file(paths.template, f"{template}\n")
+    for directory in (paths.rootfs, paths.rootfs_work):
+        directory.mkdir(exist_ok=True)
+    _init_layer(paths.rootfs_upper, template)
+
+    def put(path: str, text: str, mode: int = 0o644) -> None:
+        relative = Path(path).relative_to("/")
+        _make_upper_dirs(paths.rootfs_upper, template, relative.parent)
+        write_file(paths.rootfs_upper / relative, text, mode)
+
+    if not paths.in_rootfs("/etc/machine-id").is_file():
+        put("/etc/machine-id", uuid.uuid4().hex + "\n", 0o444)
+    put("/etc/hostname", machine.name + "\n")
+    put("/etc/hosts", _hosts(_hosts_of(paths, template), machine))
+    _make_upper_dirs(paths.rootfs_upper, template, Path("etc/ssh"))
+    generate_key(paths.in_rootfs(SYSTEMD_HOST_KEY), f"root@{machine.name}")
+    put(SYSTEMD_SSHD_CONFIG, systemd_sshd_config(machine.port))
+    for user in ("root", "deploy"):
+        put(f"{SYSTEMD_AUTHORIZED_KEYS}/{user}", _authorized_keys(state))
+    put(SUDOERS, _sudoers(machine), 0o440)
+    password = password_hash(state.sudo_password.read_text()) if machine.sudo_password else "*"
+    _set_deploy_password(paths, template, password.strip())
+    if machine.klass == "nixos" and not paths.in_rootfs("/etc/NIXOS").is_file():
+        put("/etc/NIXOS", "")
+    if not paths.in_rootfs("/etc/nix/nix.conf").is_file():
+        put("/etc/nix/nix.conf", nix_conf(signing_public_key(state)))
+
+
+def _hosts_of(paths: MachinePaths, template: Path) -> str:
+    current = _merged_text(paths.in_rootfs("/etc/hosts"), template / "etc/hosts")
+    return current or "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+
+
+def _set_deploy_password(paths: MachinePaths, template: Path, password: str) -> None:
+    """The deploy user's shadow entry on a systemd machine (``*``: no password, not locked)."""
+    lower = template / "etc/shadow"
+    upper = paths.in_rootfs("/etc/shadow")
+    lines = _merged_text(upper, lower).splitlines()
+    changed = [
+        ":".join([fields[0], password, *fields[2:]]) if fields[0] == "deploy" else line
+        for line, fields in ((line, line.split(":")) for line in lines)
     ]
-    write_file(
-        paths.in_etc("/etc/hosts"), "\n".join([*hosts, f"{machine.address}\t{machine.name}"]) + "\n"
-    )
+    if changed == lines:
+        return
+    _make_upper_dirs(paths.rootfs_upper, template, Path("etc"))
+    write_file(upper, "\n".join(changed) + "\n", 0o640)
+    info = lower.stat()
+    os.chown(upper, info.st_uid, info.st_gid)
 
 
 def _move_nix_off_path(paths: MachinePaths) -> None:
@@ -270,8 +383,11 @@ def _move_nix_off_path(paths: MachinePaths) -> None:
     paths.nix_off_path.touch()
 
 
-def host_public_key(state: StatePaths, name: str) -> str:
-    return public_key(state.machine(name).in_etc(HOST_KEY))
+def host_public_key(state: StatePaths, machine: Machine) -> str:
+    paths = state.machine(machine.name)
+    if machine.systemd:
+        return public_key(paths.in_rootfs(SYSTEMD_HOST_KEY))
+    return public_key(paths.in_etc(HOST_KEY))
 
 
 def render_known_hosts(machines: list[Machine], host_keys: dict[str, str]) -> str:
@@ -356,6 +472,8 @@ def render_fleet_file(
         data = []
         if machine.service_port is not None:
             data += [f"service_address: {machine.address}", f"service_port: {machine.service_port}"]
+        if machine.systemd:  # systemd reboots on its own terms, not on SIGUSR1
+            data.append('reboot_command: "systemctl reboot"')
         if data:
             lines.append(f"    data: {{{', '.join(data)}}}")
     return "\n".join(lines) + "\n"
@@ -363,7 +481,7 @@ def render_fleet_file(
 
 def write_client_files(state: StatePaths, machines: list[Machine]) -> None:
     """Write ``known_hosts``, ``ssh_config`` and ``fleet.yaml`` for ``machines``."""
-    host_keys = {machine.name: host_public_key(state, machine.name) for machine in machines}
+    host_keys = {machine.name: host_public_key(state, machine) for machine in machines}
     known_hosts = render_known_hosts(machines, host_keys)
     write_file(state.known_hosts, known_hosts)
     write_file(state.ssh_config, render_ssh_config(machines, state))

@@ -1,9 +1,10 @@
 """The test fleet's life cycle: up, down, status and reboot.
 
 ``up`` prepares each stopped machine's files, starts all of them at once and waits until each
-sshd accepts a login. ``down`` signals each machine's PID 1 and waits until its recorded
-processes are gone. A machine is running when its recorded ``unshare`` PID is alive and still
-names this machine and state directory.
+sshd accepts a login (and a systemd machine has finished booting). ``down`` signals each
+machine's PID 1 (a systemd machine's launcher) and waits until its recorded processes are gone
+(a systemd machine's cgroup too). A machine is running when its recorded ``unshare`` PID is
+alive and still names this machine and state directory.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed import files, processes
+from testbed import files, processes, template
 from testbed.layout import (
     BOOT_ID_FILE,
     OUTER_PID_ENV,
@@ -30,9 +31,10 @@ from testbed.layout import (
     StatePaths,
     TestbedError,
     base_port,
+    cgroup_hierarchies,
     state_dir,
 )
-from testbed.roster import Machine, load_record, load_roster, save_record, select
+from testbed.roster import Machine, load_record, load_roster, save_record, select, with_systemd
 
 MACHINE_ENVIRONMENT = {
     "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
@@ -45,8 +47,14 @@ NAMESPACES = ["--mount", "--uts", "--ipc", "--pid", "--fork", "--kill-child", "-
 # /root or /tmp disappears), so PID 1 runs on the system Python when there is one.
 MACHINE_PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
 READY_TIMEOUT = 30.0
+SYSTEMD_READY_TIMEOUT = 90.0  # a whole boot, several machines at once on two cores
 STOP_TIMEOUT = 10.0
+SYSTEMD_STOP_TIMEOUT = 30.0  # a clean halt: every unit stopped
 KILL_TIMEOUT = 5.0
+# A systemd machine is up once its boot has finished, failed units or not.
+SYSTEMD_READY = "systemctl is-system-running --wait"
+SYSTEMD_BOOTED = ("running", "degraded")
+KERNEL_BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
 @dataclass(frozen=True)
@@ -72,13 +80,14 @@ def _locked(state: StatePaths) -> Iterator[None]:
 # -- up ----------------------------------------------------------------------------------------
 
 
-def up(roster: Path, count: int | None = None) -> list[Machine]:
+def up(roster: Path, count: int | None = None, systemd: Sequence[str] = ()) -> list[Machine]:
     """Start the first ``count`` roster machines (all by default); return those started.
 
-    Machines already running stay as they are. Example: ``up(Path("example/hosts.json"), 3)``.
+    Those named in ``systemd`` are systemd machines, whatever the roster says. Machines
+    already running stay as they are. Example: ``up(Path("example/hosts.json"), 3)``.
     """
     state = _state()
-    wanted = select(load_roster(roster, base_port()), count)
+    wanted = with_systemd(select(load_roster(roster, base_port()), count), list(systemd))
     with _locked(state):
         for directory in (state.keys, state.machines, state.tmp):
             directory.mkdir(parents=True, exist_ok=True)
@@ -92,10 +101,13 @@ def up(roster: Path, count: int | None = None) -> list[Machine]:
         running = {name for name in {*previous, *(m.name for m in wanted)} if _pid(state, name)}
         fleet = _fleet_after_up(wanted, previous, running)
         to_start = [machine for machine in wanted if machine.name not in running]
+        # What a systemd machine whose launcher was killed left running (its port too).
+        stop_machines(state, [machine.name for machine in to_start])
         _check_ports(fleet, to_start)
 
+        root = template.ensure() if any(machine.systemd for machine in to_start) else None
         for machine in to_start:
-            files.prepare_machine(state, machine)
+            files.prepare_machine(state, machine, root)
         save_record(state.record, fleet)
         files.write_client_files(state, fleet)
         for machine in to_start:
@@ -138,17 +150,26 @@ def _port_in_use(port: int) -> bool:
 
 
 def start_machine(state: StatePaths, machine: Machine) -> int:
-    """Start a prepared machine's namespace; record and return its ``unshare`` PID."""
+    """Start a prepared machine's namespace; record and return its ``unshare`` PID.
+
+    A systemd machine's ``unshare`` makes only a private mount namespace and execs the
+    machine's launcher (``testbed.nspawn``) in it.
+    """
     paths = state.machine(machine.name)
+    if machine.systemd:
+        _which("systemd-nspawn")
+        namespaces, module = ["--mount"], processes.LAUNCHER_MODULE
+    else:
+        namespaces, module = NAMESPACES, processes.MACHINE_MODULE
     command = [
         *_outer_namespace_prefix(),
         _which("unshare"),
-        *NAMESPACES,
+        *namespaces,
         "--propagation",
         "private",
         MACHINE_PYTHON,
         "-m",
-        processes.MACHINE_MODULE,
+        module,
         machine.name,
         str(state.root),
     ]
@@ -197,16 +218,21 @@ def _wait_ready(state: StatePaths, machines: list[Machine]) -> None:
 
 
 def _wait_one(state: StatePaths, machine: Machine) -> str | None:
-    """None once ``ssh <machine> true`` works, else what went wrong."""
+    """None once ``ssh <machine> true`` works (on a systemd machine: once its boot has
+    finished), else what went wrong."""
     paths = state.machine(machine.name)
-    deadline = time.monotonic() + READY_TIMEOUT
+    timeout = SYSTEMD_READY_TIMEOUT if machine.systemd else READY_TIMEOUT
+    deadline = time.monotonic() + timeout
+    pid = processes.read_pid(paths.pid_file)
     while time.monotonic() < deadline:
-        if _pid(state, machine.name) is None:
+        # Not _pid(): right after posix_spawn the child's command line may still be empty
+        # (exec releases the parent before it sets the new one up).
+        if pid is None or not processes.is_alive(pid):
             return f"{machine.name} stopped while booting: {_last_line(paths.console_log)}"
-        if _accepts_tcp(machine.port) and _ssh_true(state, machine, deadline):
+        if _accepts_tcp(machine.port) and _ssh_ready(state, machine, deadline):
             return None
         time.sleep(0.05)
-    return f"{machine.name} did not accept ssh within {READY_TIMEOUT:g} s (see {paths.console_log})"
+    return f"{machine.name} did not accept ssh within {timeout:g} s (see {paths.console_log})"
 
 
 def _accepts_tcp(port: int) -> bool:
@@ -217,18 +243,31 @@ def _accepts_tcp(port: int) -> bool:
         return False
 
 
-def _ssh_true(state: StatePaths, machine: Machine, deadline: float) -> bool:
+def _ssh_ready(state: StatePaths, machine: Machine, deadline: float) -> bool:
+    command = SYSTEMD_READY if machine.systemd else "true"
+    result = _ssh(state, machine, command, max(1.0, deadline - time.monotonic()))
+    if result is None:
+        return False
+    if machine.systemd:  # "degraded" (a unit failed) exits 1, yet the boot is over
+        return result.stdout.strip() in SYSTEMD_BOOTED
+    return result.returncode == 0
+
+
+def _ssh(
+    state: StatePaths, machine: Machine, command: str, timeout: float
+) -> subprocess.CompletedProcess[str] | None:
+    """Run ``command`` on the machine as root; None if ssh did not finish in time."""
     try:
-        result = subprocess.run(
-            ["ssh", "-F", str(state.ssh_config), "-o", "ConnectTimeout=5", machine.name, "true"],
+        return subprocess.run(
+            ["ssh", "-F", str(state.ssh_config), "-o", "ConnectTimeout=5", machine.name, command],
             stdin=subprocess.DEVNULL,
             capture_output=True,
-            timeout=max(1.0, deadline - time.monotonic()),
+            text=True,
+            timeout=timeout,
             check=False,
         )
     except subprocess.TimeoutExpired:
-        return False
-    return result.returncode == 0
+        return None
 
 
 def _last_line(path: Path) -> str:
@@ -263,11 +302,20 @@ def stop(name: str) -> None:
 
 
 def stop_machines(state: StatePaths, names: list[str]) -> None:
-    """SIGTERM each machine's PID 1 and wait until its recorded processes are gone."""
+    """SIGTERM each machine's PID 1 and wait until its recorded processes are gone.
+
+    A systemd machine's launcher gets the SIGTERM; it has nspawn halt the machine cleanly.
+    Its cgroup directories are emptied and removed in any case.
+    """
     recorded: dict[str, list[int]] = {}
+    systemd = [name for name in names if _is_systemd(state, name)]
     for name in names:
         pid = _pid(state, name)
         if pid is None:
+            continue
+        if name in systemd:
+            recorded[name] = [pid]
+            processes.signal_if_alive(pid, signal.SIGTERM)
             continue
         init = processes.namespace_init(pid, name, state.root)
         recorded[name] = [pid] if init is None else [pid, init]
@@ -277,21 +325,53 @@ def stop_machines(state: StatePaths, names: list[str]) -> None:
         else:
             # No PID 1 (yet): killing unshare also kills its child (--kill-child).
             processes.signal_if_alive(pid, signal.SIGKILL)
-    alive = processes.wait_gone([pid for pids in recorded.values() for pid in pids], STOP_TIMEOUT)
+    timeout = SYSTEMD_STOP_TIMEOUT if systemd else STOP_TIMEOUT
+    alive = processes.wait_gone([pid for pids in recorded.values() for pid in pids], timeout)
     if alive:
         for name, pids in recorded.items():
             for pid in pids:
                 if pid in alive and processes.is_machine_process(pid, name, state.root):
                     processes.signal_if_alive(pid, signal.SIGKILL)
         alive = processes.wait_gone(alive, KILL_TIMEOUT)
+    for name in systemd:
+        alive += _clear_cgroups(state, name)
     if alive:
         raise TestbedError(f"machine processes {alive} did not exit")
     for name in names:
         state.machine(name).pid_file.unlink(missing_ok=True)
 
 
+def _clear_cgroups(state: StatePaths, name: str) -> list[int]:
+    """Kill what is left in a systemd machine's cgroup directories (its launcher was killed,
+    or the machine would not halt), then remove them; the PIDs that would not die."""
+    directories = [hierarchy / state.cgroup(name) for hierarchy in cgroup_hierarchies()]
+    pids = [pid for directory in directories for pid in processes.cgroup_pids(directory)]
+    if pids:
+        for directory in directories:
+            processes.kill_cgroup(directory)
+        pids = processes.wait_gone(sorted(set(pids)), KILL_TIMEOUT)
+    for directory in directories:
+        processes.remove_cgroup_tree(directory)
+    return pids
+
+
+def _is_systemd(state: StatePaths, name: str) -> bool:
+    kind = state.machine(name).kind
+    return kind.exists() and kind.read_text().strip() == "systemd"
+
+
 def _pid(state: StatePaths, name: str) -> int | None:
     return processes.running_pid(state.machine(name).pid_file, name, state.root)
+
+
+def _init(state: StatePaths, name: str) -> int | None:
+    """The machine's PID 1 as seen from outside (a systemd machine's systemd), if running."""
+    pid = _pid(state, name)
+    if pid is None:
+        return None
+    if _is_systemd(state, name):
+        return processes.systemd_init(pid, name, state.root)
+    return processes.namespace_init(pid, name, state.root)
 
 
 # -- status and reboot -------------------------------------------------------------------------
@@ -299,8 +379,7 @@ def _pid(state: StatePaths, name: str) -> int | None:
 
 def _inside(state: StatePaths, name: str) -> Path | None:
     """The machine's root directory as seen from outside (through its PID 1), if running."""
-    pid = _pid(state, name)
-    init = processes.namespace_init(pid, name, state.root) if pid else None
+    init = _init(state, name)
     return Path(f"/proc/{init}/root") if init else None
 
 
@@ -341,7 +420,8 @@ def reboot(name: str) -> str:
     """Stop the machine's namespace and start it again; return its new boot id.
 
     ``/run`` comes back empty; the store, /etc and /var persist; the machine boots the system
-    its bootloader selected (``/var/lib/fake-bootloader/default``).
+    its bootloader selected (``/var/lib/fake-bootloader/default``). A running systemd machine
+    reboots itself instead (ctrl-alt-del: SIGINT to its systemd), with a new boot id.
     """
     state = _state()
     machines = {machine.name: machine for machine in load_record(state.record)}
@@ -350,15 +430,41 @@ def reboot(name: str) -> str:
         raise TestbedError(f"unknown machine {name!r} (machines: {known})")
     machine = machines[name]
     with _locked(state):
+        if machine.systemd and (init := _init(state, name)) is not None:
+            return _reboot_systemd(state, machine, init)
         stop_machines(state, [name])
         if _port_in_use(machine.port):
             raise TestbedError(
                 f"port 127.0.0.1:{machine.port} for {name} is used by another program"
             )
-        files.prepare_machine(state, machine)
+        files.prepare_machine(state, machine, template.ensure() if machine.systemd else None)
         start_machine(state, machine)
         _wait_ready(state, [machine])
+    if machine.systemd:
+        return _boot_id(state, machine)
     root = _inside(state, name)
     if root is None:
         raise TestbedError(f"{name} stopped right after booting")
     return (root / BOOT_ID_FILE.lstrip("/")).read_text().strip()
+
+
+def _reboot_systemd(state: StatePaths, machine: Machine, init: int) -> str:
+    """Have a running systemd machine reboot itself; wait for its next boot to finish."""
+    processes.signal_if_alive(init, signal.SIGINT)  # systemd starts ctrl-alt-del.target
+    deadline = time.monotonic() + SYSTEMD_STOP_TIMEOUT
+    while _init(state, machine.name) in (init, None):
+        if _pid(state, machine.name) is None:
+            raise TestbedError(f"{machine.name} stopped instead of rebooting")
+        if time.monotonic() > deadline:
+            raise TestbedError(f"{machine.name} did not reboot within {SYSTEMD_STOP_TIMEOUT:g} s")
+        time.sleep(0.05)
+    _wait_ready(state, [machine])
+    return _boot_id(state, machine)
+
+
+def _boot_id(state: StatePaths, machine: Machine) -> str:
+    """The machine's boot id, as a login on it reads it (nspawn gives each boot its own)."""
+    result = _ssh(state, machine, f"cat {KERNEL_BOOT_ID}", 30.0)
+    if result is None or result.returncode != 0:
+        raise TestbedError(f"could not read {machine.name}'s boot id")
+    return result.stdout.strip()

@@ -5,6 +5,7 @@ Standard library only: ``testbed.machine`` imports this inside a machine.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -16,6 +17,10 @@ DEFAULT_BASE_PORT = 22400
 
 STATE_ENV = "FLAKEFLEET_TESTBED_STATE"
 PORT_ENV = "FLAKEFLEET_TESTBED_PORT"
+# Where the systemd machines' root file system is built once and kept, outside the repository
+# (and outside any state directory, so every test fleet shares it).
+CACHE_ENV = "FLAKEFLEET_TESTBED_CACHE"
+DEFAULT_CACHE = "/var/cache/flakefleet"
 # Set by a runner that lives in its own mount namespace: machines are then started from the
 # mount namespace of this PID (normally the computer's own), never from the runner's.
 OUTER_PID_ENV = "FLAKEFLEET_TESTBED_OUTER_PID"
@@ -30,6 +35,13 @@ BOOTLOADER_DEFAULT = "/var/lib/fake-bootloader/default"
 NIX_BIN = "/usr/bin"
 NIX_LIBEXEC = "/usr/libexec/nix"  # build-remote: a link to /usr/bin/nix
 NIX_PROFILE_BIN = "/nix/var/nix/profiles/default/bin"
+# A systemd machine's units see only this PATH, as NixOS's see only systemd's own bin directory
+# (nixpkgs#261691): systemd's programs are there, coreutils (mv, ln, sleep) are not.
+SYSTEMD_BIN = "/usr/lib/testbed/systemd/bin"
+
+# cgroup hierarchies: the cgroup2 one (alone on a pure cgroup2 computer, beside v1 controllers
+# on a hybrid one) and, on a hybrid computer, systemd's own v1 ``name=systemd`` tree.
+CGROUP_ROOTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd", "/sys/fs/cgroup")
 
 # The state directory ends up in mount options, ssh_config and overlay paths: keep it plain.
 _PLAIN_PATH = re.compile(r"[A-Za-z0-9._/+@-]+")
@@ -58,6 +70,24 @@ def check_state_dir(path: Path) -> None:
             raise TestbedError(f"state directory {text} must not be under {parent}")
     if text == "/":
         raise TestbedError("state directory must not be /")
+
+
+def cache_dir() -> Path:
+    """The template cache: ``$FLAKEFLEET_TESTBED_CACHE`` or ``/var/cache/flakefleet``."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).absolute()
+
+
+def cgroup_hierarchies() -> list[Path]:
+    """The mounted cgroup hierarchies a systemd machine's launcher must have its own
+    directory in: the cgroup2 one and, on a hybrid computer, ``name=systemd``."""
+    hierarchies = []
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    types = {fields[1]: (fields[2], fields[3]) for fields in (line.split() for line in mounts)}
+    for root in CGROUP_ROOTS:
+        fstype, options = types.get(root, ("", ""))
+        if fstype == "cgroup2" or (fstype == "cgroup" and "name=systemd" in options.split(",")):
+            hierarchies.append(Path(root))
+    return hierarchies
 
 
 def base_port() -> int:
@@ -130,6 +160,12 @@ class StatePaths:
 
     def machine(self, name: str) -> MachinePaths:
         return MachinePaths(self.machines / name)
+
+    def cgroup(self, name: str) -> str:
+        """A systemd machine's cgroup directory, relative to each hierarchy: one per machine
+        and state directory, so two fleets with a web1 never share one."""
+        digest = hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
+        return f"flakefleet-testbed/{digest}/{name}"
 
 
 @dataclass(frozen=True)
@@ -204,8 +240,37 @@ class MachinePaths:
         return self.root / "root"
 
     @property
+    def kind(self) -> Path:
+        """``namespace`` or ``systemd``: what the machine's directory was laid out for."""
+        return self.root / "kind"
+
+    @property
+    def rootfs(self) -> Path:
+        """A systemd machine's root, mounted only inside its launcher's mount namespace."""
+        return self.root / "rootfs"
+
+    @property
+    def rootfs_upper(self) -> Path:
+        """The upper layer of a systemd machine's root (its own /etc, /var, ...)."""
+        return self.root / "rootfs.upper"
+
+    @property
+    def rootfs_work(self) -> Path:
+        return self.root / "rootfs.work"
+
+    @property
+    def template(self) -> Path:
+        """The template directory a systemd machine's upper layer lies on (its lower layer)."""
+        return self.root / "template"
+
+    def in_rootfs(self, path: str) -> Path:
+        """Where a systemd machine's ``/...`` file lives in its upper layer."""
+        return self.rootfs_upper / Path(path).relative_to("/")
+
+    @property
     def pid_file(self) -> Path:
-        """The PID of the machine's ``unshare`` process, as seen from outside."""
+        """The PID of the machine's ``unshare`` process (a systemd machine's launcher), as
+        seen from outside."""
         return self.root / "pid"
 
     @property

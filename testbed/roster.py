@@ -1,14 +1,16 @@
 """The machines of the test fleet: read from the roster, remembered in the state directory.
 
 The roster is the example fleet's ``hosts.json``: ``{"web1": {"class": "nixos", "roles": ["web"],
-...}, ...}``. Key order is machine order; machine ``i`` gets port ``base + 1 + i``.
+...}, ...}``. Key order is machine order; machine ``i`` gets port ``base + 1 + i``. The testbed
+reads ``class``, ``roles``, ``port``, ``user``, ``sudoPassword``, ``nixSize`` and ``systemd``
+(a systemd machine, see ``testbed.nspawn``).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from testbed.layout import TestbedError
@@ -29,6 +31,7 @@ class Machine:
     user: str = "root"  # the SSH user a deploy logs in as (``deploy`` is a non-root sudoer)
     sudo_password: bool = False  # whether the deploy user's sudo asks for its password
     nix_size: str | None = None  # a size-limited /nix (tmpfs, e.g. "64m"), for disk-full tests
+    systemd: bool = False  # systemd as PID 1 in a Debian trixie root (testbed.nspawn), Nix 2.26
 
     @property
     def address(self) -> str:
@@ -75,6 +78,10 @@ def load_roster(path: Path, base_port: int) -> list[Machine]:
         nix_size = attrs.get("nixSize")
         if nix_size is not None and not re.fullmatch(r"\d+[kmg]", str(nix_size)):
             raise TestbedError(f"roster {path}: {name}: nixSize must be like 64m")
+        systemd = attrs.get("systemd", False)
+        if not isinstance(systemd, bool):
+            raise TestbedError(f"roster {path}: {name}: systemd must be a boolean")
+        _check_systemd(f"roster {path}: {name}", klass, systemd)
         machines.append(
             Machine(
                 name,
@@ -85,9 +92,32 @@ def load_roster(path: Path, base_port: int) -> list[Machine]:
                 user,
                 sudo_password,
                 nix_size,
+                systemd,
             )
         )
     return machines
+
+
+def _check_systemd(where: str, klass: str, systemd: bool) -> None:
+    if systemd and klass == "darwin":
+        raise TestbedError(f"{where}: a darwin machine cannot run systemd (macOS has none)")
+
+
+def with_systemd(machines: list[Machine], names: list[str]) -> list[Machine]:
+    """The machines, those named in ``names`` made systemd machines (``up --systemd``).
+
+    Example: ``with_systemd(load_roster(roster, 22400), ["db1"])``.
+    """
+    known = {machine.name for machine in machines}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise TestbedError(
+            f"--systemd: no machine {', '.join(unknown)} among {', '.join(sorted(known))}"
+        )
+    for machine in machines:
+        if machine.name in names:
+            _check_systemd(f"--systemd {machine.name}", machine.klass, True)
+    return [replace(m, systemd=True) if m.name in names else m for m in machines]
 
 
 def select(machines: list[Machine], count: int | None) -> list[Machine]:
@@ -121,6 +151,7 @@ def load_record(path: Path) -> list[Machine]:
             entry.get("user", "root"),
             entry.get("sudo_password", False),
             entry.get("nix_size"),
+            entry.get("systemd", False),
         )
         for entry in entries
     ]

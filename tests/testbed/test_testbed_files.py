@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testbed import files, layout
+from testbed import files, layout, template
 from testbed.cli import main
 from testbed.fleet import _fleet_after_up
 from testbed.layout import REPO_ROOT, StatePaths, check_state_dir
-from testbed.roster import Machine, load_roster, select
+from testbed.roster import Machine, load_roster, select, with_systemd
 
 ROSTER = Path(__file__).with_name("hosts.json")
 
@@ -171,3 +171,88 @@ def test_machine_refuses_to_run_unless_pid_1() -> None:
 
 def test_test_roster_is_valid_json() -> None:
     assert list(json.loads(ROSTER.read_text())) == ["web1", "web2", "mac1", "app1", "app2"]
+
+
+def test_roster_knob_makes_systemd_machines(tmp_path: Path) -> None:
+    roster = tmp_path / "hosts.json"
+    roster.write_text('{"web1": {"systemd": true}, "web2": {}}')
+    assert [m.systemd for m in load_roster(roster, 22600)] == [True, False]
+    roster.write_text('{"web1": {"systemd": "yes"}}')
+    with pytest.raises(layout.TestbedError, match="systemd must be a boolean"):
+        load_roster(roster, 22600)
+    roster.write_text('{"mac1": {"class": "darwin", "systemd": true}}')
+    with pytest.raises(layout.TestbedError, match="darwin machine cannot run systemd"):
+        load_roster(roster, 22600)
+
+
+def test_up_systemd_names_machines() -> None:
+    machines = load_roster(ROSTER, 22600)
+    chosen = with_systemd(machines, ["web2", "app1"])
+    assert [m.name for m in chosen if m.systemd] == ["web2", "app1"]
+    assert with_systemd(machines, []) == machines
+    with pytest.raises(layout.TestbedError, match="no machine db9"):
+        with_systemd(machines, ["db9"])
+    with pytest.raises(layout.TestbedError, match="darwin"):
+        with_systemd(machines, ["mac1"])
+
+
+def test_fleet_file_gives_systemd_machines_their_reboot_command() -> None:
+    machines = [Machine("web1", 22401, systemd=True), Machine("web2", 22402)]
+    loaded = yaml.safe_load(files.render_fleet_file(machines))
+    assert loaded["data"]["reboot_command"] == "kill -USR1 1"
+    assert loaded["machines"][0]["data"] == {"reboot_command": "systemctl reboot"}
+    assert "data" not in loaded["machines"][1]
+
+
+def test_systemd_sshd_config_is_a_drop_in() -> None:
+    config = files.systemd_sshd_config(22401)
+    assert "Port 22401\nListenAddress 127.0.0.1\n" in config
+    assert "HostKey /etc/ssh/ssh_host_ed25519_key\n" in config
+    assert "AuthorizedKeysFile .ssh/authorized_keys /etc/ssh/authorized_keys.d/%u\n" in config
+    # Debian's own UsePAM yes stays: each login gets a logind session, as on NixOS.
+    assert not [line for line in config.splitlines() if line.startswith("UsePAM")]
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        (
+            "sources.list.d/debian.sources",
+            "Types: deb\n# a comment\nURIs: http://mirror.example/debian\n"
+            "Suites: bookworm bookworm-updates\nComponents: main\n\n"
+            "Types: deb\nURIs: http://security.example/debian-security\n"
+            "Suites: bookworm-security\n",
+        ),
+        (
+            "sources.list",
+            "deb http://security.example/debian-security bookworm-security main\n"
+            "deb [signed-by=/k.gpg] http://mirror.example/debian bookworm main\n",
+        ),
+    ],
+)
+def test_template_uses_this_computers_debian_mirror(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, text: str
+) -> None:
+    monkeypatch.delenv(template.MIRROR_ENV, raising=False)
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / name).write_text(text)
+    assert template.debian_mirror(tmp_path) == "http://mirror.example/debian"
+
+
+def test_template_directory_is_named_by_its_recipe(tmp_path: Path) -> None:
+    directory = template.template_dir(tmp_path)
+    assert directory.parent == tmp_path and directory.name.startswith("trixie-")
+    assert template.template_dir(tmp_path) == directory
+    assert "nix-bin" in template.recipe()["packages"]  # type: ignore[operator]
+
+
+def test_launcher_refuses_to_boot_without_its_files() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "testbed.nspawn", "web1", "/nonexistent"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 1
+    assert "refusing to boot web1" in completed.stderr
