@@ -99,7 +99,7 @@ MUTATIONS = [
     Mutation(
         "smoke checks: an undeclared skip passes",
         "operations/verify.py",
-        'if case.get("skips") == "acceptable":',
+        'if _property(case, "skips") == "acceptable":',
         "if True:",
         (VERDICTS,),
     ),

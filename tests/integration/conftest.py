@@ -7,6 +7,7 @@ flake.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,15 +138,32 @@ class Fleet:
         return [machine.name for machine in load_fleet(self.fleet_file).machines]
 
 
-@pytest.fixture(scope="module")
-def fleet() -> Any:
-    """A fresh test fleet for each test module (about a second to start), purged after it."""
+@contextlib.contextmanager
+def running_fleet(*up: str) -> Iterator[Fleet]:
+    """A test fleet started with `testbed up *up`, purged afterwards: also when `up` failed
+    half-way, which may leave some machines running."""
     testbed = Fleet(STATE)
-    testbed.testbed("up")
     try:
+        testbed.testbed("up", *up)
         yield testbed
     finally:
         testbed.testbed("down", "--purge")
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Fleet]:
+    """A fresh test fleet for each test module (about a second to start), purged after it."""
+    with running_fleet() as testbed:
+        yield testbed
+
+
+@pytest.fixture(scope="module")
+def converged(fleet: Fleet, flake: Path) -> Fleet:
+    """The module's fleet running what its flake gives each machine (the starting point of
+    modules whose tests are not about the first deploy, which test_deploy.py checks)."""
+    result = fleet.deploy(flake)
+    assert result.returncode == 0, result.output
+    return fleet
 
 
 @pytest.fixture(scope="module")

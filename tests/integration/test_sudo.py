@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from conftest import BIN, ROOT, STATE, Fleet, evaluate, set_host
+from conftest import BIN, ROOT, STATE, Fleet, evaluate, running_fleet, set_host
 
 MACHINES = ("web1", "db1", "mac1")
 ASKS = ("web1", "mac1")  # whose sudo asks for the password
@@ -48,14 +48,10 @@ def roster(flake: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def fleet(roster: Path) -> Fleet:
-    testbed = Fleet(STATE)
-    testbed.testbed("up", "--roster", str(roster))
-    try:
+    with running_fleet("--roster", str(roster)) as testbed:
         for name in MACHINES:
             testbed.ssh(name, AUDIT_SHELL)
         yield testbed
-    finally:
-        testbed.testbed("down", "--purge")
 
 
 @pytest.fixture(scope="module")
