@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +172,7 @@ def run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[int, str]:
 def present(copy: Path, tests: tuple[str, ...]) -> tuple[str, ...]:
     """The selection without test files this revision lacks (older revisions have fewer)."""
     return tuple(
-        test for test in tests if test.startswith("-") or (copy / test.split("::")[0]).exists()
+        test for test in tests if "/" not in test or (copy / test.split("::")[0]).exists()
     )
 
 
@@ -251,6 +252,7 @@ def main() -> int:
     parser.add_argument("--only", action="append", default=[], help="mutations whose name has this")
     parser.add_argument("--full", action="store_true", help="run the whole suite per mutation")
     parser.add_argument("--baseline", action="store_true", help="run each selection unmutated")
+    parser.add_argument("--tests", help="pytest arguments to run instead of each selection")
     parser.add_argument("--list", action="store_true", help="list the mutations and stop")
     arguments = parser.parse_args()
     mutations = [
@@ -262,6 +264,8 @@ def main() -> int:
         return 0
     if arguments.baseline:
         run_baseline(arguments.rev, {m.tests for m in mutations})
+    if arguments.tests:
+        mutations = [replace(m, tests=tuple(shlex.split(arguments.tests))) for m in mutations]
     rows = []
     for mutation in mutations:
         outcome = run_mutation(mutation, arguments.rev, arguments.full)
