@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = ROOT / ".venv" / "bin" / "python"
+LOGS = Path(tempfile.gettempdir()) / "flakefleet-mutations"  # each run's pytest output
 PORT = os.environ.get("FLAKEFLEET_MUTATION_PORT", "24700")
 
 ACTIVATION = "tests/integration/test_activation.py"
@@ -208,13 +209,18 @@ def run_mutation(mutation: Mutation, rev: str, full: bool) -> Outcome:
         if not full and not tests:
             return Outcome("no tests", "none of its test files is in this revision", 0.0)
         code, output = run_tests(copy, () if full else tests)
+        log = LOGS / (re.sub(r"[^a-z0-9]+", "-", mutation.name.lower()).strip("-") + ".log")
+        log.parent.mkdir(exist_ok=True)
+        log.write_text(output)
     finally:
         cleanup(copy)
     seconds = time.monotonic() - started
     if code == 0:
         return Outcome("SURVIVED", "every selected test passed", seconds)
-    if code == 1:
+    if code == 1 and re.search(r"^FAILED ", output, re.M):
         return Outcome("caught", failed_tests(output), seconds)
+    if code == 1:  # only errors: a fixture failed (the bug, or this machine: see the log)
+        return Outcome("caught (error)", failed_tests(output), seconds)
     return Outcome(f"no verdict (pytest exit {code})", output.strip()[-300:], seconds)
 
 
@@ -276,9 +282,9 @@ def main() -> int:
     print(f"\nrev {arguments.rev}:")
     print(f"{'mutation':{width}}  {'result':16}  time  caught by")
     for mutation, outcome in rows:
-        detail = outcome.detail if outcome.verdict == "caught" else ""
+        detail = outcome.detail if outcome.verdict.startswith("caught") else ""
         print(f"{mutation.name:{width}}  {outcome.verdict:16}  {outcome.seconds:4.0f}s  {detail}")
-    return 0 if all(o.verdict == "caught" for _, o in rows) else 1
+    return 0 if all(o.verdict.startswith("caught") for _, o in rows) else 1
 
 
 if __name__ == "__main__":
