@@ -30,8 +30,17 @@ GUARDED_DIRECTORIES = [
 ]
 
 
+# Directories whose entries must stay as they were: a test (or a test machine, which shares
+# the real / outside its own mounts) that creates e.g. /nonexistent shows up here.
+LISTED = ["/", "/usr", "/usr/local", "/usr/local/bin", "/opt", "/home", "/srv", "/mnt", "/media"]
+
+
 def _snapshot() -> dict[str, str | None]:
     digests: dict[str, str | None] = {}
+    for name in LISTED:
+        path = Path(name)
+        entries = sorted(entry.name for entry in path.iterdir()) if path.is_dir() else None
+        digests[f"{name} (entries)"] = None if entries is None else "\n".join(entries)
     for name in GUARDED:
         path = Path(name)
         digests[name] = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
@@ -42,10 +51,23 @@ def _snapshot() -> dict[str, str | None]:
 
 @pytest.fixture(scope="session", autouse=True)
 def real_machine_untouched():
-    """Fails the run if anything the suite did changed the real /etc, /root, /var/src or
-    created a system profile in the real /nix."""
+    """Fails the run if anything the suite did changed the real /etc, /root, /var/src,
+    created a system profile in the real /nix, or added or removed an entry of /, /usr, /opt,
+    /home and the like."""
     before = _snapshot()
     yield
     after = _snapshot()
-    changed = {name for name in before if before[name] != after[name]}
-    assert not changed, f"the real machine's files changed: {sorted(changed)}"
+    changed = sorted(name for name in before if before[name] != after[name])
+    details = [_difference(name, before[name], after[name]) for name in changed]
+    assert not changed, f"the real machine's files changed: {'; '.join(details)}"
+
+
+def _difference(name: str, before: str | None, after: str | None) -> str:
+    if not name.endswith("(entries)") or before is None or after is None:
+        return name
+    old, new = set(before.splitlines()), set(after.splitlines())
+    directory = name.removesuffix(" (entries)").rstrip("/")
+    return ", ".join(
+        [f"{directory}/{entry} appeared" for entry in sorted(new - old)]
+        + [f"{directory}/{entry} vanished" for entry in sorted(old - new)]
+    )

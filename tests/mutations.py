@@ -172,9 +172,7 @@ def run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[int, str]:
 
 def present(copy: Path, tests: tuple[str, ...]) -> tuple[str, ...]:
     """The selection without test files this revision lacks (older revisions have fewer)."""
-    return tuple(
-        test for test in tests if "/" not in test or (copy / test.split("::")[0]).exists()
-    )
+    return tuple(test for test in tests if "/" not in test or (copy / test.split("::")[0]).exists())
 
 
 def failed_tests(output: str) -> str:
