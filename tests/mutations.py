@@ -68,7 +68,9 @@ MUTATIONS = [
         "confirmation over pyinfra's connection",
         "operations/activation.py",
         'run_on(host.data, host.name, f"touch {activation.directory}/confirm", timeout=30)',
-        'host.run_shell_command(f"touch {activation.directory}/confirm")',
+        # pyinfra's session, as root the way the deploy's own steps become root
+        '__import__("flakefleet.sudo").sudo.run_as_root('
+        'host, f"touch {activation.directory}/confirm")',
         (ACTIVATION,),
     ),
     Mutation(
