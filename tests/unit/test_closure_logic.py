@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shlex
 import subprocess
 from pathlib import Path
 
@@ -12,8 +11,7 @@ import pytest
 from facts.machine import MachineState
 from facts.nix import Generation
 from flakefleet import builds, cache, nix
-from flakefleet.ssh import relay_options
-from operations.generations import generations_after, prune_command
+from operations.generations import generations_after
 
 NEW, OLD = "/nix/store/new-system", "/nix/store/old-system"
 
@@ -83,26 +81,35 @@ def test_bad_cache_settings(value, message):
         cache.parse(value, Path("/repo"), ["build1"])
 
 
-def test_store_urls():
-    assert nix.store_url("ssh", "root@web1") == "ssh://root@web1"
-    assert nix.store_url("ssh-ng", "deploy@mac1", compress=True, nix_dir="/nix/bin") == (
-        "ssh-ng://deploy@mac1?compress=true&remote-program=/nix/bin/nix-daemon"
-    )
-    assert nix.store_url("ssh", "mac1", nix_dir="/nix/bin/").endswith(
-        "remote-program=/nix/bin/nix-store"
-    )
+def test_store_urls_take_only_nix_protocols():
     with pytest.raises(ValueError, match="ssh or ssh-ng"):
         nix.store_url("http", "web1")
 
 
-def test_copy_flags():
-    assert nix.copy_flags() == []
-    assert nix.copy_flags(check_sigs=False) == ["--no-check-sigs"]
-    # Before Nix 2.20, ssh-ng substitutes on the destination only with builders-use-substitutes.
-    assert nix.copy_flags(substitute=True, protocol="ssh-ng") == [
-        "--substitute-on-destination", "--option", "builders-use-substitutes", "true",
-    ]  # fmt: skip
-    assert nix.copy_flags(substitute=True) == ["--substitute-on-destination"]
+@pytest.mark.parametrize(
+    ("settings", "flags"),
+    [
+        ({}, []),
+        ({"check_sigs": False}, ["--no-check-sigs"]),
+        # Before Nix 2.20, ssh-ng substitutes on the destination only with an option.
+        ({"substitute": True, "protocol": "ssh-ng"}, ["--substitute-on-destination"]),
+        ({"substitute": True}, ["--substitute-on-destination"]),
+    ],
+)
+def test_copy_flags_are_ones_this_nix_takes(tmp_path, settings, flags):
+    """A real copy with them, to a local binary cache (the flags are what the copies to
+    machines pass; the integration tests copy to machines with the default ones)."""
+    (tmp_path / "file").write_text(str(settings))
+    path = subprocess.run(
+        ["nix-store", "--add", str(tmp_path / "file")], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    given = nix.copy_flags(**settings)
+    assert all(flag in given for flag in flags)
+    subprocess.run(
+        ["nix", *nix.FEATURES, "copy", "--to", f"file://{tmp_path}/cache", *given, path],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert (tmp_path / "cache" / f"{Path(path).name.split('-')[0]}.narinfo").exists()
 
 
 def test_copy_errors_say_when_a_signature_was_refused():
@@ -116,25 +123,14 @@ def test_copy_errors_say_when_a_signature_was_refused():
     assert nix.copied_count("copying 12 paths...\n") == 12
 
 
-def test_commands_run_on_machines():
-    fetch = shlex.split(nix.fetch_command("http://127.0.0.1:8370", [NEW], None))
-    # The machine may have asked the cache before the upload: no remembered "absent".
-    assert fetch[fetch.index("narinfo-cache-negative-ttl") + 1] == "0"
-    assert fetch[-3:] == ["--from", "http://127.0.0.1:8370", NEW]
-    assert "--no-check-sigs" in nix.fetch_command("http://c", [NEW], None, check_sigs=False)
-    assert nix.remote_realise_command(["/nix/store/a.drv"], "/nix/bin") == (
-        "/nix/bin/nix-store --realise --keep-going /nix/store/a.drv"
-    )
-    relay = nix.remote_copy_command([NEW], "ssh://root@127.0.0.1", ["-p", "22401"], None)
-    assert relay.startswith("NIX_SSHOPTS='-p 22401' nix ")
-    assert relay.endswith(f"copy --to ssh://root@127.0.0.1 {NEW}")
-    build = nix.remote_build_command("/var/src/config", "web1", [["a", "b"]], None)
-    assert build.startswith("FLAKEFLEET_FLAKE=$(readlink -f /var/src/config) nix ")
-    assert nix.shell_path("$HOME/.var/src/config") == '"$HOME"/.var/src/config'
-    assert nix.shell_path("/a b") == "'/a b'"
-    assert relay_options({"ssh_port": 22401, "ssh_key": "/k", "ssh_known_hosts_file": "/kh"}) == [
-        "-o", "BatchMode=yes", "-p", "22401",
-    ]  # fmt: skip
+def test_remote_paths_are_quoted_for_the_remote_shell():
+    """A path as the machine's shell sees it: $HOME expanded, anything else literal."""
+    for path, seen in (("$HOME/.var/src/config", "/home/x/.var/src/config"), ("/a b", "/a b")):
+        echoed = subprocess.run(
+            ["sh", "-c", f"printf %s {nix.shell_path(path)}"],
+            env={"HOME": "/home/x"}, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert echoed == seen
 
 
 def test_classes_attributes_and_profiles():
@@ -182,10 +178,3 @@ def generations(count: int) -> list[Generation]:
 def test_generations_after_a_deploy(goal, profile, expected):
     machine = MachineState(profile_system=profile, generations=generations(3))
     assert generations_after(machine, NEW, goal) == expected
-
-
-def test_prune_command():
-    assert prune_command("/nix/var/nix/profiles/system", 3) == (
-        "nix-env --profile /nix/var/nix/profiles/system --delete-generations +3 && nix-store --gc"
-    )
-    assert prune_command("/p", 1, "/nix/bin").startswith("/nix/bin/nix-env --profile /p")

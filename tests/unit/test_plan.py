@@ -1,5 +1,7 @@
 """What each goal considers already done, and the SSH options every tool shares."""
 
+import subprocess
+
 import pytest
 
 from facts.machine import MachineState
@@ -36,17 +38,30 @@ def test_closure_is_present_when_running_or_selected():
     assert not has_closure(MachineState(current_system=OLD, profile_system=OLD), NEW)
 
 
-def test_ssh_options_keep_strict_host_key_checking():
+def test_ssh_options_keep_strict_host_key_checking(tmp_path):
+    """What OpenSSH itself makes of the options every tool gets (`ssh -G` connects nowhere)."""
+    key, known_hosts = tmp_path / "id", tmp_path / "known_hosts"
+    key.write_text("")
+    known_hosts.write_text("")
     data = {
         "ssh_hostname": "127.0.0.1",
         "ssh_user": "root",
         "ssh_port": 22401,
-        "ssh_key": "/k/id",
-        "ssh_known_hosts_file": "/k/known_hosts",
+        "ssh_key": str(key),
+        "ssh_known_hosts_file": str(known_hosts),
         "ssh_strict_host_key_checking": "yes",
     }
-    assert ssh_options(data) == [
-        "-o", "BatchMode=yes", "-p", "22401", "-i", "/k/id", "-o", "IdentitiesOnly=yes",
-        "-o", "UserKnownHostsFile=/k/known_hosts", "-o", "StrictHostKeyChecking=yes",
-    ]  # fmt: skip
-    assert ssh_destination(data, "web1") == "root@127.0.0.1"
+    completed = subprocess.run(
+        ["ssh", "-G", *ssh_options(data), ssh_destination(data, "web1")],
+        capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    config = {}
+    for line in completed.stdout.splitlines():
+        name, _, value = line.partition(" ")
+        config.setdefault(name, []).append(value)
+    assert config["hostname"] == ["127.0.0.1"] and config["user"] == ["root"]
+    assert config["port"] == ["22401"]
+    assert config["batchmode"] == ["yes"]  # never a prompt
+    assert config["stricthostkeychecking"] == ["true"]
+    assert config["userknownhostsfile"] == [str(known_hosts)]
+    assert config["identitiesonly"] == ["yes"] and config["identityfile"][0] == str(key)
