@@ -223,7 +223,8 @@ def test_failing_health_check_with_stop_stops_the_rollout(fleet, flake):
 
 
 def test_activation_survives_a_cut_connection(fleet, flake):
-    set_host(flake, "web1", version="cut", activationDelay=4)
+    # Long enough to cut the connections mid-activation on a loaded machine.
+    set_host(flake, "web1", version="cut", activationDelay=15)
     set_host(flake, "web2", version="1")
     new = evaluate(flake, "web1")
     deploy = fleet.start(flake, "--limit", "web1")
@@ -250,7 +251,7 @@ def test_activation_survives_a_cut_connection(fleet, flake):
 
 
 def test_a_second_deploy_fails_fast_naming_the_holder(fleet, flake):
-    set_host(flake, "web1", version="locked", activationDelay=4)
+    set_host(flake, "web1", version="locked", activationDelay=15)  # the second deploy's window
     first = fleet.start(flake, "--limit", "web1")
     fleet.wait_for("web1", "cat /run/flakefleet/lock/holder 2>/dev/null")
     second = fleet.deploy(flake, "--limit", "web1")
@@ -264,7 +265,8 @@ def test_a_second_deploy_fails_fast_naming_the_holder(fleet, flake):
 
 def test_lock_of_a_deployer_that_died_is_cleared_safely(fleet, flake):
     before = remote_state(fleet, "web1")
-    set_host(flake, "web1", version="orphan", activationDelay=3)
+    # The refused deploy below must reach the machine while this activation still runs.
+    set_host(flake, "web1", version="orphan", activationDelay=20)
     dead = fleet.start(flake, "--limit", "web1", "--data", "confirm_timeout=3")
     assert fleet.wait_for("web1", f"{LATEST_PHASE} | grep -x running") == "running"
     os.kill(dead.pid, signal.SIGKILL)
@@ -273,7 +275,7 @@ def test_lock_of_a_deployer_that_died_is_cleared_safely(fleet, flake):
     refused = fleet.deploy(flake, "--limit", "web1")
     assert "left an activation in progress" in refused.report["web1"]["error"]
     # Unconfirmed, the machine rolls itself back; then the lock can be taken over.
-    fleet.wait_for("web1", f"{LATEST_PHASE} | grep -x rolled-back", timeout=30)
+    fleet.wait_for("web1", f"{LATEST_PHASE} | grep -x rolled-back", timeout=90)
     assert remote_state(fleet, "web1")["current"] == before["current"]
     set_host(flake, "web1", activationDelay=None)
     result = fleet.deploy(flake, "--limit", "web1")
@@ -294,6 +296,11 @@ def test_a_lock_from_another_controller_is_broken_only_when_named(fleet, flake):
     assert "--data break_lock=laptop:4242" in error
     wrong = fleet.deploy(flake, "--limit", "web1", "--data", "break_lock=laptop:4243")
     assert wrong.status("web1") == "failed"
+    # Refused for the lock, which another deployer's name does not break.
+    assert wrong.report["web1"]["error"].startswith(
+        "locked by another deploy (deployer PID 4242 on laptop, for 36"
+    ), wrong.report["web1"]["error"]
+    assert fleet.ssh("web1", "cat /run/flakefleet/lock/holder") == holder
     result = fleet.deploy(flake, "--limit", "web1", "--data", "break_lock=laptop:4242")
     assert result.returncode == 0, result.output
     assert any("broke (break_lock) the lock" in note for note in result.report["web1"]["notes"])

@@ -481,9 +481,18 @@ def test_a_reader_of_the_live_tree_never_sees_the_next_one_written_into_it(fleet
 
 
 def build_source(log: Path) -> dict:
-    """A build per machine that logs its start and end, from a per-machine input."""
+    """A build per machine that logs its start and end, from a per-machine input.
+
+    Each build waits (up to 60 s, then fails) until two builds have started: builds run one
+    after another would fail, builds run side by side pass however loaded the machine is.
+    """
+    started = log.parent / "builds-started"
     command = (
-        f'echo "$FLAKEFLEET_MACHINE start $(date +%s.%N)" >> {log}; sleep 0.5; . ./settings; '
+        f'echo "$FLAKEFLEET_MACHINE start $(date +%s.%N)" >> {log}; '
+        f"mkdir -p {started}; touch {started}/$FLAKEFLEET_MACHINE; i=0; "
+        f'while [ "$(ls {started} | wc -l)" -lt 2 ]; do '
+        '[ $i -lt 600 ] || { echo "no other build started" >&2; exit 9; }; '
+        "i=$((i + 1)); sleep 0.1; done; . ./settings; "
         'mkdir dist; echo "$GREETING" > dist/greeting; '
         f'echo "$FLAKEFLEET_MACHINE end $(date +%s.%N)" >> {log}'
     )

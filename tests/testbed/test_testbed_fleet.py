@@ -234,10 +234,11 @@ def test_reboot_empties_run_and_boots_the_selected_system(testbed: Fleet) -> Non
 def test_sshd_comes_back_after_being_killed(testbed: Fleet) -> None:
     boot_id = testbed.output("web2", "cat /run/boot-id")
     testbed.ssh("web2", "kill $(cat /run/sshd.pid)")
-    deadline = time.monotonic() + 3.5
+    # The init restarts it a second after it exits; a loaded machine may take longer.
+    deadline = time.monotonic() + 60
     while testbed.ssh("web2", "true").returncode != 0:
-        assert time.monotonic() < deadline, "sshd did not come back within 3.5 s"
-        time.sleep(0.1)
+        assert time.monotonic() < deadline, "sshd did not come back within 60 s"
+        time.sleep(0.2)
     assert testbed.output("web2", "cat /run/boot-id") == boot_id  # the machine did not restart
 
 
