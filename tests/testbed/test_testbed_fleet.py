@@ -34,6 +34,8 @@ GUARDED = [
 ]
 FAKE_SYSTEM = "/nix/store/00000000000000000000000000000000-nixos-system-web1-1"
 
+# Without them this module skips; tests/conftest.py says so loudly, and fails the run when
+# FLAKEFLEET_REQUIRE_FLEET is set (bin/test sets it).
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0
     or not all(Path(p).exists() for p in ("/usr/bin/unshare", "/usr/sbin/sshd", "/usr/bin/nix")),
