@@ -88,7 +88,8 @@ MUTATIONS = [
         # Sync the prepared tree into the live one (rsync: changed contents only, unchanged inodes
         # kept), then rename the live directory to the new tree's name.
         'return [f\'cur=$(readlink "$r"/{name} || true); if [ -d {path}.partial ] && '
-        '[ -n "$cur" ] && [ -d "$r/$cur" ]; then rsync -a --delete --checksum {path}.partial/ "$r/$cur"/ && '
+        '[ -n "$cur" ] && [ -d "$r/$cur" ]; then '
+        'rsync -a --delete --checksum {path}.partial/ "$r/$cur"/ && '
         'rm -rf {path}.partial && mv "$r/$cur" {path}; else rm -rf {path}; '
         'mv {path}.partial {path}; fi\', f"live {name} {shlex.quote(tree)}"]',
         (SOURCES,),
