@@ -55,14 +55,14 @@ MUTATIONS = [
         "operations/reboot.py",
         "if len(lines) == 2 and lines[0] != boot_id:",
         "if len(lines) == 2:",
-        (ACTIVATION,),
+        (ACTIVATION, "-k", "reboot"),
     ),
     Mutation(
         "reboot: expected system not checked",
         "operations/reboot.py",
         "if lines[1] != system:",
         "if False:",
-        (ACTIVATION,),
+        (ACTIVATION, "-k", "reboot"),
     ),
     Mutation(
         "confirmation over pyinfra's connection",
@@ -71,14 +71,14 @@ MUTATIONS = [
         # pyinfra's session, as root the way the deploy's own steps become root
         '__import__("flakefleet.sudo").sudo.run_as_root('
         'host, f"touch {activation.directory}/confirm")',
-        (ACTIVATION,),
+        (ACTIVATION, "-k", "sshd or confirmation"),
     ),
     Mutation(
         "smoke-check errors count as passes",
         "operations/verify.py",
         'if case.find("failure") is not None or case.find("error") is not None:',
         'if case.find("failure") is not None:',
-        (FAULTS, VERDICTS),
+        (VERDICTS, FAULTS, "-k", "smoke or check"),
     ),
     Mutation(
         "sources updated in place, not swapped",
@@ -114,28 +114,28 @@ MUTATIONS = [
         "operations/lock.py",
         'broken = host.data.get("break_lock") == holder.name',
         'broken = bool(host.data.get("break_lock"))',
-        (ACTIVATION,),
+        (ACTIVATION, "-k", "lock"),
     ),
     Mutation(
         "a failed activation is not rolled back",
         "operations/scripts/activate.sh",
         '[ $status -eq 0 ] || roll_back "activation failed (exit $status)"',
         '[ $status -eq 0 ] || { phase failed "activation failed (exit $status)"; exit 1; }',
-        (FAULTS,),
+        (FAULTS, "-k", "activation"),
     ),
     Mutation(
         "a misspelt setting is ignored",
         "flakefleet/settings.py",
         "near = difflib.get_close_matches(name, known, n=1, cutoff=0.85)",
         "near: list[str] = []",
-        ("tests/unit/test_settings.py", FAULTS),
+        ("tests/unit/test_settings.py", FAULTS, "-k", "setting"),
     ),
     Mutation(
         "unchanged sources still run the install command",
         "operations/sources.py",
         "    if not changes:\n        host.noop(",
         "    if False:\n        host.noop(",
-        (SOURCES, "tests/integration/test_deploy.py"),
+        (SOURCES, "-k", "every_type or unchanged"),
     ),
 ]
 
