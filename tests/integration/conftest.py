@@ -133,6 +133,14 @@ class Fleet:
             .count("Starting session")
         )
 
+    def consoles(self, lines: int = 15) -> str:
+        """The last lines of every machine's console (what a machine that did not boot said)."""
+        tails = []
+        for log in sorted(self.state.glob("machines/*/console.log")):
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            tails.append(f"--- {log.parent.name}:\n" + "\n".join(tail))
+        return "\n".join(tails)
+
     @property
     def machines(self) -> list[str]:
         return [machine.name for machine in load_fleet(self.fleet_file).machines]
@@ -144,7 +152,10 @@ def running_fleet(*up: str) -> Iterator[Fleet]:
     half-way, which may leave some machines running."""
     testbed = Fleet(STATE)
     try:
-        testbed.testbed("up", *up)
+        try:
+            testbed.testbed("up", *up)
+        except AssertionError as error:  # the purge below deletes the machines' consoles
+            raise AssertionError(f"{error}\n{testbed.consoles()}") from None
         yield testbed
     finally:
         testbed.testbed("down", "--purge")
