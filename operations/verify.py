@@ -33,15 +33,20 @@ SMOKE_SUITES = "tests/smoke"
 SMOKE_TIMEOUT = 600  # seconds for all machines' suites; a hung check must not hang the deploy
 
 
+# A check that did not run is not a pass: a machine none of whose checks reported fails.
+NO_RESULT = "no smoke-check result came back for this machine"
+
+
 @dataclass
 class Verdict:
-    """One machine's smoke-check results."""
+    """One machine's smoke-check results: passes, skips a suite declared acceptable
+    (`skips_acceptable = True`), and failures (failed, errored or skipped otherwise)."""
 
     counts: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return ", ".join(f"{n} {outcome}" for outcome, n in sorted(self.counts.items()))
+        return f"{self.counts['passed']} passed, {self.counts['skipped']} skipped"
 
 
 @operation(is_idempotent=False)
@@ -134,16 +139,40 @@ def _run_pytest(session: Run, machines: list[str]) -> dict[str, Verdict]:
             for verdict in verdicts.values():
                 verdict.failures.append(f"pytest did not run: {reason[0]}")
             return verdicts
+        if completed.returncode not in (0, 1, 5):  # 5: nothing collected (no result, below)
+            for verdict in verdicts.values():
+                verdict.failures.append(f"pytest exited {completed.returncode}")
         for case in ElementTree.parse(junit).iter("testcase"):
             match = re.search(r"\[(.+)\]$", case.get("name", ""))
             if not match or match.group(1) not in verdicts:
+                # A collection error belongs to no machine: every machine's checks are in doubt.
+                if any(case.find(kind) is not None for kind in ("failure", "error")):
+                    where = case.get("classname") or case.get("name") or "?"
+                    for verdict in verdicts.values():
+                        verdict.failures.append(f"{where} (error outside any machine's checks)")
                 continue
             verdict = verdicts[match.group(1)]
+            test = case.get("name", "?").split("[")[0]
             if case.find("failure") is not None or case.find("error") is not None:
                 verdict.counts["failed"] += 1
-                verdict.failures.append(case.get("name", "?").split("[")[0])
-            elif case.find("skipped") is not None:
-                verdict.counts["skipped"] += 1
+                verdict.failures.append(test)
+            elif (skipped := case.find("skipped")) is not None:
+                if _property(case, "skips") == "acceptable":
+                    verdict.counts["skipped"] += 1
+                else:
+                    verdict.counts["failed"] += 1
+                    verdict.failures.append(f"{test} (skipped: {skipped.get('message', '?')})")
             else:
                 verdict.counts["passed"] += 1
+        for verdict in verdicts.values():
+            if not verdict.counts and not verdict.failures:
+                verdict.failures.append(NO_RESULT)
     return verdicts
+
+
+def _property(case: ElementTree.Element, name: str) -> str | None:
+    """A property the smoke suites' conftest recorded on a test case."""
+    for prop in case.iter("property"):
+        if prop.get("name") == name:
+            return prop.get("value")
+    return None

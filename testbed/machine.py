@@ -6,6 +6,7 @@ testbed.machine <name> <state dir>``. In order, it
 1. refuses to run unless it is PID 1 of a PID namespace with private mount propagation;
 2. mounts ``/nix`` (bind of the machine's store), ``/etc`` and ``/var`` (overlays on the real
    directories), ``/root`` (bind of an empty directory), ``/run`` and ``/tmp`` (fresh tmpfs),
+   makes every other mount it shares with this computer read-only (inside it only),
    then checks ``/proc/self/mountinfo`` and stops **before writing anything** unless every
    one of them is the machine's own: this computer's /etc, /var, /root and /nix are never written;
    a darwin machine also gets a layer over ``/usr/bin`` that keeps Nix in its default profile
@@ -75,9 +76,16 @@ INIT_SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
 KERNEL_BOOT_ID = "/proc/sys/kernel/random/boot_id"
 MNT_DETACH = 2
 
+MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
 MS_BIND = 0x1000
+# Per-mount flags a read-only remount must keep (a bind remount sets them all at once).
+KEPT_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
+# Kernel filesystems stay as they are: devices, /proc and /sys are not files of this computer.
+KERNEL_MOUNTS = ("/proc", "/sys", "/dev")
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -219,6 +227,24 @@ def mount_filesystems(machine: MachinePaths, *, nix_off_path: bool = False) -> N
     for target in ("/run", "/tmp", *(["/nix"] if small_nix else [])):
         if mounts.get(target, ("",))[0] != "tmpfs":
             raise MachineError(f"{target} is not a fresh tmpfs")
+    seal_shared_mounts(["/nix", "/root", "/run", "/tmp", *layers])
+
+
+def seal_shared_mounts(private: list[str]) -> None:
+    """Make every mount the machine shares with this computer (/, /usr, /opt, /home, ...)
+    read-only inside the machine, so nothing it runs can write this computer's files; its
+    own mounts stay writable. Only this namespace's copies change."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split(" - ", 1)[0].split()
+        target, options = fields[4], fields[5].split(",")
+        if "ro" in options or any(
+            target == top or target.startswith(top.rstrip("/") + "/")
+            for top in (*private, *KERNEL_MOUNTS)
+        ):
+            continue
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+        flags |= sum(flag for name, flag in KEPT_FLAGS.items() if name in options)
+        mount("none", target, None, flags)
 
 
 # -- boot --------------------------------------------------------------------------------------

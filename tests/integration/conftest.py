@@ -7,6 +7,7 @@ flake.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,20 +133,48 @@ class Fleet:
             .count("Starting session")
         )
 
+    def consoles(self, lines: int = 15) -> str:
+        """The last lines of every machine's console (what a machine that did not boot said)."""
+        tails = []
+        for log in sorted(self.state.glob("machines/*/console.log")):
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            tails.append(f"--- {log.parent.name}:\n" + "\n".join(tail))
+        return "\n".join(tails)
+
     @property
     def machines(self) -> list[str]:
         return [machine.name for machine in load_fleet(self.fleet_file).machines]
 
 
-@pytest.fixture(scope="module")
-def fleet() -> Any:
-    """A fresh test fleet for each test module (about a second to start), purged after it."""
+@contextlib.contextmanager
+def running_fleet(*up: str) -> Iterator[Fleet]:
+    """A test fleet started with `testbed up *up`, purged afterwards: also when `up` failed
+    half-way, which may leave some machines running."""
     testbed = Fleet(STATE)
-    testbed.testbed("up")
     try:
+        try:
+            testbed.testbed("up", *up)
+        except AssertionError as error:  # the purge below deletes the machines' consoles
+            raise AssertionError(f"{error}\n{testbed.consoles()}") from None
         yield testbed
     finally:
         testbed.testbed("down", "--purge")
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Fleet]:
+    """A fresh test fleet for each test module (about a second to start), purged after it."""
+    with running_fleet() as testbed:
+        yield testbed
+
+
+@pytest.fixture(scope="module")
+def converged(fleet: Fleet, flake: Path) -> Fleet:
+    """The module's fleet running what its flake gives each machine (the starting point of
+    modules whose tests are not about the first deploy, which test_deploy.py checks)."""
+    result = fleet.deploy(flake)
+    assert result.returncode == 0, result.output
+    return fleet
 
 
 @pytest.fixture(scope="module")

@@ -10,21 +10,21 @@ import os
 import signal
 import time
 
+import pytest
 from conftest import evaluate, set_host
 from test_deploy import remote_state
 
 BOOT_ID = "cat /proc/sys/kernel/random/boot_id"
 LATEST_PHASE = "cat $(ls -td /run/flakefleet/activation/*/ | head -1)phase 2>/dev/null"
+LATEST_LOG = "cat $(ls -td /run/flakefleet/activation/*/ | head -1)log"
+
+pytestmark = pytest.mark.usefixtures("converged")  # every test starts from a converged fleet
 
 
 def same_system(state: dict[str, str], before: dict[str, str]) -> bool:
     """Running, selected and kept generations are as before (activations are logged, though)."""
     keys = ("current", "profile", "generations")
     return all(state[key] == before[key] for key in keys)
-
-
-def test_converge_first(fleet, flake):
-    assert fleet.deploy(flake).returncode == 0
 
 
 def test_boot_selects_without_switching_then_a_reboot_runs_it(fleet, flake):
@@ -49,6 +49,40 @@ def test_boot_selects_without_switching_then_a_reboot_runs_it(fleet, flake):
     assert fleet.ssh("web1", "readlink -f /run/booted-system") == new
 
 
+def test_a_reboot_command_that_does_not_reboot_is_not_taken_for_a_reboot(fleet, flake):
+    """The boot id must change: a machine that answers on with its old boot id has not
+    rebooted, however quickly it answers."""
+    boot_id = fleet.ssh("web1", BOOT_ID)
+    result = fleet.deploy(
+        flake, "--limit", "web1", "--data", "reboot=always",
+        "--data", "reboot_command=echo not rebooting", "--data", "reboot_timeout=10",
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert result.report["web1"]["error"] == "reboot: not back with a new boot id within 10s"
+    assert "rebooted" not in result.report["web1"]["changed"]
+    assert fleet.ssh("web1", BOOT_ID) == boot_id
+
+
+def test_a_reboot_into_another_system_fails_the_machine(fleet, flake):
+    """The imitation bootloader is pointed back at the old system just before the reboot (as
+    a bootloader that failed to install would): the machine comes back, on the wrong system."""
+    old = remote_state(fleet, "web1")["current"]
+    set_host(flake, "web1", version="wrong-boot")
+    new = evaluate(flake, "web1")
+    boot_id = fleet.ssh("web1", BOOT_ID)
+    result = fleet.deploy(
+        flake, "--limit", "web1", "--data", "reboot=always",
+        "--data", f"reboot_command=ln -sfn {old} /var/lib/fake-bootloader/default && kill -USR1 1",
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert result.report["web1"]["error"] == f"reboot: came back on {old}, expected {new}"
+    assert fleet.ssh("web1", BOOT_ID) != boot_id
+    assert remote_state(fleet, "web1")["current"] == old
+    # The next plain deploy puts the machine back on the new system.
+    assert fleet.deploy(flake, "--limit", "web1").returncode == 0
+    assert remote_state(fleet, "web1")["current"] == new
+
+
 def test_test_switches_without_changing_the_boot_default(fleet, flake):
     before = remote_state(fleet, "web1")
     set_host(flake, "web1", version="test")
@@ -70,6 +104,12 @@ def test_dry_activate_and_build_change_nothing_running(fleet, flake):
         state = remote_state(fleet, "web1")
         assert (state["current"], state["profile"]) == (before["current"], before["profile"])
         assert state["activations"] == before["activations"]
+        if goal == "dry-activate":
+            # What it says would change is in the machine's activation log: the new system,
+            # and the running web service restarted into it.
+            said = fleet.ssh("web1", LATEST_LOG).splitlines()
+            assert f"would activate {new}" in " ".join(said), said
+            assert any(line.endswith("would restart web") for line in said), said
     # build left the closure on the machine, ready for a switch.
     assert fleet.ssh("web1", f"nix-store --check-validity {new} && echo valid") == "valid"
     assert fleet.deploy(flake, "--limit", "web1").returncode == 0
@@ -102,6 +142,24 @@ def test_config_that_breaks_sshd_rolls_itself_back(fleet, flake):
     # Reachable on its own port again, on its previous generation, the broken one deleted.
     assert same_system(remote_state(fleet, "web2"), before)
     set_host(flake, "web2", version="1", breakSsh=None)
+
+
+def test_confirmation_needs_a_new_login_not_the_open_connection(fleet, flake):
+    """breakSsh moves sshd off its port: sessions already open survive, new logins fail.
+    With on_check_failure=keep the deployer still tries to confirm the new system after its
+    smoke checks failed; only a new login may confirm it, so the machine rolls itself back."""
+    before = remote_state(fleet, "web2")
+    set_host(flake, "web2", version="nologin", breakSsh=True)
+    result = fleet.deploy(
+        flake, "--limit", "web2", "--data", "on_check_failure=keep",
+        "--data", "confirm_timeout=20",  # long enough for a confirmation to arrive in time
+    )  # fmt: skip
+    set_host(flake, "web2", version="1", breakSsh=None)
+    assert result.returncode != 0
+    error = result.report["web2"]["error"]
+    assert "could not confirm over a new SSH connection" in error, error
+    assert "rolled back to " + before["current"] in error
+    assert same_system(remote_state(fleet, "web2"), before)
 
 
 def test_failing_health_check_rolls_back(fleet, flake):
@@ -165,7 +223,8 @@ def test_failing_health_check_with_stop_stops_the_rollout(fleet, flake):
 
 
 def test_activation_survives_a_cut_connection(fleet, flake):
-    set_host(flake, "web1", version="cut", activationDelay=4)
+    # Long enough to cut the connections mid-activation on a loaded machine.
+    set_host(flake, "web1", version="cut", activationDelay=15)
     set_host(flake, "web2", version="1")
     new = evaluate(flake, "web1")
     deploy = fleet.start(flake, "--limit", "web1")
@@ -192,7 +251,7 @@ def test_activation_survives_a_cut_connection(fleet, flake):
 
 
 def test_a_second_deploy_fails_fast_naming_the_holder(fleet, flake):
-    set_host(flake, "web1", version="locked", activationDelay=4)
+    set_host(flake, "web1", version="locked", activationDelay=15)  # the second deploy's window
     first = fleet.start(flake, "--limit", "web1")
     fleet.wait_for("web1", "cat /run/flakefleet/lock/holder 2>/dev/null")
     second = fleet.deploy(flake, "--limit", "web1")
@@ -206,7 +265,8 @@ def test_a_second_deploy_fails_fast_naming_the_holder(fleet, flake):
 
 def test_lock_of_a_deployer_that_died_is_cleared_safely(fleet, flake):
     before = remote_state(fleet, "web1")
-    set_host(flake, "web1", version="orphan", activationDelay=3)
+    # The refused deploy below must reach the machine while this activation still runs.
+    set_host(flake, "web1", version="orphan", activationDelay=20)
     dead = fleet.start(flake, "--limit", "web1", "--data", "confirm_timeout=3")
     assert fleet.wait_for("web1", f"{LATEST_PHASE} | grep -x running") == "running"
     os.kill(dead.pid, signal.SIGKILL)
@@ -215,7 +275,7 @@ def test_lock_of_a_deployer_that_died_is_cleared_safely(fleet, flake):
     refused = fleet.deploy(flake, "--limit", "web1")
     assert "left an activation in progress" in refused.report["web1"]["error"]
     # Unconfirmed, the machine rolls itself back; then the lock can be taken over.
-    fleet.wait_for("web1", f"{LATEST_PHASE} | grep -x rolled-back", timeout=30)
+    fleet.wait_for("web1", f"{LATEST_PHASE} | grep -x rolled-back", timeout=90)
     assert remote_state(fleet, "web1")["current"] == before["current"]
     set_host(flake, "web1", activationDelay=None)
     result = fleet.deploy(flake, "--limit", "web1")
@@ -236,6 +296,11 @@ def test_a_lock_from_another_controller_is_broken_only_when_named(fleet, flake):
     assert "--data break_lock=laptop:4242" in error
     wrong = fleet.deploy(flake, "--limit", "web1", "--data", "break_lock=laptop:4243")
     assert wrong.status("web1") == "failed"
+    # Refused for the lock, which another deployer's name does not break.
+    assert wrong.report["web1"]["error"].startswith(
+        "locked by another deploy (deployer PID 4242 on laptop, for 36"
+    ), wrong.report["web1"]["error"]
+    assert fleet.ssh("web1", "cat /run/flakefleet/lock/holder") == holder
     result = fleet.deploy(flake, "--limit", "web1", "--data", "break_lock=laptop:4242")
     assert result.returncode == 0, result.output
     assert any("broke (break_lock) the lock" in note for note in result.report["web1"]["notes"])

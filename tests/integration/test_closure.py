@@ -57,10 +57,27 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def logins(fleet, machine: str, user: str) -> int:
+    """How many SSH logins as `user` the machine's sshd has accepted so far."""
+    log = fleet.state / "machines" / machine / "console.log"
+    return log.read_text().count(f"Accepted publickey for {user} from")
+
+
 def test_every_class_is_built_here_and_copied_as_its_user(fleet, flake):
+    users = {"mac1": "deploy", "home1": "deploy"}
+    before = {
+        (machine, user): logins(fleet, machine, user)
+        for machine in fleet.machines
+        for user in ("root", "deploy")
+    }
     result = build(fleet, flake)
     assert result.returncode == 0, result.output
-    users = {"mac1": "deploy", "home1": "deploy"}
+    for machine in fleet.machines:
+        # Every login of the deploy, the copy's included, was as the machine's own user.
+        user = users.get(machine, "root")
+        other = "root" if user == "deploy" else "deploy"
+        assert logins(fleet, machine, user) > before[machine, user], machine
+        assert logins(fleet, machine, other) == before[machine, other], machine
     for machine in fleet.machines:
         system = system_of(flake, machine)
         assert result.report[machine]["system"] == system
@@ -260,13 +277,17 @@ def test_pruning_keeps_the_current_generation_too(fleet, flake):
     fleet.ssh("build1", f"nix-env -p {PROFILE} --switch-generation {numbers[-1]}")
 
 
-def test_no_op_redeploy_adds_no_ssh_command(fleet, flake):
-    """A machine already on its system: signing, caches, roots and pruning cost nothing."""
+def test_no_op_redeploy_costs_the_two_commands_the_readme_promises(fleet, flake, tmp_path):
+    """A machine already on its system costs 2 SSH commands, the preflight and the lock's
+    release (README, Benchmarks; `build` runs no smoke checks): signing, caches, roots and
+    pruning cost nothing."""
     # build1's profile selects its system (previous test): build, copy and prune are no-ops.
     baseline = fleet.sessions("build1")
-    assert build(fleet, flake, "--limit", "build1").returncode == 0
-    plain = fleet.sessions("build1") - baseline
-    cache = {"store": "file:///nonexistent", "url": "http://127.0.0.1:9", "serve": True}
+    result = build(fleet, flake, "--limit", "build1")
+    assert result.returncode == 0, result.output
+    assert result.status("build1") == "unchanged"
+    assert fleet.sessions("build1") - baseline == 2
+    cache = {"store": f"file://{tmp_path}/cache", "url": "http://127.0.0.1:9", "serve": True}
     baseline = fleet.sessions("build1")
     result = build(
         fleet, flake, "--limit", "build1", "--data", "keep_generations=5",
@@ -274,4 +295,4 @@ def test_no_op_redeploy_adds_no_ssh_command(fleet, flake):
     )  # fmt: skip
     assert result.returncode == 0, result.output
     assert result.status("build1") == "unchanged"
-    assert fleet.sessions("build1") - baseline == plain
+    assert fleet.sessions("build1") - baseline == 2

@@ -7,13 +7,12 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
 import yaml
 from conftest import BIN, ROOT, evaluate, set_host
 from test_deploy import remote_state
 
-
-def test_converge_first(fleet, flake):
-    assert fleet.deploy(flake).returncode == 0
+pytestmark = pytest.mark.usefixtures("converged")  # every test starts from a converged fleet
 
 
 def test_bad_fleet_file_stops_before_any_machine_is_contacted(fleet, tmp_path):

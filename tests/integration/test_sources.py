@@ -8,6 +8,7 @@ deploys use the `build` goal (no activation): the sources step is the same for e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -439,13 +440,59 @@ def test_a_sync_killed_mid_transfer_leaves_every_source_wholly_old_or_wholly_new
     assert now == {**new, "trees": "1"}  # all new, and no partial tree left
 
 
+def tree_files(path: Path) -> dict[str, str]:
+    """Each file under a local tree, by relative path: its SHA-256."""
+    return {
+        f"./{file.relative_to(path)}": hashlib.sha256(file.read_bytes()).hexdigest()
+        for file in path.rglob("*")
+        if file.is_file()
+    }
+
+
+def test_a_reader_of_the_live_tree_never_sees_the_next_one_written_into_it(fleet, flake, local):
+    """The new tree is prepared beside the live one and swapped in: a process that entered the
+    live tree before the sync (a service reading its files) sees its old files or none,
+    never new files written into the tree it is in."""
+    tree = local / "swap"
+    write_tree(tree, 40, 200, seed=5)
+    declared = {"swap": {"type": "file", "path": str(tree)}}
+    code, output, _ = deploy(fleet, flake, "--limit", "web1", *BUILD, *sources_data(declared))
+    assert code == 0, output
+    old = tree_files(tree)
+    reader = fleet.ssh(
+        "web1", "cd /var/src/swap/ && { nohup sleep 600 >/dev/null 2>&1 </dev/null & echo $!; }"
+    )
+    try:
+        write_tree(tree, 40, 200, seed=6)
+        new = tree_files(tree)
+        code, output, _ = deploy(fleet, flake, "--limit", "web1", *BUILD, *sources_data(declared))
+        assert code == 0, output
+        listing = "find . -type f -print0 | sort -z | xargs -0 -r sha256sum"
+        seen = fleet.ssh("web1", f"cd /proc/{reader}/cwd && {listing}")
+        live = fleet.ssh("web1", f"cd /var/src/swap/ && {listing}")
+    finally:
+        fleet.ssh("web1", f"kill {reader}", check=False)
+    assert {name: digest for digest, name in map(str.split, live.splitlines())} == new
+    seen_files = {name: digest for digest, name in map(str.split, seen.splitlines())}
+    assert {name: digest for name, digest in seen_files.items() if old.get(name) != digest} == {}
+
+
 # ----------------------------------------------------------------------------- builds
 
 
 def build_source(log: Path) -> dict:
-    """A build per machine that logs its start and end, from a per-machine input."""
+    """A build per machine that logs its start and end, from a per-machine input.
+
+    Each build waits (up to 60 s, then fails) until two builds have started: builds run one
+    after another would fail, builds run side by side pass however loaded the machine is.
+    """
+    started = log.parent / "builds-started"
     command = (
-        f'echo "$FLAKEFLEET_MACHINE start $(date +%s.%N)" >> {log}; sleep 0.5; . ./settings; '
+        f'echo "$FLAKEFLEET_MACHINE start $(date +%s.%N)" >> {log}; '
+        f"mkdir -p {started}; touch {started}/$FLAKEFLEET_MACHINE; i=0; "
+        f'while [ "$(ls {started} | wc -l)" -lt 2 ]; do '
+        '[ $i -lt 600 ] || { echo "no other build started" >&2; exit 9; }; '
+        "i=$((i + 1)); sleep 0.1; done; . ./settings; "
         'mkdir dist; echo "$GREETING" > dist/greeting; '
         f'echo "$FLAKEFLEET_MACHINE end $(date +%s.%N)" >> {log}'
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from conftest import BIN, ROOT, STATE, Fleet, evaluate, set_host
+from conftest import BIN, ROOT, STATE, Fleet, evaluate, running_fleet, set_host
 
 MACHINES = ("web1", "db1", "mac1")
 ASKS = ("web1", "mac1")  # whose sudo asks for the password
@@ -48,14 +49,10 @@ def roster(flake: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def fleet(roster: Path) -> Fleet:
-    testbed = Fleet(STATE)
-    testbed.testbed("up", "--roster", str(roster))
-    try:
+    with running_fleet("--roster", str(roster)) as testbed:
         for name in MACHINES:
             testbed.ssh(name, AUDIT_SHELL)
         yield testbed
-    finally:
-        testbed.testbed("down", "--purge")
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +119,29 @@ def profile_system(fleet: Fleet, machine: str) -> str:
     return fleet.ssh(machine, "readlink -f /nix/var/nix/profiles/system")
 
 
-def test_the_password_is_asked_once_and_never_shown(fleet, flake, password):
+# The programs the deploy starts that reach machines: each one started is recorded with its
+# whole command line (every one, however short-lived, unlike the sampling watch above).
+RECORDED = ("ssh", "rsync", "nix", "nix-store")
+
+
+def recording_path(directory: Path, log: Path) -> str:
+    """A PATH whose first directory holds a stand-in for each RECORDED program, which appends
+    its command line to `log` (NUL-separated words, one line per command) and runs the real one."""
+    directory.mkdir()
+    for name in RECORDED:
+        real = shutil.which(name)
+        assert real, name
+        stand_in = directory / name
+        stand_in.write_text(
+            f'#!/bin/sh\nprintf \'%s\\0\' {name} "$@" >> {log}; echo >> {log}\nexec {real} "$@"\n'
+        )
+        stand_in.chmod(0o755)
+    return f"{directory}{os.pathsep}{os.environ['PATH']}"
+
+
+def test_the_password_is_asked_once_and_never_shown(fleet, flake, password, tmp_path):
     report = fleet.state / "report-ask.json"
+    started = tmp_path / "started.log"
     watch = CommandLineWatch(password)
     watch.start()
     deploy = pexpect.spawn(
@@ -131,7 +149,8 @@ def test_the_password_is_asked_once_and_never_shown(fleet, flake, password):
         ["-y", "-vvv", "--debug", "inventory.py", "deploy/site.py", "--data", f"flake={flake}"],
         cwd=str(ROOT),
         env={**fleet.env, "FLAKEFLEET_FLEET": str(fleet_file(fleet, "ask.yaml", None)),
-             "FLAKEFLEET_REPORT": str(report)},
+             "FLAKEFLEET_REPORT": str(report),
+             "PATH": recording_path(tmp_path / "recorded", started)},
         encoding="utf-8", timeout=600, dimensions=(60, 250),
     )  # fmt: skip
     try:
@@ -154,6 +173,9 @@ def test_the_password_is_asked_once_and_never_shown(fleet, flake, password):
     assert password not in report.read_text()
 
     assert watch.scans > 10 and watch.found == []
+    commands = started.read_bytes()
+    assert b"ssh\0" in commands and b"rsync\0" in commands  # the record works
+    assert password.encode() not in commands
     for name in MACHINES:
         commands = fleet.ssh(name, f"cat {AUDIT_LOG}")
         assert "sudo -A -p FLAKEFLEET_SUDO_PASSWORD" in commands  # the run's password, on stdin

@@ -130,9 +130,24 @@ def test_unsafe_state_directories_are_refused(path: str) -> None:
         check_state_dir(Path(path))
 
 
-def test_state_directory_may_be_under_tmp_or_the_repository() -> None:
-    check_state_dir(Path("/tmp/pytest-of-root/pytest-1/testbed0"))
-    check_state_dir(REPO_ROOT / ".testbed")
+@pytest.mark.parametrize("under", ["tmp", "repository"])
+def test_state_directory_may_be_under_tmp_or_the_repository(
+    under: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The command line takes such a state directory (it refuses /etc/tb, above)."""
+    state = tmp_path / "state" if under == "tmp" else REPO_ROOT / ".testbed-unit-probe"
+    monkeypatch.setenv("FLAKEFLEET_TESTBED_STATE", str(state))
+    monkeypatch.setenv("FLAKEFLEET_TESTBED_PORT", "22600")
+    assert main(["status", "--roster", str(ROSTER)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert [line.split()[2] for line in captured.out.splitlines()] == ["down"] * 5
+    monkeypatch.setenv("FLAKEFLEET_TESTBED_STATE", "/etc/tb")
+    assert main(["status", "--roster", str(ROSTER)]) == 1
+    assert "must not be under /etc" in capsys.readouterr().err
 
 
 def test_cli_errors_are_one_line_and_exit_1(

@@ -2,18 +2,37 @@
 
 import json
 import subprocess
+from pathlib import Path
+
+import pytest
 
 from flakefleet import nix
 
 
-def test_copy_flags():
-    assert nix.copy_flags() == []
-    assert nix.copy_flags(check_sigs=False) == ["--no-check-sigs"]
-    # Before Nix 2.20, ssh-ng substitutes on the destination only with builders-use-substitutes.
-    assert nix.copy_flags(substitute=True, protocol="ssh-ng") == [
-        "--substitute-on-destination", "--option", "builders-use-substitutes", "true",
-    ]  # fmt: skip
-    assert nix.copy_flags(substitute=True) == ["--substitute-on-destination"]
+@pytest.mark.parametrize(
+    ("settings", "flags"),
+    [
+        ({}, []),
+        ({"check_sigs": False}, ["--no-check-sigs"]),
+        # Before Nix 2.20, ssh-ng substitutes on the destination only with an option.
+        ({"substitute": True, "protocol": "ssh-ng"}, ["--substitute-on-destination"]),
+        ({"substitute": True}, ["--substitute-on-destination"]),
+    ],
+)
+def test_copy_flags_are_ones_this_nix_takes(tmp_path, settings, flags):
+    """A real copy with them, to a local binary cache (the flags are what the copies to
+    machines pass; the integration tests copy to machines with the default ones)."""
+    (tmp_path / "file").write_text(str(settings))
+    path = subprocess.run(
+        ["nix-store", "--add", str(tmp_path / "file")], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    given = nix.copy_flags(**settings)
+    assert all(flag in given for flag in flags)
+    subprocess.run(
+        ["nix", *nix.FEATURES, "copy", "--to", f"file://{tmp_path}/cache", *given, path],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert (tmp_path / "cache" / f"{Path(path).name.split('-')[0]}.narinfo").exists()
 
 
 def test_copy_errors_say_when_a_signature_was_refused():

@@ -1,26 +1,17 @@
-"""The sync's decisions and its remote half: the `Sources` fact, the plan, the guard, the rsync
-command line, and the install script, run for real with sh on a local directory."""
+"""The sync's decisions and its remote half: the `Sources` fact, the plan, the guard, and the
+install script, run for real with sh on a local directory. (What rsync sends, with which
+options, as which user, is checked on the test fleet: tests/integration/test_sources.py and
+test_sudo.py.)"""
 
 from __future__ import annotations
 
-import os
-import shlex
 import subprocess
-from dataclasses import replace
 from pathlib import Path
 
-from facts.sources import Sources, VarSrc
-from flakefleet import sudo
+from facts.sources import Sources
+from flakefleet.models import VarSrc
 from flakefleet.sources import MachineSources, Ready, Source
-from flakefleet.target import Target
-from operations.sources import (
-    Changes,
-    changes_for,
-    guard,
-    install_script,
-    rsync_command,
-    tree_name,
-)
+from operations.sources import Changes, changes_for, guard, install_script, tree_name
 
 D1, D2 = "1" * 64, "2" * 64
 
@@ -114,67 +105,6 @@ def test_guard_protects_another_tools_tree_unless_forced():
         "/var/src/notes exists and was not put there by flakefleet "
         "(--data sources_force=true moves it aside)"
     )
-
-
-# ----------------------------------------------------------------------------- rsync
-
-
-def target(user: str = "root", password: str | None = None) -> Target:
-    """web1 as reached with `user`; with `password`, the run already has its sudo password."""
-    passwords = sudo.Passwords()
-    if password is not None:
-        passwords.obtain(f"echo {password}", user, "web1")
-    data = {"ssh_hostname": "10.0.0.1", "ssh_port": 2222, "ssh_user": user}
-    if password is not None:
-        data["sudo_password_command"] = f"echo {password}"
-    return Target.from_data("web1", data, passwords)
-
-
-def rsync(item, tree, store, live, on: Target, options=()) -> list[str]:
-    with on.rsync_shell() as (shell, _descriptors):
-        return rsync_command(item, tree, store, live, on, shell, options)
-
-
-def test_rsync_sends_a_tree_next_to_the_live_one(tmp_path):
-    item = replace(ready("app", D2, local=tmp_path, exclude=("*.log",)), checksum=False)
-    argv = rsync(item, D2, "/var/src/.flakefleet/app", D1, target(), ("--bwlimit=10",))
-    assert argv[:4] == ["rsync", "--archive", "--stats", "--modify-window=-1"]
-    assert "--exclude=*.log" in argv and "--bwlimit=10" in argv
-    assert f"--link-dest=../{D1}" in argv
-    assert argv[argv.index("--rsync-path") + 1] == ("mkdir -p /var/src/.flakefleet/app && rsync")
-    assert argv[-2:] == [
-        f"{tmp_path}/",
-        f"root@10.0.0.1:/var/src/.flakefleet/app/{D2}.partial/",
-    ]
-
-
-def test_rsync_with_sudo_and_a_single_file(tmp_path):
-    (tmp_path / "f").write_text("x")
-    item = replace(ready("hosts", D2, kind="pipe", local=tmp_path / "f"), checksum=True)
-    store = "/var/src/.flakefleet/hosts"
-    argv = rsync(item, D2, store, None, target("deploy"))
-    assert "--checksum" in argv
-    # rsync appends the server's arguments: they reach the sudo'd shell as "$@"
-    assert argv[argv.index("--rsync-path") + 1] == (
-        "sudo -n sh -c 'mkdir -p /var/src/.flakefleet/hosts && exec rsync \"$@\"' rsync"
-    )
-    assert argv[-2:] == [
-        str(tmp_path / "f"),
-        f"deploy@10.0.0.1:/var/src/.flakefleet/hosts/{D2}.partial",
-    ]
-
-
-def test_rsync_with_the_sudo_password_relays_it_from_a_descriptor(tmp_path):
-    item = replace(ready("hosts", D2, local=tmp_path), checksum=True)
-    on = target("deploy", password="s3cret")
-    with on.rsync_shell() as (shell, descriptors):
-        argv = rsync_command(item, D2, "/s", None, on, shell)
-        assert shell[1:4] == ["-m", "flakefleet.rsh", str(descriptors[0])]
-        assert os.read(descriptors[0], 100) == b"s3cret\n"  # the relay's pipe holds the line
-    rsh = shlex.split(argv[argv.index("--rsh") + 1])
-    assert rsh[1:4] == ["-m", "flakefleet.rsh", str(descriptors[0])] and rsh[4] == "ssh"
-    assert argv[argv.index("--rsync-path") + 1].startswith("IFS= read -r FLAKEFLEET_SUDO_PASSWORD")
-    assert "s3cret" not in " ".join(argv)
 
 
 # ----------------------------------------------------------------------------- install script

@@ -2,6 +2,7 @@
 that no other way to run a command on a machine remains in the code."""
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,28 @@ WEB1 = {
 }
 
 
-def test_ssh_options_keep_strict_host_key_checking():
-    web1 = Target.from_data("web1", WEB1)
-    assert web1.ssh_options() == [
-        "-o", "BatchMode=yes", "-p", "22401", "-i", "/k/id", "-o", "IdentitiesOnly=yes",
-        "-o", "UserKnownHostsFile=/k/known_hosts", "-o", "StrictHostKeyChecking=yes",
-    ]  # fmt: skip
-    assert web1.destination == "root@127.0.0.1"
+def test_ssh_options_keep_strict_host_key_checking(tmp_path):
+    """What OpenSSH itself makes of the options every tool gets (`ssh -G` connects nowhere)."""
+    key, known_hosts = tmp_path / "id", tmp_path / "known_hosts"
+    key.write_text("")
+    known_hosts.write_text("")
+    web1 = Target.from_data(
+        "web1", {**WEB1, "ssh_key": str(key), "ssh_known_hosts_file": str(known_hosts)}
+    )
+    completed = subprocess.run(
+        ["ssh", "-G", *web1.ssh_options(), web1.destination],
+        capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    config: dict[str, list[str]] = {}
+    for line in completed.stdout.splitlines():
+        name, _, value = line.partition(" ")
+        config.setdefault(name, []).append(value)
+    assert config["hostname"] == ["127.0.0.1"] and config["user"] == ["root"]
+    assert config["port"] == ["22401"]
+    assert config["batchmode"] == ["yes"]  # never a prompt
+    assert config["stricthostkeychecking"] == ["true"]
+    assert config["userknownhostsfile"] == [str(known_hosts)]
+    assert config["identitiesonly"] == ["yes"] and config["identityfile"][0] == str(key)
     # Another machine reaching this one uses its own keys and known hosts: only the port.
     assert web1.relay_options() == ["-o", "BatchMode=yes", "-p", "22401"]
 
@@ -53,9 +69,14 @@ def test_profiles_and_state_directories():
     )
 
 
-def test_shell_paths():
-    assert shell_path("$HOME/.var/src/config") == '"$HOME"/.var/src/config'
-    assert shell_path("/a b") == "'/a b'"
+def test_remote_paths_are_quoted_for_the_remote_shell():
+    """A path as the machine's shell sees it: $HOME expanded, anything else literal."""
+    for path, seen in (("$HOME/.var/src/config", "/home/x/.var/src/config"), ("/a b", "/a b")):
+        echoed = subprocess.run(
+            ["sh", "-c", f"printf %s {shell_path(path)}"],
+            env={"HOME": "/home/x"}, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert echoed == seen
 
 
 # What only flakefleet/target.py may do: start ssh, run a command over pyinfra's connection,
