@@ -27,12 +27,30 @@ def generations_after(machine: MachineState, system: str, goal: str) -> int:
     return len(machine.generations) + (1 if adds else 0)
 
 
-def prune_command(profile: str, keep: int, nix_dir: str | None = None) -> str:
-    """Delete all but the newest `keep` generations (the current one always stays), then
-    collect garbage."""
+def prune_command(
+    profile: str, keep: int, nix_dir: str | None = None, bootloader: bool = False
+) -> str:
+    """Delete every generation but the newest `keep` and the one the profile selects, write
+    the boot entries again (`bootloader`: NixOS lists every generation in its boot menu), then
+    collect garbage.
+
+    Not `nix-env --delete-generations +N`: it counts from the selected generation and keeps
+    every newer one, so after a rollback more than `keep` would stay.
+    """
+    link = shlex.quote(profile)
+    numbers = (
+        f'for l in {link}-*-link; do [ -L "$l" ] || continue; n=${{l%-link}}; '
+        'echo "${n##*-}"; done | grep -x "[0-9][0-9]*" | sort -rn'
+    )
+    selected = f"s=$(readlink {link}); s=${{s%-link}}; s=${{s##*-}}"
+    delete = shlex.join([nix.remote_nix(nix_dir, "nix-env"), "--profile", profile])
+    # As the NixOS manual says after deleting generations: install the bootloader again, so
+    # no boot entry names a generation whose closure the collection below deletes.
+    boot = f" && {link}/bin/switch-to-configuration boot" if bootloader else ""
     return (
-        f"{shlex.join([nix.remote_nix(nix_dir, 'nix-env'), '--profile', profile])} "
-        f"--delete-generations +{keep} && {nix.remote_nix(nix_dir, 'nix-store')} --gc"
+        f'{selected}; old=$({numbers} | tail -n +{keep + 1} | grep -vx "$s"); '
+        f'if [ -n "$old" ]; then {delete} --delete-generations $old{boot}; fi && '
+        f"{nix.remote_nix(nix_dir, 'nix-store')} --gc"
     )
 
 
@@ -60,7 +78,9 @@ def prune(system: nix.System, machine: MachineState, goal: str = "switch", keep:
         return
     machine_class = host.data.get("machine_class", "nixos")
     profile = nix.profile_path(machine_class, host.data.get("ssh_user") or "root")
-    command = prune_command(profile, keep, host.data.get("remote_nix_dir"))
+    command = prune_command(
+        profile, keep, host.data.get("remote_nix_dir"), bootloader=machine_class == "nixos"
+    )
     yield FunctionCommand(_prune, (command,), {})
 
 

@@ -185,7 +185,7 @@ def test_generations_after_a_deploy(goal, profile, expected):
 
 
 def test_prune_command():
-    assert prune_command("/nix/var/nix/profiles/system", 3) == (
-        "nix-env --profile /nix/var/nix/profiles/system --delete-generations +3 && nix-store --gc"
-    )
-    assert prune_command("/p", 1, "/nix/bin").startswith("/nix/bin/nix-env --profile /p")
+    # Which generations it deletes: tests/unit/test_upstream_logic.py runs it.
+    command = prune_command("/p", 1, "/nix/bin")
+    assert "/nix/bin/nix-env --profile /p --delete-generations" in command
+    assert command.endswith("&& /nix/bin/nix-store --gc")
