@@ -114,6 +114,17 @@ class Activation:
         )
 
 
+# The worker's message when the new system only runs from the next boot (exit 100), and the
+# machines of this run in that state (their health checks wait for the reboot).
+REBOOT_REQUIRED = "activated for next boot; reboot required"
+_awaiting_reboot: set[str] = set()
+
+
+def awaiting_reboot(name: str) -> bool:
+    """Whether the machine's new system only runs after a reboot (its init is incompatible)."""
+    return name in _awaiting_reboot
+
+
 # Activations waiting for their confirmation, by machine name (see verify.health_gate).
 _pending: dict[str, tuple[Activation, Any]] = {}
 # Why the rollout stopped (a machine failed its checks with on_check_failure = stop).
@@ -226,6 +237,9 @@ def _activate(state: Any, host: Any, activation: Activation) -> bool:
         return False
     if activation.goal != "dry-activate":
         report.changed(host.name, activation.goal)
+    if message.startswith(REBOOT_REQUIRED):  # switch-to-configuration exited 100
+        report.note(host.name, message)
+        _awaiting_reboot.add(host.name)
     return True
 
 
