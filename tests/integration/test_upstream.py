@@ -7,13 +7,18 @@ The tests run in order on one fleet; each uses its own machine where it can.
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import tarfile
 import uuid
 from pathlib import Path
 
-from conftest import ROOT, evaluate, set_host
+import pytest
+from conftest import NIX, ROOT, evaluate, set_host
 
 from facts.nix import SystemGenerations
+from flakefleet import nix
 from flakefleet.fleet import load_fleet
 
 BOOT_ID = "cat /proc/sys/kernel/random/boot_id"
@@ -176,3 +181,34 @@ def test_the_flake_is_evaluated_with_git_tracked_files_only(fleet):
         *Path("/nix/store").glob(f"*-source/example/{name}"),
     ]
     assert not leaked, f"an untracked file reached the store: {leaked}"
+
+
+FIXTURE = ROOT.parent / "shared" / "fixtures" / "real-nix-2020.tar.xz"
+
+
+@pytest.mark.skipif(not FIXTURE.exists(), reason=f"needs {FIXTURE}")
+def test_a_real_nix_darwin_evaluates_to_a_darwin_system(tmp_path):
+    """Evaluated purely, as darwin-rebuild does: with --impure this (2020) nix-darwin falls back
+    to builtins.currentSystem and a Mac's system quietly becomes an x86_64-linux derivation."""
+    with tarfile.open(FIXTURE) as archive:
+        archive.extractall(tmp_path, filter="data")
+    trees = tmp_path / "real-nix-2020"
+    flake = tmp_path / "fleet"
+    flake.mkdir()
+    (flake / "flake.nix").write_text(
+        "{\n"
+        f'  inputs.nixpkgs.url = "path:{trees}/nixpkgs";\n'
+        f'  inputs.darwin.url = "path:{trees}/nix-darwin";\n'
+        '  inputs.darwin.inputs.nixpkgs.follows = "nixpkgs";\n'
+        "  outputs = { self, nixpkgs, darwin }: {\n"
+        "    darwinConfigurations.mac1 = darwin.lib.darwinSystem { modules = [ { } ]; };\n"
+        "  };\n"
+        "}\n"
+    )
+    subprocess.run([*NIX, "flake", "lock", str(flake)], check=True, capture_output=True)
+    attributes = {"mac1": nix.configuration_attribute("darwin", "mac1", "root")}
+    system = nix.evaluate_systems(flake, attributes, {})["mac1"]
+    shown = subprocess.run(
+        [*NIX, "show-derivation", system.drv], check=True, capture_output=True, text=True
+    )
+    assert [d["system"] for d in json.loads(shown.stdout).values()] == ["x86_64-darwin"]
