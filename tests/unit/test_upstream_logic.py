@@ -93,3 +93,41 @@ def test_pruning_keeps_the_newest_and_the_selected_generation(tmp_path):
         f"nix-env --profile {profile} --delete-generations 3 1",
         "nix-store --gc",
     ]
+
+
+def _store_system(tmp_path: Path, name: str, switch: str) -> str:
+    """A store path laid out like a system whose switch-to-configuration runs `switch`."""
+    tree = tmp_path / name
+    (tree / "bin").mkdir(parents=True)
+    script = tree / "bin" / "switch-to-configuration"
+    script.write_text(f"#!/bin/sh\n{switch}\n")
+    script.chmod(0o755)
+    return subprocess.run(
+        ["nix-store", "--add", str(tree)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_the_worker_undoes_only_its_profile_when_another_switch_took_the_lock(tmp_path):
+    """The lock taken between the worker's check and the switch: switch-to-configuration says
+    "Could not acquire lock" (exit 11). The worker puts its profile back and activates nothing
+    (re-activating would fail on the same lock, and the other switch is not ours to undo)."""
+    activations = tmp_path / "activations"
+    previous = _store_system(tmp_path, "previous", f"echo previous >> {activations}")
+    new = _store_system(
+        tmp_path, "new", 'echo "Could not acquire lock" >&2; exit 11'
+    )  # as switch-to-configuration-ng when another switch holds its lock
+    profile = tmp_path / "profiles" / "system"
+    profile.parent.mkdir()
+    subprocess.run(["nix-env", "-p", str(profile), "--set", previous], check=True)
+    work = tmp_path / "activation"
+    work.mkdir()
+    worker = Path(__file__).resolve().parents[2] / "operations" / "scripts" / "activate.sh"
+    subprocess.run(
+        ["sh", str(worker), str(work), "nixos", "switch", new, str(profile), "0"], check=False
+    )
+    assert (work / "phase").read_text().strip() == "failed"
+    message = (work / "message").read_text()
+    assert message.startswith("another switch-to-configuration is running"), message
+    assert os.path.realpath(profile) == previous
+    assert sorted(p.name for p in profile.parent.glob("system-*-link")) == ["system-1-link"]
+    assert not activations.exists(), "the previous system was activated again"
