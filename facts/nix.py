@@ -7,6 +7,7 @@ trip, which is what a deploy uses.
 from __future__ import annotations
 
 import re
+import time
 
 from pyinfra.api import FactBase
 
@@ -46,12 +47,15 @@ class SystemProfile(CurrentSystem):
 class SystemGenerations(FactBase[list[Generation]]):
     """The system profile's generations, oldest first, with the system each one links to.
 
-    Example output::
+    Read from the profile's `<profile>-<N>-link` links (their targets and times), as
+    nixos-rebuild-ng lists generations: `nix-env --list-generations` takes the profile's lock,
+    which needs write access to its directory, so it fails for a non-root SSH user (the plan).
 
-           1   2026-11-22 02:56:28
-           2   2026-11-22 03:10:02   (current)
-        link system-1-link /nix/store/60nw...-nixos-system-web1-1
-        link system-2-link /nix/store/3b0i...-nixos-system-web1-2
+    Example output (generation, link time, target; then the link the profile names)::
+
+        generation 1 1795830988 /nix/store/60nw...-nixos-system-web1-1
+        generation 2 1795831802 /nix/store/3b0i...-nixos-system-web1-2
+        current system-2-link
     """
 
     @staticmethod
@@ -59,13 +63,31 @@ class SystemGenerations(FactBase[list[Generation]]):
         return []
 
     def command(self, profile: str = SYSTEM_PROFILE) -> str:
+        # The link's own time (stat without -L), GNU stat or BSD stat (macOS).
         return (
-            f"nix-env -p {profile} --list-generations 2>/dev/null; "
-            f'for l in {profile}-*-link; do [ -L "$l" ] && '
-            'printf "link %s %s\\n" "${l##*/}" "$(readlink "$l")"; done; true'
+            f'for l in {profile}-*-link; do [ -L "$l" ] || continue; n=${{l%-link}}; '
+            'printf "generation %s %s %s\\n" "${n##*-}" '
+            '"$(stat -c %Y "$l" 2>/dev/null || stat -f %m "$l")" "$(readlink "$l")"; done; '
+            f'printf "current %s\\n" "$(readlink {profile} 2>/dev/null)"'
         )
 
     def process(self, output: list[str]) -> list[Generation]:
+        current = next((line.split()[1:] for line in output if line.startswith("current ")), [])
+        generations = []
+        for line in output:
+            match = re.match(r"generation (\d+) (\d+) (\S+)$", line.strip())
+            if match:
+                number = int(match.group(1))
+                created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(match.group(2))))
+                selected = bool(current) and current[0].endswith(f"-{number}-link")
+                generations.append(Generation(number, created, selected, match.group(3)))
+        if generations:
+            return sorted(generations, key=lambda generation: generation.number)
+        return self._from_nix_env(output)
+
+    @staticmethod
+    def _from_nix_env(output: list[str]) -> list[Generation]:
+        """`nix-env --list-generations` lines, with `link NAME TARGET` lines for the systems."""
         systems = {}
         for line in output:
             match = re.match(r"link \S+-(\d+)-link (\S+)", line)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from flakefleet.process import CommandError, run
 
@@ -106,13 +108,19 @@ def systems_expression(flake: str, attributes: Mapping[str, Attributes]) -> str:
     `flake` is a Nix expression for the flake reference, e.g. ``"path:/repo/example"``: the
     same text evaluates here and builds on a machine.
     """
+    return selection_expression(f"builtins.getFlake ({flake})", attributes)
+
+
+def selection_expression(outputs: str, attributes: Mapping[str, Attributes]) -> str:
+    """A Nix expression: each machine's system from a flake's outputs (a Nix expression), as
+    ``{ <machine> = <drv>; }``, the first of its alternative attribute paths the outputs have."""
     # JSON strings are valid Nix strings for the names and paths allowed in a fleet file.
     entries = " ".join(
         f"{json.dumps(name)} = pick [ {' '.join(_nix_list(path) for path in alternatives)} ];"
         for name, alternatives in attributes.items()
     )
     return (
-        f"let flake = builtins.getFlake ({flake}); "
+        f"let flake = {outputs}; "
         "step = found: key: if found != null && builtins.isAttrs found && found ? ${key} "
         "then found.${key} else null; "
         "lookup = builtins.foldl' step flake; "
@@ -124,26 +132,55 @@ def systems_expression(flake: str, attributes: Mapping[str, Attributes]) -> str:
     )
 
 
+def flake_reference(flake: Path) -> str:
+    """The flake as `nixos-rebuild --flake <dir>` has Nix take it: in a git work tree whose
+    index has its flake.nix, `git+file:` (the files git tracks, uncommitted changes included,
+    `?dir=` for a subdirectory; Nix 2.8 warns when the tree is dirty); otherwise `path:`
+    (every file in the directory)."""
+    try:
+        top = run(["git", "-C", str(flake), "rev-parse", "--show-toplevel"], check=False)
+        tracked = run(
+            ["git", "-C", str(flake), "ls-files", "--error-unmatch", "flake.nix"], check=False
+        )
+    except OSError:  # no git here
+        return f"path:{flake}"
+    if top.returncode != 0 or tracked.returncode != 0:
+        return f"path:{flake}"
+    root = Path(top.stdout.strip()).resolve()
+    directory = flake.resolve().relative_to(root).as_posix()
+    query = "" if directory == "." else f"?dir={quote(directory)}"
+    return f"git+file://{quote(root.as_posix())}{query}"
+
+
 def _evaluate(
     flake: Path, attributes: Mapping[str, Attributes], options: Mapping[str, str]
 ) -> dict[str, System]:
-    expression = (
-        f"builtins.mapAttrs (name: system: {{ drv = system.drvPath; out = system.outPath; }}) "
-        f"({systems_expression(json.dumps(f'path:{flake}'), attributes)})"
-    )
-    completed = run(
-        [
-            "nix",
-            *FEATURES,
-            *option_flags(options),
-            "eval",
-            "--impure",
-            "--json",
-            "--expr",
-            expression,
-        ]
-    )
-    return {name: System(**value) for name, value in json.loads(completed.stdout).items()}
+    """Evaluate purely, as nixos-rebuild, darwin-rebuild and home-manager do (no --impure:
+    no builtins.currentSystem, environment or <nixpkgs>): `nix eval FLAKE#OUTPUT --apply`,
+    once per flake output the machines are in (nixosConfigurations, ...)."""
+    reference = flake_reference(flake)
+    by_output: dict[str, dict[str, Attributes]] = {}
+    for name, alternatives in attributes.items():  # a machine's alternatives share an output
+        by_output.setdefault(alternatives[0][0], {})[name] = alternatives
+    systems: dict[str, System] = {}
+    warnings: dict[str, None] = {}
+    for output, group in by_output.items():
+        selection = selection_expression(f"{{ {json.dumps(output)} = output; }}", group)
+        apply = (
+            "output: builtins.mapAttrs "
+            f"(name: system: {{ drv = system.drvPath; out = system.outPath; }}) ({selection})"
+        )
+        argv = ["nix", *FEATURES, *option_flags(options), "eval", "--json"]
+        completed = run([*argv, f"{reference}#{output}", "--apply", apply])
+        # Nix's own warning that uncommitted changes are evaluated, shown once.
+        lines = completed.stderr.splitlines()
+        warnings.update(dict.fromkeys(line for line in lines if "is dirty" in line))
+        systems.update(
+            {name: System(**value) for name, value in json.loads(completed.stdout).items()}
+        )
+    for warning in warnings:
+        print(warning, file=sys.stderr)
+    return systems
 
 
 def _nix_list(items: Sequence[str]) -> str:

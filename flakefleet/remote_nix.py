@@ -11,6 +11,7 @@ import json
 import shlex
 from collections.abc import Sequence
 
+from flakefleet.models import MachineClass
 from flakefleet.nix import FEATURES, Attributes, NixError, systems_expression
 from flakefleet.target import Target, shell_path
 
@@ -69,10 +70,29 @@ def collect_garbage_command(target: Target) -> str:
     return f"{target.nix('nix-store')} --gc 2>&1 | tail -1"
 
 
-def prune_command(target: Target, keep: int) -> str:
-    """Delete all but the newest `keep` generations of the machine's profile (the current one
-    always stays), then collect garbage."""
+def prune_command(target: Target, keep: int, profile: str | None = None) -> str:
+    """Delete every generation of the machine's profile but the newest `keep` and the one the
+    profile selects, write the boot entries again (NixOS lists every generation in its boot
+    menu), then collect garbage.
+
+    Not `nix-env --delete-generations +N`: it counts from the selected generation and keeps
+    every newer one, so after a rollback more than `keep` would stay. (`profile`: another than
+    the target's own, for tests.)
+    """
+    profile = profile or target.profile
+    link = shlex.quote(profile)
+    numbers = (
+        f'for l in {link}-*-link; do [ -L "$l" ] || continue; n=${{l%-link}}; '
+        'echo "${n##*-}"; done | grep -x "[0-9][0-9]*" | sort -rn'
+    )
+    selected = f"s=$(readlink {link}); s=${{s%-link}}; s=${{s##*-}}"
+    delete = shlex.join([target.nix("nix-env"), "--profile", profile])
+    # As the NixOS manual says after deleting generations: install the bootloader again, so
+    # no boot entry names a generation whose closure the collection below deletes.
+    nixos = target.machine_class is MachineClass.NIXOS
+    boot = f" && {link}/bin/switch-to-configuration boot" if nixos else ""
     return (
-        f"{shlex.join([target.nix('nix-env'), '--profile', target.profile])} "
-        f"--delete-generations +{keep} && {target.nix('nix-store')} --gc"
+        f'{selected}; old=$({numbers} | tail -n +{keep + 1} | grep -vx "$s"); '
+        f'if [ -n "$old" ]; then {delete} --delete-generations $old{boot}; fi && '
+        f"{target.nix('nix-store')} --gc"
     )

@@ -54,6 +54,7 @@ class Run:
         self.launched: dict[str, Activation] = {}  # activations not yet over, as far as we know
         self.pending: dict[str, Activation] = {}  # activations awaiting their confirmation
         self.finished: set[str] = set()  # machines whose deploy file ran to its end
+        self.awaiting_reboot: set[str] = set()  # activated for the next boot only (exit 100)
         self.interrupted = False
         self.stopped: list[str] = []  # why the rollout stopped (on_check_failure = stop)
         self.verdicts: dict[tuple[str, str], Any] = {}  # (health gate, machine) -> Verdict

@@ -25,6 +25,8 @@ from flakefleet.worker import BUSY, Activation, Phase, Unanswered
 from operations.refuse import refuse
 
 WORKER = files("operations").joinpath("scripts/activate.sh").read_text()
+# The worker's message when the new system only runs from the next boot (exit 100).
+REBOOT_REQUIRED = "activated for next boot; reboot required"
 
 
 def supports(goal: Goal) -> bool:
@@ -142,6 +144,9 @@ def _activate(state: Any, host: Any, activation: Activation) -> bool:
     if phase is not Phase.SUCCEEDED:
         outcome.fail(f"activation: {worker.explain(target, answer)}")
         return False
+    if answer[1].startswith(REBOOT_REQUIRED):  # switch-to-configuration exited 100
+        outcome.note(answer[1])
+        run.awaiting_reboot.add(host.name)  # its checks wait for the reboot
     if activation.goal is not Goal.DRY_ACTIVATE:
         outcome.changed_by(activation.goal)
     return True

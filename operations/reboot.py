@@ -23,18 +23,35 @@ from flakefleet.target import Unreachable
 from operations.verify import run_smoke_checks
 
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
+# What identifies the current boot: Linux's boot id; a Mac has none, so its boot time
+# (`sysctl -n kern.boottime`: "{ sec = 1700000000, usec = 123 } Tue Nov 14 ...") as one word.
+BOOT_IDENTITY = (
+    f"cat {BOOT_ID} 2>/dev/null || sysctl -n kern.boottime | "
+    r"sed -n 's/^{ *sec = \([0-9]*\), *usec = \([0-9]*\) *}.*/\1.\2/p'"
+)
 # Parts of a system that only a reboot puts in place.
 BOOT_PARTS = ("kernel", "initrd", "kernel-modules")
 
 
-def needs_reboot_command(system: str, goal: Goal) -> str:
-    """Print the boot id, then `needed` or `not-needed` for the new system."""
+def needs_reboot_command(system: str) -> str:
+    """Print the boot identity, then `needed` or `not-needed` for the new system.
+
+    A part missing on both sides is no change (a container's toplevel has no kernel, initrd
+    nor modules; nor has nix-darwin's). The running system is compared for every goal: a
+    switch whose init was incompatible (exit 100) still runs the old one until a reboot.
+    """
     differs = " || ".join(
-        f'[ "$(readlink -f {BOOTED_SYSTEM}/{part})" != "$(readlink -f {system}/{part})" ]'
-        for part in BOOT_PARTS
+        f"part_differs {BOOTED_SYSTEM}/{part} {system}/{part}" for part in BOOT_PARTS
     )
-    running = f'[ "$(readlink -f {RUNNING_SYSTEM})" != {system} ]' if goal is Goal.BOOT else "false"
-    return f"cat {BOOT_ID}; if {running} || {differs}; then echo needed; else echo not-needed; fi"
+    function = (
+        'part_differs() { { [ -e "$1" ] || [ -e "$2" ]; } && '
+        '[ "$(readlink -f "$1")" != "$(readlink -f "$2")" ]; }'
+    )
+    running = f'[ "$(readlink -f {RUNNING_SYSTEM})" != {system} ]'
+    return (
+        f"{BOOT_IDENTITY}; {function}; "
+        f"if {running} || {differs}; then echo needed; else echo not-needed; fi"
+    )
 
 
 @operation(is_idempotent=False)
@@ -62,9 +79,7 @@ def _reboot(
     run = Run.of(state)
     target, outcome = run.target(host.name), run.outcome(host.name)
     try:
-        boot_id, verdict = target.run(
-            needs_reboot_command(system, goal), timeout=60
-        ).stdout.split()[:2]
+        boot_id, verdict = target.run(needs_reboot_command(system), timeout=60).stdout.split()[:2]
     except (Unreachable, ValueError) as error:
         outcome.fail(f"reboot: could not read the boot state ({error})")
         return False
@@ -80,7 +95,7 @@ def _reboot(
         time.sleep(1)
         try:
             lines = target.run(
-                f"cat {BOOT_ID}; readlink -f {RUNNING_SYSTEM}", timeout=15
+                f"{BOOT_IDENTITY}; readlink -f {RUNNING_SYSTEM}", timeout=15
             ).stdout.split()
         except Unreachable:
             continue

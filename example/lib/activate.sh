@@ -21,7 +21,8 @@ stop_service() {
 }
 
 start_service() {
-  setsid "$system/services/$1" </dev/null >>"/var/log/$1.log" 2>&1 &
+  # fd 9 is switch-to-configuration's lock: a service must not hold it after the switch.
+  setsid "$system/services/$1" </dev/null >>"/var/log/$1.log" 2>&1 9>&- &
   echo $! > "$run/$1.pid"
   echo "$system/services/$1" > "$run/$1.unit"
   sleep 0.3

@@ -149,19 +149,27 @@ in
       toplevel = shell "nixos-system-${host.name}-${version}" ({
         inherit etc sw version;
         kernelVersion = host.kernel or "6.6.1";
+        # A container (boot.isContainer) has no kernel, initrd nor kernel modules.
+        container = flag (host.container or false);
+        # What the running init speaks; switch-to-configuration exits 100 when it changes.
+        initInterface = host.initInterfaceVersion or "systemd 2";
         serviceNames = builtins.concatStringsSep " " roleServices;
         blob = if host ? blobSize then blob host.blobSize else "";
         activate = template ./activate.sh values;
         switch = template ./switch-to-configuration.sh values;
       } // serviceEnv) ''
-        mkdir -p $out/bin $out/services $out/kernel-modules
+        mkdir -p $out/bin $out/services
         ln -s $etc $out/etc
         ln -s $sw $out/sw
         [ -z "$blob" ] || ln -s $blob $out/blob
         printf '%s' "$version" > $out/nixos-version
-        printf 'imitation kernel %s\n' "$kernelVersion" > $out/kernel
-        printf 'imitation initrd %s\n' "$kernelVersion" > $out/initrd
-        printf '%s\n' "$kernelVersion" > $out/kernel-modules/version
+        printf '%s\n' "$initInterface" > $out/init-interface-version
+        if [ -z "$container" ]; then
+          mkdir -p $out/kernel-modules
+          printf 'imitation kernel %s\n' "$kernelVersion" > $out/kernel
+          printf 'imitation initrd %s\n' "$kernelVersion" > $out/initrd
+          printf '%s\n' "$kernelVersion" > $out/kernel-modules/version
+        fi
         printf '%s' "$activate" > $out/activate
         printf '%s' "$switch" > $out/bin/switch-to-configuration
         chmod +x $out/activate $out/bin/switch-to-configuration

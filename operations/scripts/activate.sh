@@ -66,8 +66,19 @@ activate() {  # SYSTEM GOAL
   esac
 }
 
-# Put back what ran before, then stop with the reason.
-roll_back() {  # REASON
+# switch-to-configuration's own lock (nixpkgs' switch-to-configuration-ng takes it with a
+# non-blocking flock; when it cannot: "Could not acquire lock", exit 11). Held, it means
+# another switch (an auto-upgrade, a hand-run nixos-rebuild) is under way: what it does to
+# the machine is its own, so nothing is activated or rolled back over it.
+switch_lock=/run/nixos/switch-to-configuration.lock
+another_switch() {
+  [ "$class" = nixos ] && [ -e "$switch_lock" ] && command -v flock >/dev/null 2>&1 \
+    && ! flock -n "$switch_lock" true
+}
+
+# Put back what ran before, then stop with the reason. With PROFILE_ONLY, only the profile is
+# put back (nothing was activated).
+roll_back() {  # REASON [PROFILE_ONLY]
   case $goal in
     switch | boot)
       new_generation=$(readlink "$profile")
@@ -89,7 +100,9 @@ roll_back() {  # REASON
       restore=$(readlink -f "$profile") ;;
     *) restore=$previously_running ;;
   esac
-  if [ -z "$restore" ]; then
+  if [ -n "${2:-}" ]; then
+    phase failed "$1; nothing was activated, $profile left on ${restore:-what it was}"
+  elif [ -z "$restore" ]; then
     phase failed "$1; nothing ran before, nothing to roll back to"
   elif activate "$restore" "$goal"; then
     phase rolled-back "$1; rolled back to $restore"
@@ -103,6 +116,10 @@ echo $$ >"$dir/pid"  # before the first phase: the deployer tells a live worker 
 previously_running=$(running)
 previous_generation=$(readlink "$profile" 2>/dev/null || true)
 phase running "activating $system ($goal)"
+if another_switch; then
+  phase failed "another switch-to-configuration is running (it holds $switch_lock); nothing changed"
+  exit 1
+fi
 
 case $goal in
   switch | boot)
@@ -116,6 +133,16 @@ esac
 activate "$system" "$goal"
 status=$?
 [ "$goal" = dry-activate ] && { phase succeeded "dry activation (exit $status)"; exit 0; }
+# Taken between our check and the switch: only our profile change is undone.
+if [ $status -eq 11 ] && grep -q "Could not acquire lock" "$dir/log"; then
+  roll_back "another switch-to-configuration is running (it holds $switch_lock)" profile-only
+fi
+# 100: the new init is incompatible with the running one; the profile and boot entry are set
+# and the new system runs from the next boot (upstream's meaning; nothing to roll back).
+if [ $status -eq 100 ] && [ "$goal" = switch ]; then
+  phase succeeded "activated for next boot; reboot required (its init is incompatible with the running one: exit 100)"
+  exit 0
+fi
 [ $status -eq 0 ] || roll_back "activation failed (exit $status)"
 
 if [ "$confirm_timeout" -gt 0 ]; then

@@ -161,19 +161,22 @@ def test_build_on_a_fleet_builder_sends_the_closure_directly(fleet, flake):
 
 
 def test_a_path_built_elsewhere_that_differs_stops_the_machine(fleet, flake):
-    # An impure flake evaluates differently where an environment variable differs.
+    # A flake that reads a file the sources step leaves out of /var/src/config (`/result`)
+    # evaluates differently there. (The controller evaluates purely: an environment variable
+    # no longer makes a difference.)
     imitation = flake / "lib" / "imitation.nix"
     original = imitation.read_text()
-    salted = 'PATH = "/usr/bin:/bin"; salt = builtins.getEnv "FF_SALT";'
+    salt = 'if builtins.pathExists ../result then builtins.readFile ../result else ""'
+    salted = f'PATH = "/usr/bin:/bin"; salt = {salt};'
     imitation.write_text(original.replace('PATH = "/usr/bin:/bin";', salted))
-    fleet.env["FF_SALT"] = "here"
     try:
-        there = system_of(flake, "vpn1")  # what the machine evaluates (it has no FF_SALT)
-        here = system_of(flake, "vpn1", env=fleet.env)
+        there = system_of(flake, "vpn1")  # what the machine evaluates (it has no /result)
+        (flake / "result").write_text("here")
+        here = system_of(flake, "vpn1")
         result = build(fleet, flake, "--limit", "vpn1", "--data", "build_on=target")
     finally:
         imitation.write_text(original)
-        del fleet.env["FF_SALT"]
+        (flake / "result").unlink(missing_ok=True)
     assert here != there
     assert result.returncode != 0
     assert result.report["vpn1"]["error"] == (
