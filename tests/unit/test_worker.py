@@ -130,15 +130,24 @@ def test_failed_units_exit_4_roll_profile_and_activation_back(machine):
     assert not list(machine.profile.parent.glob("system-2-link"))  # the failed one is deleted
 
 
-def test_exit_100_is_a_failed_activation_today(machine):
-    # NixOS: the new init is incompatible and takes effect at the next boot (issue 10 makes
-    # this "reboot required"); until then the worker treats it as any other failure.
+def test_exit_100_activates_for_the_next_boot(machine):
+    # NixOS: the new init is incompatible with the running one; the profile and boot entry
+    # are set and the new system runs after a reboot: nothing to roll back.
+    machine.run(machine.activation(machine.system("old")))
+    new = machine.system("new", "exit 100")
+    phase, message = machine.run(machine.activation(new))
+    assert phase is Phase.SUCCEEDED
+    assert message.startswith("activated for next boot; reboot required")
+    assert machine.selected() == new
+
+
+def test_exit_4_with_a_boot_goal_also_rolls_back(machine):
     old = machine.system("old")
     machine.run(machine.activation(old))
-    phase, message = machine.run(machine.activation(machine.system("new", "exit 100")))
+    phase, message = machine.run(machine.activation(machine.system("new", "exit 4"), Goal.BOOT))
     assert (phase, message) == (
         Phase.ROLLED_BACK,
-        f"activation failed (exit 100); rolled back to {old}",
+        f"activation failed (exit 4); rolled back to {old}",
     )
 
 
