@@ -117,6 +117,7 @@ class Activation:
     goal: Goal
     system: str
     profile: str
+    running: str  # what links to the system the machine runs (Target.running_link)
     confirm_timeout: float
     state_dir: str  # flakefleet's runtime directory on the machine (Target.state_dir)
     generation: int | None = None  # switch the profile to this existing generation (rollback)
@@ -134,6 +135,7 @@ class Activation:
             "--goal", str(self.goal),
             "--system", self.system,
             "--profile", self.profile,
+            "--running", self.running,
             "--confirm-timeout", str(int(self.confirm_timeout)),
         ]  # fmt: skip
         if self.generation is not None:

@@ -70,6 +70,7 @@ def activate(
         goal=goal,
         system=system.out,
         profile=target.profile,
+        running=target.running_link,
         confirm_timeout=confirm_timeout if goal.runs_new_system else 0,
         state_dir=target.state_dir,
     )
@@ -110,6 +111,7 @@ def roll_back(machine: MachineState, generation: int | None = None, confirm_time
         goal=Goal.SWITCH,
         system=chosen.system,
         profile=target.profile,
+        running=target.running_link,
         confirm_timeout=confirm_timeout,
         state_dir=target.state_dir,
         generation=chosen.number,

@@ -3,7 +3,10 @@
 # its files are described once, in flakefleet/worker.py):
 #
 #   sh activate.sh --dir DIR --class CLASS --goal GOAL --system SYSTEM --profile PROFILE
-#                  --confirm-timeout SECONDS [--generation N]
+#                  --running LINK --confirm-timeout SECONDS [--generation N]
+#
+# LINK links to what the machine runs (/run/current-system; a home-manager machine runs what
+# its profile selects).
 #
 # With --generation (a rollback), the profile is switched to that existing generation, SYSTEM,
 # instead of gaining a new one, and a failure switches it back without deleting anything.
@@ -19,10 +22,10 @@
 set -u
 usage() {
   echo "usage: activate.sh --dir DIR --class CLASS --goal GOAL --system SYSTEM" \
-    "--profile PROFILE --confirm-timeout SECONDS [--generation N]" >&2
+    "--profile PROFILE --running LINK --confirm-timeout SECONDS [--generation N]" >&2
   exit 2
 }
-dir='' class='' goal='' system='' profile='' confirm_timeout='' generation=''
+dir='' class='' goal='' system='' profile='' running_link='' confirm_timeout='' generation=''
 while [ $# -gt 0 ]; do
   [ $# -ge 2 ] || usage
   case $1 in
@@ -31,13 +34,14 @@ while [ $# -gt 0 ]; do
     --goal) goal=$2 ;;
     --system) system=$2 ;;
     --profile) profile=$2 ;;
+    --running) running_link=$2 ;;
     --confirm-timeout) confirm_timeout=$2 ;;
     --generation) generation=$2 ;;
     *) usage ;;
   esac
   shift 2
 done
-for value in "$dir" "$class" "$goal" "$system" "$profile" "$confirm_timeout"; do
+for value in "$dir" "$class" "$goal" "$system" "$profile" "$running_link" "$confirm_timeout"; do
   [ -n "$value" ] || usage
 done
 exec >>"$dir/log" 2>&1 </dev/null
@@ -48,12 +52,9 @@ phase() {
   echo "flakefleet: $1: $2"
 }
 
-# What the machine runs now, for its class.
+# What the machine runs now (nothing, if the link does not exist: readlink -f would print it).
 running() {
-  case $class in
-    home) readlink -f "$profile" 2>/dev/null || true ;;
-    *) readlink -f /run/current-system 2>/dev/null || true ;;
-  esac
+  if [ -e "$running_link" ]; then readlink -f "$running_link"; fi
 }
 
 # Make a system live the way its class does.
@@ -76,40 +77,68 @@ another_switch() {
     && ! flock -n "$switch_lock" true
 }
 
+# With a confirmation to wait for, a NixOS switch runs the new system with `test` first and
+# makes it the profile's generation and the boot default only once confirmed: a machine that
+# loses power before then boots what it ran before (nixos-rebuild writes the boot entry first).
+deferred=''
+if [ "$class" = nixos ] && [ "$goal" = switch ] && [ "$confirm_timeout" -gt 0 ]; then
+  deferred=1
+fi
+profile_set=''
+
+# Make SYSTEM the profile's selected generation (a new one, or --generation's).
+set_profile() {
+  if [ -n "$generation" ]; then
+    nix-env -p "$profile" --switch-generation "$generation"
+  else
+    nix-env -p "$profile" --set "$system"
+  fi || return 1
+  profile_set=1
+}
+
 # Put back what ran before, then stop with the reason. With PROFILE_ONLY, only the profile is
 # put back (nothing was activated).
 roll_back() {  # REASON [PROFILE_ONLY]
-  case $goal in
-    switch | boot)
-      new_generation=$(readlink "$profile")
-      if [ -z "$previous_generation" ] || [ "$new_generation" = "$previous_generation" ]; then
-        phase failed "$1; no previous generation to roll back to"
-        exit 1
-      fi
-      if [ -n "$generation" ]; then
-        number=${previous_generation%-link}
-        nix-env -p "$profile" --switch-generation "${number##*-}"
-      else
-        number=${new_generation%-link}
-        nix-env -p "$profile" --rollback && nix-env -p "$profile" --delete-generations "${number##*-}"
-      fi
-      if [ $? -ne 0 ]; then
-        phase rollback-failed "$1; could not restore $profile to $previous_generation"
-        exit 1
-      fi
-      restore=$(readlink -f "$profile") ;;
-    *) restore=$previously_running ;;
-  esac
+  restore_goal=$goal
+  if [ -n "$profile_set" ]; then
+    new_generation=$(readlink "$profile")
+    if [ -z "$previous_generation" ] || [ "$new_generation" = "$previous_generation" ]; then
+      phase failed "$1; no previous generation to roll back to"
+      exit 1
+    fi
+    if [ -n "$generation" ]; then
+      number=${previous_generation%-link}
+      nix-env -p "$profile" --switch-generation "${number##*-}"
+    else
+      number=${new_generation%-link}
+      nix-env -p "$profile" --rollback && nix-env -p "$profile" --delete-generations "${number##*-}"
+    fi
+    if [ $? -ne 0 ]; then
+      phase rollback-failed "$1; could not restore $profile to $previous_generation"
+      exit 1
+    fi
+    restore=$(readlink -f "$profile")
+  else
+    # The profile and the boot default were never touched: only what runs goes back.
+    restore=$previously_running
+    [ -n "$deferred" ] && restore_goal=test
+  fi
   if [ -n "${2:-}" ]; then
     phase failed "$1; nothing was activated, $profile left on ${restore:-what it was}"
   elif [ -z "$restore" ]; then
     phase failed "$1; nothing ran before, nothing to roll back to"
-  elif activate "$restore" "$goal"; then
+  elif activate "$restore" "$restore_goal"; then
     phase rolled-back "$1; rolled back to $restore"
   else
     phase rollback-failed "$1; re-activating $restore failed too"
   fi
   exit 1
+}
+
+# Once confirmed (or right away without a deferred boot): the profile and the boot default.
+make_boot_default() {
+  set_profile || roll_back "could not set $profile to $system"
+  activate "$system" boot || roll_back "making $system the boot default failed"
 }
 
 echo $$ >"$dir/pid"  # before the first phase: the deployer tells a live worker from a dead one
@@ -123,14 +152,10 @@ fi
 
 case $goal in
   switch | boot)
-    if [ -n "$generation" ]; then
-      nix-env -p "$profile" --switch-generation "$generation"
-    else
-      nix-env -p "$profile" --set "$system"
-    fi || { phase failed "could not set $profile to $system"; exit 1; } ;;
+    [ -n "$deferred" ] || set_profile || { phase failed "could not set $profile to $system"; exit 1; } ;;
 esac
 
-activate "$system" "$goal"
+if [ -n "$deferred" ]; then activate "$system" test; else activate "$system" "$goal"; fi
 status=$?
 [ "$goal" = dry-activate ] && { phase succeeded "dry activation (exit $status)"; exit 0; }
 # Taken between our check and the switch: only our profile change is undone.
@@ -140,6 +165,7 @@ fi
 # 100: the new init is incompatible with the running one; the profile and boot entry are set
 # and the new system runs from the next boot (upstream's meaning; nothing to roll back).
 if [ $status -eq 100 ] && [ "$goal" = switch ]; then
+  [ -n "$deferred" ] && make_boot_default
   phase succeeded "activated for next boot; reboot required (its init is incompatible with the running one: exit 100)"
   exit 0
 fi
@@ -153,7 +179,11 @@ if [ "$confirm_timeout" -gt 0 ]; then
     sleep 0.1
     ticks=$((ticks + 1))
   done
-  [ -e "$dir/confirm" ] && { phase succeeded "activated $system, confirmed"; exit 0; }
+  if [ -e "$dir/confirm" ]; then
+    [ -n "$deferred" ] && make_boot_default
+    phase succeeded "activated $system, confirmed"
+    exit 0
+  fi
   [ -e "$dir/abort" ] && roll_back "$(cat "$dir/abort")"
   roll_back "not confirmed within ${confirm_timeout}s (no new SSH connection could confirm it)"
 fi

@@ -124,3 +124,24 @@ def test_a_home_state_directory_someone_else_made_is_refused(fleet, flake, conve
     assert remote_state(fleet, "home1")["current"] == before["current"]
     fleet.ssh("home1", f"rm -rf {planted}")
     assert fleet.deploy(flake, "--limit", "home1").status("home1") == "changed"
+
+
+def test_a_power_cut_before_confirmation_boots_what_ran_before(fleet, flake, converged):
+    before = remote_state(fleet, "web1")
+    set_host(flake, "web1", version="power-cut")
+    slow_check = '[{"command": "sleep 30", "timeout": 60}]'  # holds the confirmation back
+    run = fleet.start(
+        flake, "--limit", "web1", "--data", f"checks={slow_check}", "--data", "confirm_timeout=90"
+    )
+    fleet.wait_for("web1", f"{LATEST_PHASE} | grep -x awaiting-confirmation")
+    assert remote_state(fleet, "web1")["current"] == evaluate(flake, "web1")  # it runs the new
+    fleet.testbed("stop", "web1")  # the power goes
+    fleet.testbed("up")  # and comes back: the machine boots its boot default
+    result = fleet.finish(run)
+    assert result.status("web1") == "failed", result.output
+    after = remote_state(fleet, "web1")
+    assert (after["current"], after["profile"]) == (before["current"], before["profile"])
+    assert after["generations"] == before["generations"]
+    plan = fleet.deploy(flake, "--limit", "web1", deploy_file="deploy/plan.py")
+    section = plan.output.split("--> flakefleet plan\n", 1)[1]
+    assert "would switch" in section.splitlines()[0], section

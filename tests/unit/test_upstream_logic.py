@@ -138,6 +138,8 @@ def test_the_worker_undoes_only_its_profile_when_another_switch_took_the_lock(tm
             new,
             "--profile",
             str(profile),
+            "--running",
+            str(tmp_path / "current"),
             "--confirm-timeout",
             "0",
         ],

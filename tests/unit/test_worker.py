@@ -60,6 +60,7 @@ class Machine:
         self.profile = root / "profiles" / "system"
         self.profile.parent.mkdir(parents=True)
         self.log = root / "activations"
+        self.running = root / "current-system"  # what each switch-to-configuration makes live
         self.bin = root / "bin"
         self.bin.mkdir()
         (self.bin / "nix-env").write_text(NIX_ENV)
@@ -70,7 +71,10 @@ class Machine:
         system = self.root / name
         (system / "bin").mkdir(parents=True)
         switch = system / "bin" / "switch-to-configuration"
-        switch.write_text(f'#!/bin/sh\necho "{name} $1" >> {self.log}\n{script}\n')
+        switch.write_text(
+            f'#!/bin/sh\necho "{name} $1" >> {self.log}\n'
+            f'[ "$1" = boot ] || ln -sfn {system} {self.running}\n{script}\n'
+        )
         switch.chmod(0o755)
         return str(system)
 
@@ -81,6 +85,7 @@ class Machine:
             goal=goal,
             system=system,
             profile=str(self.profile),
+            running=str(self.running),
             confirm_timeout=confirm,
             state_dir=str(self.root / "state"),
         )
@@ -165,10 +170,15 @@ def test_confirmation_and_abort(machine):
     confirmed = machine.activation(new, confirm=30)
     worker = machine.start(confirmed)
     assert machine.answer(confirmed, (Phase.RUNNING,))[0] is Phase.AWAITING_CONFIRMATION
+    # Until confirmed, the new system only runs (`test`): the profile and the boot default
+    # stay on the old one, so a power cut now boots what ran before.
+    assert machine.selected() == old
+    assert machine.log.read_text().splitlines()[-1] == "new test"
     subprocess.run(["sh", "-c", confirmed.confirm_command()], check=True)
     worker.wait(timeout=30)
     assert machine.answer(confirmed) == (Phase.SUCCEEDED, f"activated {new}, confirmed")
     assert machine.selected() == new
+    assert machine.log.read_text().splitlines()[-1] == "new boot"  # now the boot default
 
     aborted = machine.activation(machine.system("newer"), confirm=30)
     worker = machine.start(aborted)
@@ -177,6 +187,8 @@ def test_confirmation_and_abort(machine):
     worker.wait(timeout=30)
     assert machine.answer(aborted) == (Phase.ROLLED_BACK, f"checks failed; rolled back to {new}")
     assert machine.selected() == new
+    assert machine.log.read_text().splitlines()[-2:] == ["newer test", "new test"]
+    assert len(list(machine.profile.parent.glob("system-*-link"))) == 2  # none was added
 
 
 def test_no_confirmation_in_time_rolls_back(machine):
