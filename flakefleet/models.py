@@ -20,6 +20,12 @@ USER_SOURCES_ROOT = "$HOME/.var/src"
 STORE_DIR = ".flakefleet"
 
 
+def sources_undo_file(root: str, run_id: str) -> str:
+    """Where a run's sync remembers what it replaced in /var/src (`root`), for the activation
+    worker to put back if the deploy is rolled back; a later sync replaces it."""
+    return f"{root}/{STORE_DIR}/.undo/{run_id}"
+
+
 class MachineClass(StrEnum):
     """What a machine runs: a NixOS system, a nix-darwin system, or a home-manager profile."""
 

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -44,6 +45,7 @@ class Run:
         self.cwd = Path(state.cwd or ".")
         self.fleet_file = fleet_file()
         self.deployer = lock.Holder.this_process()
+        self.id = uuid.uuid4().hex[:12]  # names what this run leaves on machines
         self.report = Report()
         self.passwords = sudo.Passwords()
         self.targets = {

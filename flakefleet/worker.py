@@ -121,6 +121,7 @@ class Activation:
     confirm_timeout: float
     state_dir: str  # flakefleet's runtime directory on the machine (Target.state_dir)
     generation: int | None = None  # switch the profile to this existing generation (rollback)
+    sources_undo: str | None = None  # what this run's sync replaced in /var/src (to put back)
 
     @property
     def directory(self) -> WorkerDir:
@@ -140,6 +141,8 @@ class Activation:
         ]  # fmt: skip
         if self.generation is not None:
             arguments += ["--generation", str(self.generation)]
+        if self.sources_undo is not None:
+            arguments += ["--sources-undo", self.sources_undo]
         return arguments
 
     def launch_command(self) -> str:

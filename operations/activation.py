@@ -18,7 +18,7 @@ from pyinfra import host, state
 from pyinfra.api import FunctionCommand, operation
 
 from flakefleet import nix, worker
-from flakefleet.models import Goal, MachineState
+from flakefleet.models import Goal, MachineState, sources_undo_file
 from flakefleet.run import Run, fail
 from flakefleet.target import Unreachable
 from flakefleet.worker import BUSY, Activation, Phase, Unanswered
@@ -73,6 +73,7 @@ def activate(
         running=target.running_link,
         confirm_timeout=confirm_timeout if goal.runs_new_system else 0,
         state_dir=target.state_dir,
+        sources_undo=sources_undo_file(machine.var_src.root, run.id),
     )
     yield FunctionCommand(_activate, (activation,), {})
 

@@ -21,7 +21,7 @@ from typing import Any
 from pyinfra import host, logger, state
 from pyinfra.api import FunctionCommand, operation
 
-from flakefleet.models import STORE_DIR, VarSrc
+from flakefleet.models import STORE_DIR, VarSrc, sources_undo_file
 from flakefleet.process import CommandError, run
 from flakefleet.run import Run, change, fail
 from flakefleet.settings import layers
@@ -111,7 +111,9 @@ def sync(wanted: MachineSources, var_src: VarSrc):
     for item, tree in changes.install:
         if item.local is not None:
             yield FunctionCommand(_push, (item, tree, var_src, wanted.rsync_options), {})
-    yield Run.of(state).target(host.name).command(install_script(changes, var_src.root))
+    run = Run.of(state)
+    undo = sources_undo_file(var_src.root, run.id)
+    yield run.target(host.name).command(install_script(changes, var_src.root, undo))
     yield change("sources")
 
 
@@ -250,18 +252,22 @@ def rsync_command(
     return [*argv, str(item.local), destination]
 
 
-def install_script(changes: Changes, root: str) -> str:
+def install_script(changes: Changes, root: str, undo: str | None = None) -> str:
     """The one command that installs a sync's trees, links and derivations, in order, and
-    removes what is no longer declared."""
-    lines = [f"r={shlex.quote(root)}", f"store={shlex.quote(STORE_DIR)}", INSTALL_FUNCTIONS]
+    removes what is no longer declared; with `undo`, what it replaced is written there."""
+    lines = [f"r={shlex.quote(root)}", f"store={shlex.quote(STORE_DIR)}"]
+    if undo:
+        lines.append(f"undo={shlex.quote(undo)}")
+    lines.append(INSTALL_FUNCTIONS)
+    if undo:
+        lines.append('rm -rf "${undo%/*}"; mkdir -p "${undo%/*}"; : > "$undo"')
     if any(item.source.type == "derivation" for item, _ in changes.install):
         lines.append('NIX_PATH="$r"; export NIX_PATH  # <name> is /var/src/name, as with krops')
     for name in map(shlex.quote, changes.displace):
         lines += ['mkdir -p "$s/.displaced"', f'mv "$r"/{name} "$s/.displaced/"{name}.$(date +%s)']
     for item, tree in changes.install:
         lines += _install_lines(item, tree)
-    for name in map(shlex.quote, changes.remove):
-        lines += [f'rm -f "$r"/{name}', f'rm -rf "$s"/{name}']
+    lines += [f"unlink {shlex.quote(name)}" for name in changes.remove]
     lines += [f'rm -rf "$s"/{shlex.quote(name)}' for name in changes.orphans]
     return "\n".join(lines)
 

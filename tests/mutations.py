@@ -38,6 +38,7 @@ ACTIVATION = "tests/integration/test_activation.py"
 FAULTS = "tests/integration/test_faults.py"
 SOURCES = "tests/integration/test_sources.py"
 VERDICTS = "tests/integration/test_verdicts.py"
+INTERRUPTS = "tests/integration/test_interrupts.py"
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,13 @@ MUTATIONS = [
         "near = difflib.get_close_matches(name, known, n=1, cutoff=0.85)",
         "near: list[str] = []",
         ("tests/unit/test_settings.py", FAULTS, "-k", "setting"),
+    ),
+    Mutation(
+        "a switch sets the boot default before its confirmation",
+        "operations/scripts/activate.sh",
+        "  deferred=1\n",
+        "  deferred=\n",
+        (INTERRUPTS, "-k", "power_cut"),
     ),
     Mutation(
         "unchanged sources still run the install command",

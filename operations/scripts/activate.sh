@@ -4,9 +4,12 @@
 #
 #   sh activate.sh --dir DIR --class CLASS --goal GOAL --system SYSTEM --profile PROFILE
 #                  --running LINK --confirm-timeout SECONDS [--generation N]
+#                  [--sources-undo FILE]
 #
 # LINK links to what the machine runs (/run/current-system; a home-manager machine runs what
-# its profile selects).
+# its profile selects). FILE is what this deploy's sync replaced in /var/src ("NAME TREE" per
+# line, "-" for absent): a rollback puts those links back too, so the old system does not run
+# on the new sources.
 #
 # With --generation (a rollback), the profile is switched to that existing generation, SYSTEM,
 # instead of gaining a new one, and a failure switches it back without deleting anything.
@@ -22,10 +25,11 @@
 set -u
 usage() {
   echo "usage: activate.sh --dir DIR --class CLASS --goal GOAL --system SYSTEM" \
-    "--profile PROFILE --running LINK --confirm-timeout SECONDS [--generation N]" >&2
+    "--profile PROFILE --running LINK --confirm-timeout SECONDS [--generation N]" \
+    "[--sources-undo FILE]" >&2
   exit 2
 }
-dir='' class='' goal='' system='' profile='' running_link='' confirm_timeout='' generation=''
+dir='' class='' goal='' system='' profile='' running_link='' confirm_timeout='' generation='' sources_undo=''
 while [ $# -gt 0 ]; do
   [ $# -ge 2 ] || usage
   case $1 in
@@ -37,6 +41,7 @@ while [ $# -gt 0 ]; do
     --running) running_link=$2 ;;
     --confirm-timeout) confirm_timeout=$2 ;;
     --generation) generation=$2 ;;
+    --sources-undo) sources_undo=$2 ;;
     *) usage ;;
   esac
   shift 2
@@ -127,13 +132,31 @@ roll_back() {  # REASON [PROFILE_ONLY]
     phase failed "$1; nothing was activated, $profile left on ${restore:-what it was}"
   elif [ -z "$restore" ]; then
     phase failed "$1; nothing ran before, nothing to roll back to"
-  elif activate "$restore" "$restore_goal"; then
-    phase rolled-back "$1; rolled back to $restore"
+  elif restore_sources && activate "$restore" "$restore_goal"; then
+    phase rolled-back "$1; rolled back to $restore$restored"
   else
     phase rollback-failed "$1; re-activating $restore failed too"
   fi
   exit 1
 }
+
+# Put /var/src back as it was before this deploy's sync (its old trees are kept for this).
+restore_sources() {
+  [ -n "$sources_undo" ] && [ -f "$sources_undo" ] || return 0
+  root=${sources_undo%/.flakefleet/.undo/*}
+  if mv --version >/dev/null 2>&1; then mvt="mv -T"; else mvt="mv -h"; fi
+  while read -r name tree; do
+    if [ "$tree" = - ]; then
+      rm -f "$root/$name"
+    elif [ -e "$root/.flakefleet/$name/$tree" ] || [ -L "$root/.flakefleet/$name/$tree" ]; then
+      ln -sfn ".flakefleet/$name/$tree" "$root/.$name.flakefleet-new" &&
+        $mvt "$root/.$name.flakefleet-new" "$root/$name"
+    fi
+  done < "$sources_undo"
+  rm -f "$sources_undo"
+  restored=" and its sources"
+}
+restored=''
 
 # Once confirmed (or right away without a deferred boot): the profile and the boot default.
 make_boot_default() {

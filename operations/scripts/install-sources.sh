@@ -1,15 +1,27 @@
 # The shell functions of flakefleet's sources install (operations/sources.py `install_script`):
 # the install commands of one sync follow them in the same POSIX sh script (GNU or BSD tools),
-# with `r` (the sources root, /var/src) and `store` (flakefleet's directory in it) set first.
+# with `r` (the sources root, /var/src) and `store` (flakefleet's directory in it) set first,
+# and `undo` (a file) when what the sync replaces must be remembered for a rollback.
 set -e
 s="$r/$store"
 mkdir -p "$s"
 cd "$r"  # a derivation's flake may be a source: ./name
 if mv --version >/dev/null 2>&1; then mvt="mv -T"; else mvt="mv -h"; fi
-live() {  # make tree $2 the live /var/src/$1 with one rename, then drop the source's others
+remember() {  # how /var/src/$1 was before this sync ("-": absent), for a rollback to put back
+  [ -n "${undo:-}" ] || return 0
+  was=$(readlink "$r/$1" 2>/dev/null) && was=${was##*/} || was=-
+  printf '%s %s\n' "$1" "$was" >> "$undo"
+}
+live() {  # make tree $2 the live /var/src/$1 with one rename; keep the tree it replaces (a
+          # rollback puts it back) and drop the source's others
+  remember "$1"
   ln -sfn "$store/$1/$2" "$r/.$1.flakefleet-new"
   $mvt "$r/.$1.flakefleet-new" "$r/$1"
-  find "$s/$1" -mindepth 1 -maxdepth 1 ! -name "$2" -exec rm -rf {} +
+  find "$s/$1" -mindepth 1 -maxdepth 1 ! -name "$2" ! -name "$was" -exec rm -rf {} +
+}
+unlink() {  # /var/src/$1 is no longer declared: its tree stays until the next sync
+  remember "$1"
+  rm -f "$r/$1"
 }
 flake() {  # Nix wants a path flake's directory itself, not /var/src's link to it
   case "$1" in

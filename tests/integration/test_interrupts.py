@@ -145,3 +145,23 @@ def test_a_power_cut_before_confirmation_boots_what_ran_before(fleet, flake, con
     plan = fleet.deploy(flake, "--limit", "web1", deploy_file="deploy/plan.py")
     section = plan.output.split("--> flakefleet plan\n", 1)[1]
     assert "would switch" in section.splitlines()[0], section
+
+
+def note(text: str) -> tuple[str, str]:
+    """A source /var/src/note holding `text` (a pipe source: a local command's output)."""
+    return "--data", f'sources={{"note": {{"type": "pipe", "command": "echo {text}"}}}}'
+
+
+def test_a_rollback_puts_the_sources_back_too(fleet, flake, converged):
+    assert fleet.deploy(flake, "--limit", "web1", *note("v1")).returncode == 0
+    before = remote_state(fleet, "web1")
+    set_host(flake, "web1", version="bad-with-new-sources", failActivation=True)
+    try:
+        result = fleet.deploy(flake, "--limit", "web1", *note("v2"))
+    finally:
+        set_host(flake, "web1", failActivation=None)
+    error = result.report["web1"]["error"]
+    assert error.endswith(f"rolled back to {before['current']} and its sources"), error
+    # The old system runs on the sources it was deployed with, not the new ones.
+    assert fleet.ssh("web1", "cat /var/src/note") == "v1"
+    assert remote_state(fleet, "web1")["sources"] == before["sources"]

@@ -110,8 +110,8 @@ def test_guard_protects_another_tools_tree_unless_forced():
 # ----------------------------------------------------------------------------- install script
 
 
-def run_script(changes: Changes, root: Path) -> None:
-    subprocess.run(["sh", "-c", install_script(changes, str(root))], check=True)
+def run_script(changes: Changes, root: Path, undo: str | None = None) -> None:
+    subprocess.run(["sh", "-c", install_script(changes, str(root), undo)], check=True)
 
 
 def test_install_script_swaps_links_removes_and_displaces(tmp_path):
@@ -133,16 +133,20 @@ def test_install_script_swaps_links_removes_and_displaces(tmp_path):
         orphans=("half",),
         displace=("notes",),
     )
-    run_script(changes, root)
+    undo = store / ".undo" / "run1"
+    run_script(changes, root, str(undo))
     assert (root / "app").readlink() == Path(f".flakefleet/app/{D2}")
     assert (root / "app" / "index.html").read_text() == "new"
-    assert sorted(p.name for p in (store / "app").iterdir()) == [D2]  # the old tree is gone
+    # The tree it replaced stays, for a rollback to link again; nothing older does.
+    assert sorted(p.name for p in (store / "app").iterdir()) == [D1, D2]
     assert (root / "notes" / "index.html").read_text() == "new"  # symlink -> /var/src/app
     assert (store / "notes" / D1).readlink() == Path("../../app")
     assert [p.name.split(".")[0] for p in (store / ".displaced").iterdir()] == ["notes"]
-    assert not (root / "old").exists() and not (store / "old").exists()
+    assert not (root / "old").exists() and (store / "old" / D1).is_dir()  # kept, unlinked
     assert not (store / "half").exists()
     assert sorted(p.name for p in root.iterdir()) == [".flakefleet", "app", "notes"]
+    # What a rollback of this deploy puts back: app's old tree, old's link, no notes of ours.
+    assert undo.read_text().splitlines() == [f"app {D1}", "notes -", f"old {D1}"]
 
 
 def test_install_script_stops_at_the_first_failure(tmp_path):
