@@ -162,7 +162,10 @@ class Run:
                     lock.release_command(self.target(name).state_dir, self.deployer), timeout=30
                 )
             except Unreachable:
-                self.outcome(name).note("could not release the deploy lock (unreachable)")
+                self.outcome(name).note(
+                    "its deploy lock is still held (unreachable); the next deploy from this "
+                    "controller takes it over"
+                )
         addresses = {name: f"{t.address}:{t.port or 22}" for name, t in self.targets.items()}
         self.report.print(self.state, addresses)
 

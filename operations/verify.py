@@ -89,6 +89,9 @@ def _gate(state: Any, host: Any, op_hash: str, on_failure: CheckFailure) -> bool
         return True
 
     reason = f"checks failed: {', '.join(failures)}"
+    if host.name not in run.pending and run.settings(host.name).confirm_timeout == 0:
+        # Nothing waits for a confirmation: the new system stays, reachable or not.
+        reason += "; not rolled back: with confirm_timeout = 0 the new system stays"
     if host.name in run.pending:
         if on_failure is CheckFailure.KEEP:
             _confirmed, message = activation.confirm(run, host.name)

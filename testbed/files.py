@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 from testbed.layout import (
+    BOOTLOADER_DEFAULT,
     NIX_BIN,
     NIX_LIBEXEC,
     NIX_PROFILE_BIN,
@@ -55,44 +56,43 @@ trusted-public-keys = {trusted_key}
 """
 
 
-def sshd_config(port: int) -> str:
-    """The machine's sshd configuration (``/etc/ssh/testbed/sshd_config``)."""
+def _sshd_settings(port: int, host_key: str, authorized_keys: str) -> str:
+    """What every test machine's sshd has: its own port on loopback, keys only, no DNS."""
     return f"""\
-# Written by the testbed at each start of the machine.
 Port {port}
 ListenAddress 127.0.0.1
-HostKey {HOST_KEY}
+HostKey {host_key}
 PermitRootLogin prohibit-password
-AuthorizedKeysFile {AUTHORIZED_KEYS}
-UsePAM no
+AuthorizedKeysFile {authorized_keys}
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 UseDNS no
-PidFile /run/sshd.pid
 MaxStartups 100:30:200
 # VERBOSE logs every session and command to the console log (bench/ counts them).
 LogLevel VERBOSE
-Subsystem sftp /usr/lib/openssh/sftp-server
 """
+
+
+def sshd_config(port: int) -> str:
+    """The machine's sshd configuration (``/etc/ssh/testbed/sshd_config``)."""
+    return (
+        "# Written by the testbed at each start of the machine.\n"
+        + _sshd_settings(port, HOST_KEY, AUTHORIZED_KEYS)
+        + "UsePAM no\nPidFile /run/sshd.pid\nSubsystem sftp /usr/lib/openssh/sftp-server\n"
+    )
 
 
 def systemd_sshd_config(port: int) -> str:
     """A systemd machine's sshd settings (``/etc/ssh/sshd_config.d/testbed.conf``)."""
-    return f"""\
-# Written by the testbed at each start of the machine; read before Debian's sshd_config
-# (whose UsePAM yes gives each login a logind session, as on NixOS).
-Port {port}
-ListenAddress 127.0.0.1
-HostKey {SYSTEMD_HOST_KEY}
-PermitRootLogin prohibit-password
-# As on NixOS, where users.users.<name>.openssh.authorizedKeys end up.
-AuthorizedKeysFile .ssh/authorized_keys {SYSTEMD_AUTHORIZED_KEYS}/%u
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UseDNS no
-MaxStartups 100:30:200
-LogLevel VERBOSE
-"""
+    return (
+        "# Written by the testbed at each start of the machine; read before Debian's\n"
+        "# sshd_config (whose UsePAM yes gives each login a logind session, as on NixOS).\n"
+        "# AuthorizedKeysFile as on NixOS, where users.users.<name>.openssh.authorizedKeys\n"
+        "# end up.\n"
+        + _sshd_settings(
+            port, SYSTEMD_HOST_KEY, f".ssh/authorized_keys {SYSTEMD_AUTHORIZED_KEYS}/%u"
+        )
+    )
 
 
 def write_file(path: Path, text: str, mode: int = 0o644) -> None:
@@ -499,3 +499,13 @@ def write_machine_ssh(state: StatePaths, machine: Machine, known_hosts: str) -> 
     ssh.mkdir(mode=0o700, exist_ok=True)
     write_file(ssh / "id_ed25519", state.machine_key.read_text(), 0o600)
     write_file(ssh / "known_hosts", known_hosts)
+
+
+def boot_default_command(system: str, activate: str) -> str:
+    """A shell command that lays out a minimal system at `system` (its `activate` script) and
+    makes it what the imitation bootloader boots next (tests of the boot sequence)."""
+    return (
+        f"mkdir -p {system} {Path(BOOTLOADER_DEFAULT).parent}"
+        f" && printf '%s' '{activate}' > {system}/activate && chmod +x {system}/activate"
+        f" && ln -sfn {system} {BOOTLOADER_DEFAULT}"
+    )

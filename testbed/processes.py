@@ -13,8 +13,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+
+from testbed.layout import REPO_ROOT
 
 MACHINE_MODULE = "testbed.machine"
 LAUNCHER_MODULE = "testbed.nspawn"  # a systemd machine's launcher
@@ -150,3 +155,15 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
         time.sleep(0.02)
         alive = [pid for pid in alive if is_alive(pid)]
     return alive
+
+
+def run_cli(
+    args: list[str], env: Mapping[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`python -m testbed ARGS` as a process of its own, as a user runs it (tests, bench)."""
+
+    return subprocess.run(
+        [sys.executable, "-m", "testbed", *args],
+        cwd=REPO_ROOT, env=dict(env), capture_output=True, text=True, check=False,
+        timeout=timeout,
+    )  # fmt: skip

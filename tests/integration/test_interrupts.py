@@ -165,3 +165,14 @@ def test_a_rollback_puts_the_sources_back_too(fleet, flake, converged):
     # The old system runs on the sources it was deployed with, not the new ones.
     assert fleet.ssh("web1", "cat /var/src/note") == "v1"
     assert remote_state(fleet, "web1")["sources"] == before["sources"]
+
+
+def test_without_confirmation_a_broken_system_is_said_to_stay(fleet, flake, converged):
+    """Last: web1 is left unreachable (its sshd moved) for the rest of this module."""
+    set_host(flake, "web1", version="nossh-unconfirmed", breakSsh=True)
+    result = fleet.deploy(flake, "--limit", "web1", "--data", "confirm_timeout=0")
+    assert result.status("web1") == "failed", result.output
+    error = result.report["web1"]["error"]
+    assert error.startswith("checks failed: ")
+    assert error.endswith("not rolled back: with confirm_timeout = 0 the new system stays"), error
+    assert "its deploy lock is still held (unreachable)" in " ".join(result.report["web1"]["notes"])

@@ -11,7 +11,6 @@ import hashlib
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testbed.layout import REPO_ROOT
+from testbed.files import boot_default_command
+from testbed.processes import run_cli
 
 ROSTER = Path(__file__).with_name("hosts.json")
 BASE_PORT = int(os.environ.get("FLAKEFLEET_TESTBED_TEST_PORT", "22600"))
@@ -59,15 +59,7 @@ class Fleet:
         }
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "testbed", *args],
-            cwd=REPO_ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=60,
-        )
+        return run_cli(list(args), self.env, timeout=60)
 
     def ssh(self, target: str, command: str, *options: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -208,12 +200,7 @@ def test_what_a_machine_shares_with_this_computer_is_read_only_inside_it(testbed
 def test_reboot_empties_run_and_boots_the_selected_system(testbed: Fleet) -> None:
     old_boot_id = testbed.output("web1", "cat /run/boot-id")
     activate = '#!/bin/sh\necho "activating $0"\ntouch /run/activated\n'
-    testbed.output(
-        "web1",
-        f"mkdir -p {FAKE_SYSTEM} /var/lib/fake-bootloader && touch /run/probe"
-        f" && printf '%s' '{activate}' > {FAKE_SYSTEM}/activate && chmod +x {FAKE_SYSTEM}/activate"
-        f" && ln -sfn {FAKE_SYSTEM} /var/lib/fake-bootloader/default",
-    )
+    testbed.output("web1", f"touch /run/probe && {boot_default_command(FAKE_SYSTEM, activate)}")
     completed = testbed.cli("reboot", "web1")
     assert completed.returncode == 0, completed.stderr
     new_boot_id = completed.stdout.strip()

@@ -18,7 +18,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testbed.layout import REPO_ROOT, SYSTEMD_BIN, StatePaths, cache_dir, cgroup_hierarchies
+from testbed.files import boot_default_command
+from testbed.layout import SYSTEMD_BIN, StatePaths, cache_dir, cgroup_hierarchies
+from testbed.processes import run_cli
 
 BASE_PORT = int(os.environ.get("FLAKEFLEET_TESTBED_TEST_PORT", "22600")) + 50
 ROSTER = {
@@ -59,15 +60,7 @@ class Fleet:
         }
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "testbed", *args],
-            cwd=REPO_ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=timeout,
-        )
+        return run_cli(list(args), self.env, timeout=timeout)
 
     def up(self, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return self.cli("up", "--systemd", "web1", "--roster", str(self.roster), timeout=timeout)
@@ -293,12 +286,7 @@ def test_boot_activates_the_selected_system(testbed: Fleet) -> None:
     """NixOS's stage 2, imitated: a boot links /run/booted-system and /run/current-system to
     what the bootloader selected and runs its activate, before sshd."""
     activate = "#!/bin/sh\necho activating\ntouch /run/activated\n"
-    testbed.output(
-        "web1",
-        f"mkdir -p {FAKE_SYSTEM} /var/lib/fake-bootloader"
-        f" && printf '%s' '{activate}' > {FAKE_SYSTEM}/activate && chmod +x {FAKE_SYSTEM}/activate"
-        f" && ln -sfn {FAKE_SYSTEM} /var/lib/fake-bootloader/default",
-    )
+    testbed.output("web1", boot_default_command(FAKE_SYSTEM, activate))
     completed = testbed.cli("reboot", "web1")
     assert completed.returncode == 0, completed.stderr
     assert testbed.output("web1", "readlink /run/current-system /run/booted-system") == (
