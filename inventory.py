@@ -24,7 +24,8 @@ if Path(sys.argv[0]).name == "pyinfra":
 _groups: dict[str, list[tuple[str, dict]]] = {}
 for _machine in _fleet.machines:
     for _group in _machine.groups:
-        _groups.setdefault(_group, []).append((_machine.name, _fleet.host_data(_machine)))
+        _host_data = _fleet.host_data(_machine, Path(__file__).resolve().parent)
+        _groups.setdefault(_group, []).append((_machine.name, _host_data))
 
 # pyinfra makes a group of every public module-level list.
 globals().update(_groups)

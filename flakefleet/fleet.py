@@ -47,6 +47,8 @@ PYINFRA_PRIVILEGE_KEYS = frozenset(
     {"_sudo", "_sudo_user", "_sudo_password", "_use_sudo_login", "_preserve_sudo_env",
      "_su_user", "_su_password", "_doas", "_doas_user"}
 )  # fmt: skip
+# The host data key inventory.py sets to the repository's directory (see Fleet.host_data).
+REPOSITORY_KEY = "flakefleet_repository"
 # Roles may not shadow the groups pyinfra or flakefleet define themselves.
 RESERVED_GROUPS = frozenset({"all", "inventory", *MACHINE_CLASSES})
 
@@ -84,8 +86,12 @@ class Fleet:
     ssh: dict[str, str] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
 
-    def host_data(self, machine: Machine) -> dict[str, Any]:
-        """pyinfra host data for a machine: how to reach it, then the fleet's and its own data."""
+    def host_data(self, machine: Machine, repository: Path | None = None) -> dict[str, Any]:
+        """pyinfra host data for a machine: how to reach it, then the fleet's and its own data.
+
+        A relative `flake` here is relative to this file; `repository` (where inventory.py and
+        group_data/ are) is what the relative paths of group data and `--data` are relative to.
+        """
         ssh: dict[str, Any] = {"ssh_hostname": machine.address, "ssh_user": machine.user}
         if machine.port is not None:
             ssh["ssh_port"] = machine.port
@@ -98,9 +104,14 @@ class Fleet:
             ssh["ssh_strict_host_key_checking"] = "yes"
         if "config" in self.ssh:
             ssh["ssh_config_file"] = self.ssh["config"]
+        data = _merge(self.data, machine.data)
+        if isinstance(data.get("flake"), str) and not Path(data["flake"]).is_absolute():
+            data["flake"] = str((self.path.parent / data["flake"]).resolve())
+        if repository is not None:
+            data[REPOSITORY_KEY] = str(repository)
         return {
             **ssh,
-            **_merge(self.data, machine.data),
+            **data,
             "machine_class": machine.machine_class,
             "roles": list(machine.roles),
         }

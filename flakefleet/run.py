@@ -25,7 +25,7 @@ from pyinfra.api import FunctionCommand
 from flakefleet import cache as caches
 from flakefleet import lock, sudo, worker
 from flakefleet.builds import FleetBuilds
-from flakefleet.fleet import fleet_file
+from flakefleet.fleet import REPOSITORY_KEY, fleet_file
 from flakefleet.report import Outcome, Report
 from flakefleet.settings import MachineSettings, selected_problems
 from flakefleet.target import Target, Unreachable
@@ -42,7 +42,10 @@ class Run:
 
     def __init__(self, state: Any) -> None:
         self.state = state
-        self.cwd = Path(state.cwd or ".")
+        # Relative paths in group data and --data are the repository's (where inventory.py
+        # and group_data/ are), wherever pyinfra runs from; without it, pyinfra's directory.
+        repositories = {host.data.get(REPOSITORY_KEY) for host in state.inventory} - {None}
+        self.cwd = Path(repositories.pop() if len(repositories) == 1 else state.cwd or ".")
         self.fleet_file = fleet_file()
         self.deployer = lock.Holder.this_process()
         self.id = uuid.uuid4().hex[:12]  # names what this run leaves on machines

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flakefleet import builds, cache, signing
+from flakefleet.fleet import REPOSITORY_KEY
 from flakefleet.models import Goal
 
 
@@ -141,7 +142,7 @@ SETTINGS: dict[str, Check] = {
     "sources_rsync_options": _text_list,
 }
 # Settings whose checks need the fleet (build_on, cache) or are their own (sources).
-OTHER_NAMES = {"build_on", "cache", "sources"}
+OTHER_NAMES = {"build_on", "cache", "sources", REPOSITORY_KEY}
 
 
 Layers = list[tuple[str, Mapping[str, Any]]]

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 
 import pytest
-from conftest import evaluate, set_host
+from conftest import BIN, ROOT, evaluate, set_host
 from test_deploy import remote_state
 
 LATEST = "$(ls -td /run/flakefleet/activation/*/ | head -1)"
@@ -165,6 +166,21 @@ def test_a_rollback_puts_the_sources_back_too(fleet, flake, converged):
     # The old system runs on the sources it was deployed with, not the new ones.
     assert fleet.ssh("web1", "cat /var/src/note") == "v1"
     assert remote_state(fleet, "web1")["sources"] == before["sources"]
+
+
+def test_a_deploy_run_from_another_directory_finds_the_repositorys_flake(
+    fleet, flake, converged, tmp_path
+):
+    """group_data/all.py's `flake = "example"` is the repository's example/, wherever pyinfra
+    runs from (here: no --data flake, and the working directory is elsewhere)."""
+    completed = subprocess.run(
+        [str(BIN / "pyinfra"), "-y", str(ROOT / "inventory.py"), str(ROOT / "deploy/plan.py"),
+         "--limit", "db1"],
+        cwd=tmp_path, env=fleet.env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output
+    assert "--> flakefleet plan" in output and "db1" in output.split("--> flakefleet plan")[1]
 
 
 def test_without_confirmation_a_broken_system_is_said_to_stay(fleet, flake, converged):

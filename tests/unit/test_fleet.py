@@ -201,3 +201,16 @@ def test_pyinfra_stops_on_a_limit_that_selects_nothing_before_connecting():
         completed.stdout + completed.stderr
     )
     assert "Connecting" not in completed.stdout + completed.stderr
+
+
+def test_a_relative_flake_in_the_fleet_file_is_the_fleet_files(tmp_path):
+    (tmp_path / "fleets").mkdir()
+    fleet = load_fleet(
+        write(tmp_path / "fleets", "data: {flake: ../flakes/fleet}\nmachines:\n"
+              "  - {name: web1, address: a}\n  - {name: web2, address: b, data: {flake: /abs}}\n")
+    )  # fmt: skip
+    web1, web2 = fleet.machines
+    data = fleet.host_data(web1, repository=Path("/repo"))
+    assert data["flake"] == str(tmp_path / "flakes" / "fleet")
+    assert data["flakefleet_repository"] == "/repo"
+    assert fleet.host_data(web2)["flake"] == "/abs"
