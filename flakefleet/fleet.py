@@ -175,9 +175,6 @@ def parse_fleet(document: Any, path: Path) -> Fleet:
         if not isinstance(value, str) or not value:
             raise FleetError(path, f"field 'ssh.{key}': expected a path")
     resolved_ssh = {key: str((path.parent / value).resolve()) for key, value in ssh.items()}
-    for key, value in resolved_ssh.items():
-        if not Path(value).is_file():
-            raise FleetError(path, f"field 'ssh.{key}': {value} is not a file")
 
     data = document.get("data") or {}
     if not isinstance(data, dict):
@@ -208,6 +205,10 @@ def parse_fleet(document: Any, path: Path) -> Fleet:
             )
         reached[where] = machine.name
         machines.append(machine)
+    # Last, so that a mistake in the file itself is named before a file it names is missed.
+    for key, value in resolved_ssh.items():
+        if not Path(value).is_file():
+            raise FleetError(path, f"field 'ssh.{key}': {value} is not a file")
     return Fleet(path=path, machines=tuple(machines), ssh=resolved_ssh, data=data)
 
 

@@ -146,15 +146,28 @@ class Activation:
         return arguments
 
     def launch_command(self) -> str:
-        """Start the worker detached (script on stdin), then wait for it to leave `running`."""
+        """Start the worker detached (script on stdin), then wait for it to leave `running`.
+
+        As root where systemd runs, a transient unit (out of the SSH session's cgroup, so an
+        sshd restart by the new system cannot take it along); a unit's environment is
+        systemd's own (on NixOS, PATH is only systemd's bin directory), so the session's PATH
+        goes with it. Elsewhere (a user's login, a Mac without setsid) a process of its own
+        that ignores the session's hangup.
+        """
         directory = self.directory
         arguments = shlex.join(self.arguments())
         unit = f"flakefleet-activation-{self.id}"
+        detach = (
+            "detach() { if command -v setsid >/dev/null; then "
+            'setsid nohup "$@" </dev/null >/dev/null 2>&1 & '
+            'else nohup "$@" </dev/null >/dev/null 2>&1 & fi; }'
+        )
         return (
-            f"mkdir -p {directory.path} && cat > {directory.script} && "
-            "if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null; then "
-            f"systemd-run --unit={unit} --collect --quiet -- {arguments}; "
-            f"else setsid nohup {arguments} </dev/null >/dev/null 2>&1 & fi; "
+            f"{detach}; mkdir -p {directory.path} && cat > {directory.script} && "
+            'if [ "$(id -u)" = 0 ] && [ -d /run/systemd/system ] && '
+            "command -v systemd-run >/dev/null; then "
+            f'systemd-run --unit={unit} --collect --quiet --setenv=PATH="$PATH" -- {arguments} '
+            f"|| detach {arguments}; else detach {arguments}; fi; "
             + self.wait_command((Phase.RUNNING,))
         )
 
@@ -163,11 +176,16 @@ class Activation:
         directory = self.directory
         path, phase = directory.path, directory.phase
         waiting = " || ".join(f'[ "$(cat {phase})" = {p} ]' for p in busy)
+        # Not started yet: wait, unless the worker is already gone (it died before its first
+        # phase). Busy: wait while it is alive.
+        starting = f"{{ [ ! -e {phase} ] && {{ [ ! -e {directory.pid} ] || alive {path}; }}; }}"
         return (
-            f"{ALIVE}; i=0; while [ -d {path} ] && {{ [ ! -e {phase} ] || "
-            f"{{ {{ {waiting}; }} && alive {path}; }}; }} "
+            f"{ALIVE}; i=0; while [ -d {path} ] && {{ {starting} || "
+            f"{{ [ -e {phase} ] && {{ {waiting}; }} && alive {path}; }}; }} "
             f"&& [ $i -lt {seconds * 10} ]; do sleep 0.1; i=$((i + 1)); done; "
-            f'if [ ! -e {phase} ]; then echo "phase={Unanswered.NOT_STARTED}"; '
+            f"if [ ! -e {phase} ] && [ -e {directory.pid} ] && ! alive {path}; then "
+            f'echo "phase={Unanswered.GONE}"; echo "the activation worker died as it started"; '
+            f'elif [ ! -e {phase} ]; then echo "phase={Unanswered.NOT_STARTED}"; '
             f'elif {{ {waiting}; }} && ! alive {path}; then echo "phase={Unanswered.GONE}"; '
             "echo 'the activation worker died (killed, or out of memory)'; "
             f'else echo "phase=$(cat {phase})"; cat {directory.message}; fi'

@@ -11,18 +11,12 @@ import os
 import signal
 import subprocess
 
-import pytest
 from conftest import BIN, ROOT, evaluate, set_host
 from test_deploy import remote_state
 
 LATEST = "$(ls -td /run/flakefleet/activation/*/ | head -1)"
 LATEST_PHASE = f"cat {LATEST}phase 2>/dev/null"
-
-
-@pytest.fixture(scope="module")
-def converged(fleet, flake):
-    result = fleet.deploy(flake)
-    assert result.returncode == 0, result.output
+SWITCH_LOCK = "/run/nixos/switch-to-configuration.lock"
 
 
 def test_ctrl_c_during_activation_rolls_back_reports_and_exits_non_zero(fleet, flake, converged):
@@ -62,6 +56,10 @@ def test_a_worker_that_died_frees_the_machine(fleet, flake, converged):
     assert "the activation worker died (killed, or out of memory)" in error, error
     assert "the machine runs /nix/store/" in error
 
+    # The killed worker's own switch-to-configuration goes on (its child): let it finish, as
+    # it holds the switch lock meanwhile.
+    fleet.wait_for("web1", f"flock -n {SWITCH_LOCK} true && echo free", timeout=120)
+
     # Its deployer killed too: the lock is taken over instead of waiting for it forever.
     dead = fleet.ssh("web1", f"echo {LATEST}")
     set_host(flake, "web1", version="killed-both")
@@ -70,6 +68,7 @@ def test_a_worker_that_died_frees_the_machine(fleet, flake, converged):
     os.kill(run.pid, signal.SIGKILL)
     fleet.finish(run)
     fleet.ssh("web1", f"kill -9 $(cat {LATEST}pid)")
+    fleet.wait_for("web1", f"flock -n {SWITCH_LOCK} true && echo free", timeout=120)
     set_host(flake, "web1", activationDelay=None)
     result = fleet.deploy(flake, "--limit", "web1")
     assert result.returncode == 0, result.output

@@ -351,6 +351,11 @@ def test_undeclared_sources_are_removed_unless_kept(fleet, flake):
     code, output, _ = deploy(fleet, flake, *WEB, *BUILD)
     assert code == 0, output
     assert fleet.ssh("web1", "ls /var/src") == "config\nmine\nweb-app-dist"
+    # Their trees stay until the next sync (a rollback of this deploy links them again).
+    kept = "config\nextra\nnotes\nweb-app-dist"
+    assert fleet.ssh("web1", "ls /var/src/.flakefleet") == kept
+    code, output, _ = deploy(fleet, flake, *WEB, *BUILD)
+    assert code == 0, output
     assert fleet.ssh("web1", "ls /var/src/.flakefleet") == "config\nweb-app-dist"
     assert fleet.ssh("web1", "cat /var/src/mine/file") == "mine"
 
@@ -436,8 +441,12 @@ def test_a_sync_killed_mid_transfer_leaves_every_source_wholly_old_or_wholly_new
 
     code, output, _ = deploy(fleet, flake, "--limit", "web1", *BUILD, *sources_data(declared))
     assert code == 0, output
-    now = read(fleet, "web1", trees="ls /var/src/.flakefleet/big | wc -l", **hashes)
-    assert now == {**new, "trees": "1"}  # all new, and no partial tree left
+    partial = "ls /var/src/.flakefleet/big | grep -c partial || true"
+    now = read(
+        fleet, "web1", trees="ls /var/src/.flakefleet/big | wc -l", partial=partial, **hashes
+    )
+    # All new, no partial tree left; the tree it replaced is kept (for a rollback) and no other.
+    assert now == {**new, "trees": "2", "partial": "0"}
 
 
 def tree_files(path: Path) -> dict[str, str]:
