@@ -256,9 +256,11 @@ def explain(target: Target, answer: Answer) -> str:
         return message
     loud = "ROLLBACK FAILED: " if phase is Phase.ROLLBACK_FAILED else ""
     try:
-        running, selected = target.run(
-            f"readlink -f {target.running_link}; readlink -f {target.profile}", timeout=30
-        ).stdout.split()[:2]
+        script = "; ".join(
+            f"if [ -e {link} ]; then readlink -f {link}; else echo nothing; fi"
+            for link in (target.running_link, target.profile)
+        )
+        running, selected = target.run(script, timeout=30).stdout.split()[:2]
     except (Unreachable, ValueError):
         return f"{loud}{message}; the machine's state could not be read"
     return f"{loud}{message}; the machine runs {running} and its profile selects {selected}" + (

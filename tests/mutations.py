@@ -39,6 +39,7 @@ FAULTS = "tests/integration/test_faults.py"
 SOURCES = "tests/integration/test_sources.py"
 VERDICTS = "tests/integration/test_verdicts.py"
 INTERRUPTS = "tests/integration/test_interrupts.py"
+SYSTEMD = "tests/integration/test_systemd_machines.py"
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,20 @@ MUTATIONS = [
         "  deferred=1\n",
         "  deferred=\n",
         (INTERRUPTS, "-k", "power_cut"),
+    ),
+    Mutation(
+        "the worker's unit gets only systemd's PATH",
+        "flakefleet/worker.py",
+        ' --setenv=PATH="$PATH" -- ',
+        " -- ",
+        (SYSTEMD,),
+    ),
+    Mutation(
+        "a rollback leaves the new sources in place",
+        "operations/scripts/activate.sh",
+        "  elif restore_sources && activate",
+        "  elif activate",
+        (INTERRUPTS, "-k", "sources_back"),
     ),
     Mutation(
         "unchanged sources still run the install command",
