@@ -27,6 +27,9 @@ from enum import StrEnum
 from flakefleet.models import Goal, MachineClass
 from flakefleet.target import Target, Unreachable
 
+# How long a launched worker may take to write its PID before it is taken for never started.
+START_SECONDS = 30
+
 
 class Phase(StrEnum):
     """Where a worker is; it writes these to its ``phase`` file."""
@@ -176,9 +179,11 @@ class Activation:
         directory = self.directory
         path, phase = directory.path, directory.phase
         waiting = " || ".join(f'[ "$(cat {phase})" = {p} ]' for p in busy)
-        # Not started yet: wait, unless the worker is already gone (it died before its first
+        # Not started yet: wait, unless it never started (no PID within START_SECONDS: the
+        # command that detaches it failed) or is gone already (it died before its first
         # phase). Busy: wait while it is alive.
-        starting = f"{{ [ ! -e {phase} ] && {{ [ ! -e {directory.pid} ] || alive {path}; }}; }}"
+        unstarted = f"{{ [ ! -e {directory.pid} ] && [ $i -lt {START_SECONDS * 10} ]; }}"
+        starting = f"{{ [ ! -e {phase} ] && {{ {unstarted} || alive {path}; }}; }}"
         return (
             f"{ALIVE}; i=0; while [ -d {path} ] && {{ {starting} || "
             f"{{ [ -e {phase} ] && {{ {waiting}; }} && alive {path}; }}; }} "
@@ -186,6 +191,7 @@ class Activation:
             f"if [ ! -e {phase} ] && [ -e {directory.pid} ] && ! alive {path}; then "
             f'echo "phase={Unanswered.GONE}"; echo "the activation worker died as it started"; '
             f'elif [ ! -e {phase} ]; then echo "phase={Unanswered.NOT_STARTED}"; '
+            "echo 'the activation worker did not start'; "
             f'elif {{ {waiting}; }} && ! alive {path}; then echo "phase={Unanswered.GONE}"; '
             "echo 'the activation worker died (killed, or out of memory)'; "
             f'else echo "phase=$(cat {phase})"; cat {directory.message}; fi'

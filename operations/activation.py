@@ -142,7 +142,7 @@ def _activate(state: Any, host: Any, activation: Activation) -> bool:
         return True
     del run.launched[host.name]
     if phase is Unanswered.NOT_STARTED:
-        outcome.fail("activation: could not start it (connection failed)")
+        outcome.fail(f"activation: could not start it ({answer[1] or 'connection failed'})")
         return False
     if phase is not Phase.SUCCEEDED:
         outcome.fail(f"activation: {worker.explain(target, answer)}")

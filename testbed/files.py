@@ -352,6 +352,12 @@ def _set_deploy_password(paths: MachinePaths, template: Path, password: str) -> 
     os.chown(upper, info.st_uid, info.st_gid)
 
 
+# Programs a stock Mac does not have (util-linux's, coreutils' and systemd's): a darwin
+# machine's /usr/bin layer deletes them too, so a deploy that relies on them fails there as it
+# would on macOS.
+NOT_ON_A_MAC = ("setsid", "flock", "timeout", "getent", "nproc", "systemd-run", "systemctl")
+
+
 def _move_nix_off_path(paths: MachinePaths) -> None:
     """Nix only in the machine's default profile: its ``nix`` is a file the machine binds
     ``/usr/bin/nix`` on (Debian's other Nix programs are links to it, and so are the
@@ -377,6 +383,7 @@ def _move_nix_off_path(paths: MachinePaths) -> None:
             in_profile.touch()
         elif not in_profile.is_symlink():
             in_profile.symlink_to("nix")
+    for name in [*programs, *NOT_ON_A_MAC]:
         whiteout = paths.usr_bin_upper / name
         if not os.path.lexists(whiteout):  # an overlay shows a 0:0 character device as deleted
             os.mknod(whiteout, stat.S_IFCHR, os.makedev(0, 0))

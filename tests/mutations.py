@@ -39,6 +39,7 @@ FAULTS = "tests/integration/test_faults.py"
 SOURCES = "tests/integration/test_sources.py"
 VERDICTS = "tests/integration/test_verdicts.py"
 INTERRUPTS = "tests/integration/test_interrupts.py"
+DEPLOY = "tests/integration/test_deploy.py"
 SYSTEMD = "tests/integration/test_systemd_machines.py"
 
 
@@ -151,6 +152,13 @@ MUTATIONS = [
         "  elif restore_sources && activate",
         "  elif activate",
         (INTERRUPTS, "-k", "sources_back"),
+    ),
+    Mutation(
+        "the worker is detached with setsid, which a Mac lacks",
+        "flakefleet/worker.py",
+        "\"detach() { if command -v setsid >/dev/null; then \"",
+        "\"detach() { if true; then \"",
+        (DEPLOY, "-k", "first_deploy"),
     ),
     Mutation(
         "unchanged sources still run the install command",

@@ -154,6 +154,10 @@ def test_darwin_machine_keeps_nix_off_every_path(testbed: Fleet) -> None:
             assert testbed.cli("stop", "mac1").returncode == 0
             completed = testbed.cli("up", "--machines", "3", "--roster", str(ROSTER))
             assert completed.returncode == 0, completed.stderr
+    # Nor has it what a stock Mac lacks (util-linux's, coreutils' and systemd's programs).
+    for name in ("setsid", "flock", "timeout", "systemd-run", "systemctl"):
+        assert testbed.ssh("mac1", f"command -v {name}").returncode != 0, name
+    assert testbed.output("web1", "command -v setsid") == "/usr/bin/setsid"
     # The other machines, and this computer, keep Nix where Debian put it.
     assert testbed.output("web1", "command -v nix-store") == "/usr/bin/nix-store"
     assert Path("/usr/bin/nix-store").exists()
