@@ -156,8 +156,8 @@ MUTATIONS = [
     Mutation(
         "the worker is detached with setsid, which a Mac lacks",
         "flakefleet/worker.py",
-        "\"detach() { if command -v setsid >/dev/null; then \"",
-        "\"detach() { if true; then \"",
+        '"detach() { if command -v setsid >/dev/null; then "',
+        '"detach() { if true; then "',
         (DEPLOY, "-k", "first_deploy"),
     ),
     Mutation(
