@@ -21,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import shlex
 import time
+import uuid
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from flakefleet.models import Goal, MachineClass
 from flakefleet.target import Target, Unreachable
@@ -125,6 +127,24 @@ class Activation:
     state_dir: str  # flakefleet's runtime directory on the machine (Target.state_dir)
     generation: int | None = None  # switch the profile to this existing generation (rollback)
     sources_undo: str | None = None  # what this run's sync replaced in /var/src (to put back)
+
+    @classmethod
+    def on(
+        cls, target: Target, goal: Goal, system: str, confirm_timeout: float, **more: Any
+    ) -> Activation:
+        """A new activation of `system` on the machine `target` reaches (`more`: a rollback's
+        `generation`, a deploy's `sources_undo`)."""
+        return cls(
+            id=uuid.uuid4().hex[:12],
+            machine_class=target.machine_class,
+            goal=goal,
+            system=system,
+            profile=target.profile,
+            running=target.running_link,
+            confirm_timeout=confirm_timeout,
+            state_dir=target.state_dir,
+            **more,
+        )
 
     @property
     def directory(self) -> WorkerDir:
@@ -254,6 +274,17 @@ def abort(target: Target, activation: Activation, reason: str) -> Answer:
     return wait(target, activation, BUSY)
 
 
+def systems(target: Target) -> tuple[str, str]:
+    """What the machine runs and what its profile selects ("nothing" for a missing link);
+    raises Unreachable."""
+    script = "; ".join(
+        f"if [ -e {link} ]; then readlink -f {link}; else echo nothing; fi"
+        for link in (target.running_link, target.profile)
+    )
+    running, selected = target.run(script, timeout=30).stdout.split()[:2]
+    return running, selected
+
+
 def explain(target: Target, answer: Answer) -> str:
     """The worker's message; a failed rollback is shouted and a dead worker explained, with
     where the machine stands."""
@@ -262,11 +293,7 @@ def explain(target: Target, answer: Answer) -> str:
         return message
     loud = "ROLLBACK FAILED: " if phase is Phase.ROLLBACK_FAILED else ""
     try:
-        script = "; ".join(
-            f"if [ -e {link} ]; then readlink -f {link}; else echo nothing; fi"
-            for link in (target.running_link, target.profile)
-        )
-        running, selected = target.run(script, timeout=30).stdout.split()[:2]
+        running, selected = systems(target)
     except (Unreachable, ValueError):
         return f"{loud}{message}; the machine's state could not be read"
     return f"{loud}{message}; the machine runs {running} and its profile selects {selected}" + (

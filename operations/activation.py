@@ -10,7 +10,6 @@ confirmation made over a *new* SSH connection once the health checks pass
 
 from __future__ import annotations
 
-import uuid
 from importlib.resources import files
 from typing import Any
 
@@ -64,15 +63,11 @@ def activate(
     if not goal.activates or goal.reached(machine, system.out):
         host.noop(f"{host.name} is already on {system.out} for {goal}")
         return
-    activation = Activation(
-        id=uuid.uuid4().hex[:12],
-        machine_class=target.machine_class,
-        goal=goal,
-        system=system.out,
-        profile=target.profile,
-        running=target.running_link,
-        confirm_timeout=confirm_timeout if goal.runs_new_system else 0,
-        state_dir=target.state_dir,
+    activation = Activation.on(
+        target,
+        goal,
+        system.out,
+        confirm_timeout if goal.runs_new_system else 0,
         sources_undo=sources_undo_file(machine.var_src.root, run.id),
     )
     yield FunctionCommand(_activate, (activation,), {})
@@ -106,16 +101,8 @@ def roll_back(machine: MachineState, generation: int | None = None, confirm_time
     if chosen.current and machine.current_system == chosen.system:
         host.noop(f"{host.name} already runs generation {chosen.number}")
         return
-    activation = Activation(
-        id=uuid.uuid4().hex[:12],
-        machine_class=target.machine_class,
-        goal=Goal.SWITCH,
-        system=chosen.system,
-        profile=target.profile,
-        running=target.running_link,
-        confirm_timeout=confirm_timeout,
-        state_dir=target.state_dir,
-        generation=chosen.number,
+    activation = Activation.on(
+        target, Goal.SWITCH, chosen.system, confirm_timeout, generation=chosen.number
     )
     yield FunctionCommand(_activate, (activation,), {})
 

@@ -69,11 +69,11 @@ def reboot(
     if policy is RebootPolicy.NEVER or not goal.sets_profile:
         host.noop("no reboot")
         return
-    yield FunctionCommand(_reboot, (system.out, goal, policy, timeout, command), {})
+    yield FunctionCommand(_reboot, (system.out, policy, timeout, command), {})
 
 
 def _reboot(
-    state: Any, host: Any, system: str, goal: Goal, policy: RebootPolicy, timeout: float,
+    state: Any, host: Any, system: str, policy: RebootPolicy, timeout: float,
     command: str,
 ) -> bool:  # fmt: skip
     run = Run.of(state)
