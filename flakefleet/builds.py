@@ -9,10 +9,14 @@ uploads every closure that goes through it.
 Where a system is built (`build_on`, per machine or group):
 
 - ``local`` (default): on the controller, one ``nix-store --realise`` for the batch;
-- ``target``: on the machine itself, from the flake the sources step put in /var/src/config;
+- ``target``: on the machine itself;
 - a fleet machine's name, or an ``ssh://`` / ``ssh-ng://`` URL: on that builder, one build
   for every machine it builds for; the builder then sends each machine its closure directly.
 
+Away from the controller, the build is of the derivations evaluated here, copied there first
+(as `nixos-rebuild --build-host` and colmena's `buildOnTarget` do): the machine never
+evaluates the flake, so it needs neither the flake's inputs nor credentials for them, and it
+builds exactly what the controller evaluated (a configuration that embeds `self` included).
 Wherever it is built, the path must be the one evaluated here, or the machine fails with both.
 """
 
@@ -191,11 +195,12 @@ class FleetBuilds:
 
     def build(self, name: str) -> str:
         """Build the machine's system where it is placed (with every needed system of its
-        batch placed there); returns its path. Target builds are the machine's own business
-        (see operations.closure)."""
+        batch placed there); returns its path."""
         where = self.placement(name)
         if where.kind == "builder":
-            return self._build_on_builder(name, where.builder)
+            return self._build_remotely(name, where.builder, where)
+        if where.kind == "target":  # a builder of its own only
+            return self._build_remotely(name, name, where)
         return self._build_locally(name)
 
     def _build_locally(self, name: str) -> str:
@@ -222,7 +227,7 @@ class FleetBuilds:
             raise nix.NixError(f"build failed: {nix.build_failure(batch.build_log, system.drv)}")
         return system.out
 
-    def _build_on_builder(self, name: str, builder: str) -> str:
+    def _build_remotely(self, name: str, builder: str, where: Placement) -> str:
         """Copy the derivations to the builder and build them there, once for every machine
         of the batch it builds for; the closures stay on the builder."""
         batch = self._by_machine[name]
@@ -231,7 +236,7 @@ class FleetBuilds:
             assert batch.systems is not None
             machines = [
                 m
-                for m in self._placed(batch, name, Placement("builder", builder))
+                for m in self._placed(batch, name, where)
                 if batch.systems[m].drv not in batch.attempted
             ]
             if machines:
@@ -261,6 +266,8 @@ class FleetBuilds:
     def _placed(self, batch: _Batch, name: str, where: Placement) -> list[str]:
         """The batch's machines that need a build in the same place as `name`, and it."""
         assert batch.systems is not None
+        if where.kind == "target":
+            return [name]
         return [
             machine
             for machine in sorted(batch.needed | {name})

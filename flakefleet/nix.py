@@ -137,19 +137,37 @@ def flake_reference(flake: Path) -> str:
     index has its flake.nix, `git+file:` (the files git tracks, uncommitted changes included,
     `?dir=` for a subdirectory; Nix 2.8 warns when the tree is dirty); otherwise `path:`
     (every file in the directory)."""
+    root = _git_root(flake)
+    if root is None:
+        return f"path:{flake}"
+    directory = flake.resolve().relative_to(root).as_posix()
+    query = "" if directory == "." else f"?dir={quote(directory)}"
+    return f"git+file://{quote(root.as_posix())}{query}"
+
+
+def tracked_files(flake: Path) -> list[str] | None:
+    """The files of the flake's directory that Nix takes for it, relative to it: for a flake
+    in git (see `flake_reference`), those git tracks that exist; None when Nix takes every
+    file (`path:`)."""
+    if _git_root(flake) is None:
+        return None
+    listed = run(["git", "-C", str(flake), "ls-files", "-z", "--cached"]).stdout
+    names = (name for name in listed.split("\0") if name)
+    return sorted(name for name in names if (flake / name).is_symlink() or (flake / name).exists())
+
+
+def _git_root(flake: Path) -> Path | None:
+    """The top of the git work tree the flake is in, if git tracks its flake.nix."""
     try:
         top = run(["git", "-C", str(flake), "rev-parse", "--show-toplevel"], check=False)
         tracked = run(
             ["git", "-C", str(flake), "ls-files", "--error-unmatch", "flake.nix"], check=False
         )
     except OSError:  # no git here
-        return f"path:{flake}"
+        return None
     if top.returncode != 0 or tracked.returncode != 0:
-        return f"path:{flake}"
-    root = Path(top.stdout.strip()).resolve()
-    directory = flake.resolve().relative_to(root).as_posix()
-    query = "" if directory == "." else f"?dir={quote(directory)}"
-    return f"git+file://{quote(root.as_posix())}{query}"
+        return None
+    return Path(top.stdout.strip()).resolve()
 
 
 def _evaluate(

@@ -7,33 +7,12 @@ through the same target (`Target.run`, `Target.run_over`).
 
 from __future__ import annotations
 
-import json
 import shlex
 from collections.abc import Sequence
 
 from flakefleet.models import MachineClass
-from flakefleet.nix import FEATURES, Attributes, NixError, systems_expression
-from flakefleet.target import Target, shell_path
-
-
-def build_command(flake: str, name: str, attributes: Attributes, target: Target) -> str:
-    """Build one machine's system from a flake directory on the machine itself (a symlink,
-    as /var/src/config is, is resolved first); prints `nix build`'s JSON."""
-    reference = '("path:" + builtins.getEnv "FLAKEFLEET_FLAKE")'
-    expression = f"({systems_expression(reference, {name: attributes})}).{json.dumps(name)}"
-    argv = [target.nix(), *FEATURES, "build", "--impure", "--no-link", "--json"]
-    return (
-        f"FLAKEFLEET_FLAKE=$(readlink -f {shell_path(flake)}) "
-        f"{shlex.join([*argv, '--expr', expression])}"
-    )
-
-
-def built_path(output: str) -> str:
-    """The output path in `nix build --json`'s answer."""
-    try:
-        return json.loads(output)[0]["outputs"]["out"]
-    except (ValueError, LookupError, TypeError) as error:
-        raise NixError(f"unexpected answer from nix build: {output.strip()[:200]!r}") from error
+from flakefleet.nix import FEATURES
+from flakefleet.target import Target
 
 
 def realise_command(drvs: Sequence[str], target: Target) -> str:

@@ -19,11 +19,10 @@ from typing import Any
 from pyinfra import host, state
 from pyinfra.api import FunctionCommand, operation
 
-from flakefleet import builds, nix, remote_nix
 from flakefleet import cache as caches
-from flakefleet.models import SOURCES_ROOT, MachineState
+from flakefleet import nix, remote_nix
+from flakefleet.models import MachineState
 from flakefleet.run import Run
-from flakefleet.sources import CONFIG
 from flakefleet.target import Unreachable
 from operations.refuse import refuse
 
@@ -51,8 +50,8 @@ def evaluate(machine: MachineState) -> nix.System | None:
 def build(system: nix.System, machine: MachineState):
     """Build the machine's system where `build_on` says, unless the machine already has it.
 
-    Every machine of the run built in the same place is built by one command there; a
-    machine that builds its own system does so from /var/src/config.
+    Every machine of the run built in the same place is built by one command there; away from
+    the controller, from the derivations evaluated here (see ``flakefleet.builds``).
 
     Example:
 
@@ -63,12 +62,7 @@ def build(system: nix.System, machine: MachineState):
     if machine.has_closure(system.out):
         host.noop(f"{host.name} already has {system.out}")
         return
-    if Run.of(state).builds.placement(host.name).kind == "target":
-        # /var/src, or the SSH user's own sources directory when it is not root
-        flake = f"{getattr(machine.var_src, 'root', SOURCES_ROOT)}/{CONFIG}"
-        yield FunctionCommand(_build_on_target, (system, flake), {})
-    else:
-        yield FunctionCommand(_build, (system,), {})
+    yield FunctionCommand(_build, (system,), {})
 
 
 def _build(state: Any, host: Any, system: nix.System) -> bool:
@@ -78,28 +72,8 @@ def _build(state: Any, host: Any, system: nix.System) -> bool:
     except nix.NixError as error:
         run.outcome(host.name).fail(f"build: {error}")
         return False
-    return True
-
-
-def _build_on_target(state: Any, host: Any, system: nix.System, flake: str) -> bool:
-    """Build on the machine, as its SSH user, over pyinfra's connection, from the flake the
-    sources step synced there; the path it built must be the one evaluated here."""
-    run = Run.of(state)
-    target, outcome = run.target(host.name), run.outcome(host.name)
-    command = remote_nix.build_command(flake, host.name, run.builds.attributes(host.name), target)
-    succeeded, output = target.run_over(host, command, as_root=False)
-    if not succeeded:
-        outcome.fail(f"build on {host.name} failed: {nix.copy_error(output.stderr)}")
-        return False
-    try:
-        built = remote_nix.built_path(output.stdout)
-    except nix.NixError as error:
-        outcome.fail(f"build on {host.name}: {error}")
-        return False
-    if built != system.out:
-        outcome.fail(builds.mismatch(host.name, [built], system.out))
-        return False
-    outcome.changed_by("built on the machine")
+    if run.builds.placement(host.name).kind == "target":
+        run.outcome(host.name).changed_by("built on the machine")
     return True
 
 

@@ -237,7 +237,7 @@ def rsync_command(
         "--archive",
         "--stats",
         "--checksum" if item.checksum else "--modify-window=-1",
-        *filter_options(item.source.include, item.source.exclude),
+        *filter_options(item.source.include, item.source.exclude, item.source.only),
         *options,
         "--rsh",
         shlex.join(shell),

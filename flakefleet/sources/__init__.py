@@ -21,7 +21,7 @@ machine, the source and where it was declared.
 
 from flakefleet.sources.build import BuildStage
 from flakefleet.sources.declarations import config_layer, merge, parse
-from flakefleet.sources.digests import filter_options, list_tree, tree_digest
+from flakefleet.sources.digests import filter_options, list_tree, only_rules, tree_digest
 from flakefleet.sources.git import GitCache, GitError
 from flakefleet.sources.model import (
     CONFIG,
@@ -53,6 +53,7 @@ __all__ = [
     "filter_options",
     "list_tree",
     "merge",
+    "only_rules",
     "parse",
     "tree_digest",
 ]

@@ -14,7 +14,13 @@ from flakefleet.process import run
 from flakefleet.sources.model import Source
 
 
-def list_tree(path: Path, include: Sequence[str], exclude: Sequence[str], empty: Path) -> list[str]:
+def list_tree(
+    path: Path,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    empty: Path,
+    only: Path | None = None,
+) -> list[str]:
     """The relative paths rsync sends from `path` with these filters ('' for a single file).
 
     rsync itself lists them (a dry run into an empty directory), so the digest covers exactly
@@ -23,15 +29,38 @@ def list_tree(path: Path, include: Sequence[str], exclude: Sequence[str], empty:
     if not path.is_dir():
         return [""]
     argv = ["rsync", "--archive", "--dry-run", "--8-bit-output", "--out-format=%n"]
-    argv += filter_options(include, exclude)
+    argv += filter_options(include, exclude, only)
     listed = run([*argv, f"{path}/", f"{empty}/"]).stdout
     names = (_unescape(line).rstrip("/") for line in listed.splitlines())
     return sorted(name for name in names if name not in ("", "."))
 
 
-def filter_options(include: Sequence[str], exclude: Sequence[str]) -> list[str]:
-    """rsync filter options: includes first, then excludes (rsync's first match wins)."""
-    return [*(f"--include={p}" for p in include), *(f"--exclude={p}" for p in exclude)]
+def filter_options(
+    include: Sequence[str], exclude: Sequence[str], only: Path | None = None
+) -> list[str]:
+    """rsync filter options: includes first, then excludes (rsync's first match wins); with
+    `only`, a file of rules (`only_rules`) naming the only files to send."""
+    options = [*(f"--include={p}" for p in include), *(f"--exclude={p}" for p in exclude)]
+    if only is not None:  # directories left with none of those files are not sent
+        options += [f"--filter=merge {only}", "--prune-empty-dirs"]
+    return options
+
+
+def only_rules(files: Sequence[str]) -> str:
+    """rsync filter rules that let through exactly `files` (paths relative to the tree).
+
+    Every directory is let in so rsync descends to the files (`--prune-empty-dirs` drops
+    those left empty); a name with a wildcard character has each one escaped, as rsync
+    reads a backslash only in patterns that have one.
+    """
+    lines = []
+    for name in files:
+        if "\n" in name:  # a rule is one line; such a name cannot be listed
+            continue
+        if any(char in name for char in "*?["):
+            name = re.sub(r"([*?\[\\])", r"\\\1", name)
+        lines.append(f"+ /{name}")
+    return "\n".join([*lines, "+ */", "- *", ""])
 
 
 def _unescape(name: str) -> str:

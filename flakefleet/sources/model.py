@@ -91,6 +91,7 @@ class Source:
     path: Path | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    only: Path | None = None  # rsync rules naming the only files sent (the flake's, in git)
     checksum: bool = False
     build: Build | None = None
     url: str = ""

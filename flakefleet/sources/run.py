@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from flakefleet.nix import tracked_files
 from flakefleet.process import run
 from flakefleet.sources.build import BuildStage
 from flakefleet.sources.declarations import merge, parse
@@ -16,11 +17,13 @@ from flakefleet.sources.digests import (
     derivation_digest,
     file_sha256,
     list_tree,
+    only_rules,
     source_digest,
     tree_digest,
 )
 from flakefleet.sources.git import GitCache, GitError, prune_unused
 from flakefleet.sources.model import (
+    CONFIG,
     STATE_DIR,
     Source,
     SourceError,
@@ -84,7 +87,8 @@ class RunSources:
         self.state = root / STATE_DIR
         self.git = GitCache(self.state / "git")
         self.machines: dict[str, MachineSources] = {}
-        self._trees: dict[tuple[Path, tuple[str, ...], tuple[str, ...], bool], str] = {}
+        self._trees: dict[tuple[Any, ...], str] = {}
+        self._flakes: dict[Path, Path | None] = {}
         self._empty = self.state / "empty"
 
     def add(
@@ -116,6 +120,8 @@ class RunSources:
             return self._built(machine, source)
         if source.type == "file":
             assert source.path is not None
+            if source.name == CONFIG:
+                source = replace(source, only=self._flake_files(source.path))
             return self._tree(source, source.path, source.checksum)
         if source.type == "git":
             commit = self.git.commit(source.url, source.ref)
@@ -127,11 +133,27 @@ class RunSources:
             return Ready(source, source_digest(source, source.target))
         return Ready(source, None)  # a derivation: digested with the others (finalize)
 
+    def _flake_files(self, flake: Path) -> Path | None:
+        """The rules that send the flake's files as Nix takes them (in git, only the files
+        it tracks: an untracked file, a decrypted secret say, stays here); None to send
+        every file. Written once per run and flake."""
+        flake = flake.resolve()
+        if flake not in self._flakes:
+            files = tracked_files(flake)
+            rules = None
+            if files is not None:
+                text = only_rules(files)
+                rules = self.state / "flake-files" / f"{hashlib.sha256(text.encode()).hexdigest()}"
+                rules.parent.mkdir(parents=True, exist_ok=True)
+                rules.write_text(text)
+            self._flakes[flake] = rules
+        return self._flakes[flake]
+
     def _tree(self, source: Source, path: Path, checksum: bool) -> Ready:
-        key = (path.resolve(), source.include, source.exclude, checksum)
+        key = (path.resolve(), source.include, source.exclude, source.only, checksum)
         if key not in self._trees:
             self._empty.mkdir(parents=True, exist_ok=True)
-            entries = list_tree(path, source.include, source.exclude, self._empty)
+            entries = list_tree(path, source.include, source.exclude, self._empty, source.only)
             self._trees[key] = tree_digest(path, entries, checksum)
         return Ready(source, source_digest(source, self._trees[key]), path, checksum)
 

@@ -211,8 +211,10 @@ def evaluate(flake: Path, machine: str, env: dict[str, str] | None = None) -> st
     """The system path the flake gives a machine, computed independently of flakefleet."""
     host = json.loads((flake / "hosts.json").read_text())[machine]
     attribute = ATTRIBUTES[host["class"]].format(name=machine, user=host.get("user", "root"))
+    # As `nixos-rebuild --flake DIR` takes it: the files git tracks, or the whole directory.
+    reference = f"git+file://{flake}" if (flake / ".git").exists() else f"path:{flake}"
     return subprocess.run(
-        [*NIX, "eval", "--impure", "--raw", f"path:{flake}#{attribute}.outPath"],
+        [*NIX, "eval", "--raw", f"{reference}#{attribute}.outPath"],
         capture_output=True, text=True, check=True, env=env,
     ).stdout  # fmt: skip
 

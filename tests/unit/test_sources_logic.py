@@ -6,11 +6,13 @@ Local only (real rsync, git and sh on the controller); the fleet is in tests/int
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from flakefleet.nix import flake_reference, tracked_files
 from flakefleet.settings import MachineSettings
 from flakefleet.sources import (
     BuildError,
@@ -22,6 +24,7 @@ from flakefleet.sources import (
     config_layer,
     list_tree,
     merge,
+    only_rules,
     parse,
     tree_digest,
 )
@@ -172,6 +175,39 @@ def test_listing_is_what_rsync_sends(tmp_path):
     assert list_tree(root, (), ("*.log",), empty) == ["a.txt", "link", "sub", "sub/b.txt"]
     assert list_tree(root, ("*/", "*.txt"), ("*",), empty) == ["a.txt", "sub", "sub/b.txt"]
     assert list_tree(root / "a.txt", (), (), empty) == [""]
+
+
+def test_a_flake_in_git_sends_what_nix_takes_the_files_git_tracks(tmp_path):
+    repo = tmp_path / "repo"
+    flake = repo / "fleet"
+    (flake / "lib").mkdir(parents=True)
+    (flake / "empty-untracked").mkdir()
+    for name in ("flake.nix", "lib/a.nix", "odd [x]*?.nix", "gone.nix"):
+        (flake / name).write_text(name)
+    (repo / "outside.txt").write_text("not the flake's directory")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    (flake / "gone.nix").unlink()  # tracked, deleted: Nix takes what exists
+    (flake / "secret.txt").write_text("untracked")
+    (flake / "lib" / "result").symlink_to("/nix/store")
+    (flake / "staged.nix").write_text("staged")
+    subprocess.run([*git, "add", "fleet/staged.nix"], check=True)
+
+    files = tracked_files(flake)
+    assert files == ["flake.nix", "lib/a.nix", "odd [x]*?.nix", "staged.nix"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rules = tmp_path / "rules"
+    rules.write_text(only_rules(files))
+    assert list_tree(flake, (), (), empty, rules) == ["flake.nix", "lib", "lib/a.nix",
+                                                       "odd [x]*?.nix", "staged.nix"]  # fmt: skip
+    assert flake_reference(flake) == f"git+file://{repo}?dir=fleet"
+    # Outside git, Nix takes the whole directory (`path:`), and so does the sync.
+    shutil.rmtree(repo / ".git")
+    assert tracked_files(flake) is None
+    assert flake_reference(flake) == f"path:{flake}"
 
 
 def test_digest_follows_content_links_modes_and_filters(tmp_path):
