@@ -19,6 +19,10 @@ class Sources(FactBase[VarSrc]):
         source config .flakefleet/config/3f9c...e1
         source notes
         stored config
+        kept config
+
+    ``kept``: a source a generation still runs with (a rollback to it puts it back), so its
+    trees are no orphans, even when it is no longer declared.
     """
 
     @staticmethod
@@ -34,7 +38,8 @@ class Sources(FactBase[VarSrc]):
             'for f in "$r"/*; do [ -e "$f" ] || [ -L "$f" ] || continue; '
             'printf "source %s %s\\n" "${f##*/}" "$(readlink "$f")"; done; '
             f'for f in "$r/{STORE_DIR}"/*; do [ -d "$f" ] && printf "stored %s\\n" "${{f##*/}}"; '
-            "done; fi; true"
+            f'done; cat "$r/{STORE_DIR}/.generations/"* 2>/dev/null | '
+            "awk '{ print \"kept \" $1 }' | sort -u; fi; true"
         )
 
     def process(self, output: list[str]) -> VarSrc:
@@ -43,12 +48,15 @@ class Sources(FactBase[VarSrc]):
         sources: dict[str, str | None] = {}
         live: dict[str, str] = {}
         stored: set[str] = set()
+        kept: set[str] = set()
         for line in output:
             kind, _, rest = line.strip().partition(" ")
             if kind == "root" and rest:
                 root = rest
             elif kind == "stored" and rest:
                 stored.add(rest)
+            elif kind == "kept" and rest:
+                kept.add(rest)
             elif kind == "source":
                 name, _, target = rest.partition(" ")
                 tree = _managed_tree(name, target)
@@ -62,7 +70,7 @@ class Sources(FactBase[VarSrc]):
             root=root,
             empty="empty" in flags,
             live=live,
-            stored=frozenset(stored),
+            stored=frozenset(stored - kept),
         )
 
 

@@ -156,6 +156,17 @@ def tracked_files(flake: Path) -> list[str] | None:
     return sorted(name for name in names if (flake / name).is_symlink() or (flake / name).exists())
 
 
+def flake_revision(flake: Path) -> tuple[str | None, bool]:
+    """The git commit a flake is evaluated from, and whether files git tracks have changes
+    not in it (Nix's `rev`, or its `dirtyRev`); (None, False) outside git."""
+    root = _git_root(flake)
+    if root is None:
+        return None, False
+    head = run(["git", "-C", str(root), "rev-parse", "--verify", "-q", "HEAD"], check=False)
+    changes = run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"])
+    return (head.stdout.strip() or None), bool(changes.stdout.strip())
+
+
 def _git_root(flake: Path) -> Path | None:
     """The top of the git work tree the flake is in, if git tracks its flake.nix."""
     try:

@@ -119,8 +119,8 @@ class Report:
         path = os.environ.get("FLAKEFLEET_REPORT")
         if path:
             with open(path, "w") as stream:
-                json.dump(
-                    {name: {**asdict(r), "status": r.status} for name, r in self.outcomes.items()},
-                    stream,
-                    indent=2,
-                )
+                json.dump(self.as_dict(), stream, indent=2)
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        """Every machine's outcome, with its status, as the JSON report has it."""
+        return {name: {**asdict(r), "status": r.status} for name, r in self.outcomes.items()}

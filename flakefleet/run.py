@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from pyinfra.api import FunctionCommand
 
 from flakefleet import cache as caches
-from flakefleet import lock, sudo, worker
+from flakefleet import lock, records, sudo, worker
 from flakefleet.builds import FleetBuilds
 from flakefleet.fleet import REPOSITORY_KEY, fleet_file
 from flakefleet.report import Outcome, Report
@@ -49,6 +50,7 @@ class Run:
         self.fleet_file = fleet_file()
         self.deployer = lock.Holder.this_process()
         self.id = uuid.uuid4().hex[:12]  # names what this run leaves on machines
+        self.started = time.time()
         self.report = Report()
         self.passwords = sudo.Passwords()
         self.targets = {
@@ -70,6 +72,7 @@ class Run:
         self._problems: tuple[list[str], dict[str, str]] | None = None
         self._builds: FleetBuilds | None = None
         self._servers: dict[caches.Cache, caches.Server] = {}
+        self._revisions: dict[Path, str] = {}
         self._stopping = False
         atexit.register(self.close)
         with contextlib.suppress(ValueError):  # only the main thread may; greenlets are in it
@@ -171,6 +174,28 @@ class Run:
                 )
         addresses = {name: f"{t.address}:{t.port or 22}" for name, t in self.targets.items()}
         self.report.print(self.state, addresses)
+        if self.state.is_executing and self.report.outcomes:
+            self._record()
+
+    def _record(self) -> None:
+        """Append this run's line per machine to the controller's run records."""
+        lines = {
+            name: {**outcome, "ssh_logins": tally.logins, "commands": tally.commands}
+            for name, outcome in self.report.as_dict().items()
+            for tally in [self.target(name).tally]
+        }
+        try:
+            records.write_run(self.cwd / records.RUNS, self.id, self.started, lines)
+        except OSError as error:
+            print(f"flakefleet: could not write the run's record: {error}", file=sys.stderr)
+
+    def record_base(self, name: str) -> str:
+        """The deployer's fields of the machine's deploy record (who, which revision)."""
+        flake = (self.cwd / self.settings(name).flake).resolve()  # as FleetBuilds has it
+        with self.lock:
+            if flake not in self._revisions:
+                self._revisions[flake] = records.deployer_fields(self.id, flake)
+            return self._revisions[flake]
 
     def _settle_interrupted(self) -> None:
         """After Ctrl-C: every activation still in flight is rolled back (nothing confirmed it)

@@ -74,6 +74,16 @@ class Unreachable(RuntimeError):
     """No SSH connection could be made, or it broke before the command finished."""
 
 
+@dataclass
+class Tally:
+    """What flakefleet itself sent a machine in one run (its deploy record): new SSH logins
+    (`run`, rsync) and commands over pyinfra's open connection. Nix's own copies are not in
+    it."""
+
+    logins: int = 0
+    commands: int = 0
+
+
 @dataclass(frozen=True)
 class Target:
     """How to reach one machine and run commands on it, as its SSH user or as root."""
@@ -92,6 +102,7 @@ class Target:
     passwords: sudo.Passwords = field(
         default_factory=sudo.Passwords, compare=False, repr=False, hash=False
     )
+    tally: Tally = field(default_factory=Tally, compare=False, repr=False, hash=False)
 
     @classmethod
     def from_data(
@@ -148,6 +159,15 @@ class Target:
         if self.machine_class is MachineClass.HOME:
             return f"/tmp/flakefleet-{self.ssh_user or 'user'}"
         return "/run/flakefleet"
+
+    @property
+    def history(self) -> str:
+        """The machine's deploy history: one JSON line per activation (`flakefleet.records`),
+        kept across reboots and readable by its owner only; a home-manager user's own
+        (`~` is the login's home, expanded on the machine)."""
+        if self.machine_class is MachineClass.HOME:
+            return "~/.local/state/flakefleet/history.jsonl"
+        return "/var/lib/flakefleet/history.jsonl"
 
     def nix(self, program: str = "nix") -> str:
         """A Nix program on the machine: from `nix_dir` when its sessions lack Nix on PATH."""
@@ -209,6 +229,7 @@ class Target:
         """
         invocation = self.invocation(script, as_root=as_root, stdin=stdin)
         argv = ["ssh", *self.ssh_options(), *KEEPALIVE, self.destination, invocation.command]
+        self.tally.logins += 1
         text = invocation.stdin.text if invocation.stdin else None
         try:
             completed = run(argv, stdin=text, check=False, timeout=timeout)
@@ -224,6 +245,7 @@ class Target:
     def command(self, script: str, *, as_root: bool = True) -> StringCommand:
         """A shell script for an operation to yield: pyinfra runs it on its connection."""
         invocation = self.invocation(script, as_root=as_root)
+        self.tally.commands += 1
         if invocation.stdin is None:
             return StringCommand(invocation.command)
         return StringCommand(invocation.command, _stdin=invocation.stdin)  # type: ignore[arg-type]
@@ -232,6 +254,7 @@ class Target:
         """Run a shell script now over pyinfra's connection to the machine (in a
         FunctionCommand); pyinfra's success flag and output."""
         invocation = self.invocation(script, as_root=as_root)
+        self.tally.commands += 1
         return host.run_shell_command(StringCommand(invocation.command), _stdin=invocation.stdin)
 
     def read(
@@ -241,6 +264,7 @@ class Target:
         """Read a fact over pyinfra's connection: its script, wrapped like every other command
         (`gate`: see `invocation`)."""
         invocation = self.invocation(fact.script(**arguments), as_root=as_root, gate=gate)
+        self.tally.commands += 1
         return host.get_fact(fact, invocation.command, _stdin=invocation.stdin)
 
     # -- for other programs ------------------------------------------------------------------
@@ -298,6 +322,7 @@ class Target:
         `flakefleet.rsh`, ahead of rsync's stream: never in a command line.
         """
         ssh = ["ssh", *self.ssh_options(), *KEEPALIVE]
+        self.tally.logins += 1
         if self.become is not sudo.Become.SUDO_PASSWORD:
             yield ssh, ()
             return

@@ -127,13 +127,16 @@ class Activation:
     state_dir: str  # flakefleet's runtime directory on the machine (Target.state_dir)
     generation: int | None = None  # switch the profile to this existing generation (rollback)
     sources_undo: str | None = None  # what this run's sync replaced in /var/src (to put back)
+    sources_root: str | None = None  # /var/src: a kept generation remembers its trees there
+    record: str | None = None  # the machine's deploy history (Target.history)
+    record_base: str = ""  # the deployer's fields of the record (`records.deployer_fields`)
 
     @classmethod
     def on(
         cls, target: Target, goal: Goal, system: str, confirm_timeout: float, **more: Any
     ) -> Activation:
         """A new activation of `system` on the machine `target` reaches (`more`: a rollback's
-        `generation`, a deploy's `sources_undo`)."""
+        `generation`, the sources' `sources_root` and `sources_undo`, `record_base`)."""
         return cls(
             id=uuid.uuid4().hex[:12],
             machine_class=target.machine_class,
@@ -143,6 +146,7 @@ class Activation:
             running=target.running_link,
             confirm_timeout=confirm_timeout,
             state_dir=target.state_dir,
+            record=target.history,
             **more,
         )
 
@@ -164,8 +168,12 @@ class Activation:
         ]  # fmt: skip
         if self.generation is not None:
             arguments += ["--generation", str(self.generation)]
+        if self.sources_root is not None:
+            arguments += ["--sources", self.sources_root]
         if self.sources_undo is not None:
             arguments += ["--sources-undo", self.sources_undo]
+        if self.record is not None:
+            arguments += ["--record", self.record, "--record-base", self.record_base]
         return arguments
 
     def launch_command(self) -> str:

@@ -68,7 +68,9 @@ def activate(
         goal,
         system.out,
         confirm_timeout if goal.runs_new_system else 0,
+        sources_root=machine.var_src.root,
         sources_undo=sources_undo_file(machine.var_src.root, run.id),
+        record_base=run.record_base(host.name),
     )
     yield FunctionCommand(_activate, (activation,), {})
 
@@ -101,8 +103,16 @@ def roll_back(machine: MachineState, generation: int | None = None, confirm_time
     if chosen.current and machine.current_system == chosen.system:
         host.noop(f"{host.name} already runs generation {chosen.number}")
         return
+    # The sources go back to those the generation was deployed with, where it was recorded.
     activation = Activation.on(
-        target, Goal.SWITCH, chosen.system, confirm_timeout, generation=chosen.number
+        target,
+        Goal.SWITCH,
+        chosen.system,
+        confirm_timeout,
+        generation=chosen.number,
+        sources_root=machine.var_src.root,
+        sources_undo=sources_undo_file(machine.var_src.root, run.id),
+        record_base=run.record_base(host.name),
     )
     yield FunctionCommand(_activate, (activation,), {})
 

@@ -268,7 +268,7 @@ def install_script(changes: Changes, root: str, undo: str | None = None) -> str:
     for item, tree in changes.install:
         lines += _install_lines(item, tree)
     lines += [f"unlink {shlex.quote(name)}" for name in changes.remove]
-    lines += [f'rm -rf "$s"/{shlex.quote(name)}' for name in changes.orphans]
+    lines += [f"drop {shlex.quote(name)}" for name in changes.orphans]
     return "\n".join(lines)
 
 

@@ -167,6 +167,20 @@ MUTATIONS = [
         "    if False:\n        host.noop(",
         (SOURCES, "-k", "every_type or unchanged"),
     ),
+    Mutation(
+        "a rollback to a generation leaves today's sources",
+        "operations/scripts/activate.sh",
+        "\nsources_of_generation\n",
+        "\n: sources_of_generation\n",
+        (INTERRUPTS, "-k", "older_generation"),
+    ),
+    Mutation(
+        "the sync drops the trees older generations run with",
+        "operations/scripts/install-sources.sh",
+        'grep -qxF -- "$base" || rm -rf "$tree"',
+        'rm -rf "$tree"',
+        (INTERRUPTS, "-k", "older_generation"),
+    ),
 ]
 
 

@@ -4,15 +4,22 @@
 #
 #   sh activate.sh --dir DIR --class CLASS --goal GOAL --system SYSTEM --profile PROFILE
 #                  --running LINK --confirm-timeout SECONDS [--generation N]
-#                  [--sources-undo FILE]
+#                  [--sources ROOT] [--sources-undo FILE] [--record FILE --record-base JSON]
 #
 # LINK links to what the machine runs (/run/current-system; a home-manager machine runs what
-# its profile selects). FILE is what this deploy's sync replaced in /var/src ("NAME TREE" per
-# line, "-" for absent): a rollback puts those links back too, so the old system does not run
-# on the new sources.
+# its profile selects). ROOT is the sources root (/var/src): a generation this worker makes
+# remembers the trees it runs with there (ROOT/.flakefleet/.generations/N), so a later
+# rollback to it can put them back. FILE is what this deploy's sync replaced in ROOT ("NAME
+# TREE" per line, "-" for absent): a rollback puts those links back too, so the old system
+# does not run on the new sources.
 #
 # With --generation (a rollback), the profile is switched to that existing generation, SYSTEM,
-# instead of gaining a new one, and a failure switches it back without deleting anything.
+# instead of gaining a new one, ROOT is put back as that generation had it (where it was
+# remembered), and a failure switches both back without deleting anything.
+#
+# With --record, the outcome is appended to FILE (the machine's deploy history, one JSON
+# object a line): time, outcome, message, goal, system, generation, sources, and the
+# deployer's JSON fields (who, from which revision).
 #
 # It sets the profile (switch, boot), activates SYSTEM the way its class does, and then, when
 # the confirmation timeout is > 0, waits that long for DIR/confirm, made by the deployer over a
@@ -29,7 +36,8 @@ usage() {
     "[--sources-undo FILE]" >&2
   exit 2
 }
-dir='' class='' goal='' system='' profile='' running_link='' confirm_timeout='' generation='' sources_undo=''
+dir='' class='' goal='' system='' profile='' running_link='' confirm_timeout='' generation=''
+sources_root='' sources_undo='' record='' record_base=''
 while [ $# -gt 0 ]; do
   [ $# -ge 2 ] || usage
   case $1 in
@@ -41,7 +49,10 @@ while [ $# -gt 0 ]; do
     --running) running_link=$2 ;;
     --confirm-timeout) confirm_timeout=$2 ;;
     --generation) generation=$2 ;;
+    --sources) sources_root=$2 ;;
     --sources-undo) sources_undo=$2 ;;
+    --record) record=$2 ;;
+    --record-base) record_base=$2 ;;
     *) usage ;;
   esac
   shift 2
@@ -49,12 +60,71 @@ done
 for value in "$dir" "$class" "$goal" "$system" "$profile" "$running_link" "$confirm_timeout"; do
   [ -n "$value" ] || usage
 done
+case $record in "~/"*) record="$HOME/${record#"~/"}" ;; esac
 exec >>"$dir/log" 2>&1 </dev/null
 
 phase() {
+  case $1 in running | awaiting-confirmation) ;; *) remember_generation "$1"; record "$1" "$2" ;; esac
   printf '%s\n' "$2" >"$dir/message.new" && mv "$dir/message.new" "$dir/message"
   printf '%s\n' "$1" >"$dir/phase.new" && mv "$dir/phase.new" "$dir/phase"
   echo "flakefleet: $1: $2"
+}
+
+# The generation the profile selects, when this worker made it (or switched to it) and kept
+# it; empty otherwise (a test, a failure: the profile is as it was).
+kept_generation() {  # OUTCOME
+  [ "$1" = succeeded ] && [ -n "$profile_set" ] || return 0
+  number=$(readlink "$profile" 2>/dev/null) || return 0
+  number=${number%-link}
+  number=${number##*-}
+  case $number in '' | *[!0-9]*) ;; *) printf '%s' "$number" ;; esac
+}
+
+# The live sources, "NAME TREE" a line (only the links into flakefleet's store).
+live_sources() {
+  for link in "$sources_root"/*; do
+    tree=$(readlink "$link" 2>/dev/null) || continue
+    case $tree in
+      .flakefleet/*/*) tree=${tree#.flakefleet/}; printf '%s %s\n' "${tree%%/*}" "${tree#*/}" ;;
+    esac
+  done
+}
+
+# Remember the trees a kept generation runs with (the sync keeps them while the generation
+# exists), and forget those of generations deleted since.
+remember_generation() {  # OUTCOME
+  [ -n "$sources_root" ] || return 0
+  kept=$(kept_generation "$1")
+  [ -n "$kept" ] || return 0
+  generations="$sources_root/.flakefleet/.generations"
+  mkdir -p "$generations" &&
+    live_sources >"$generations/.new" && mv "$generations/.new" "$generations/$kept"
+  for file in "$generations"/*; do
+    number=${file##*/}
+    [ -e "$profile-$number-link" ] || [ -L "$profile-$number-link" ] || rm -f "$file"
+  done
+}
+
+# A JSON string: backslashes and quotes escaped, control characters dropped.
+json_string() {
+  printf '"%s"' "$(printf '%s' "$1" | tr -d '\000-\037' | sed 's/\\/\\\\/g; s/"/\\"/g')"
+}
+
+# Append the outcome to the machine's deploy history (readable by its owner only).
+record() {  # OUTCOME MESSAGE
+  [ -n "$record" ] || return 0
+  kept=$(kept_generation "$1")
+  sources=''
+  if [ -n "$sources_root" ]; then
+    sources=$(live_sources | while read -r name tree; do printf ',"%s":"%s"' "$name" "$tree"; done)
+  fi
+  (
+    umask 077
+    mkdir -p "${record%/*}" &&
+      printf '{"time":"%s","outcome":"%s","message":%s,"goal":"%s","system":"%s","generation":%s,"sources":{%s}%s}\n' \
+        "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$1" "$(json_string "$2")" "$goal" "$system" \
+        "${kept:-null}" "${sources#,}" "${record_base:+,$record_base}" >>"$record"
+  ) || echo "flakefleet: could not append to $record"
 }
 
 # What the machine runs now (nothing, if the link does not exist: readlink -f would print it).
@@ -142,21 +212,52 @@ roll_back() {  # REASON [PROFILE_ONLY]
 
 # Put /var/src back as it was before this deploy's sync (its old trees are kept for this).
 restore_sources() {
-  [ -n "$sources_undo" ] && [ -f "$sources_undo" ] || return 0
-  root=${sources_undo%/.flakefleet/.undo/*}
-  if mv --version >/dev/null 2>&1; then mvt="mv -T"; else mvt="mv -h"; fi
-  while read -r name tree; do
-    if [ "$tree" = - ]; then
-      rm -f "$root/$name"
-    elif [ -e "$root/.flakefleet/$name/$tree" ] || [ -L "$root/.flakefleet/$name/$tree" ]; then
-      ln -sfn ".flakefleet/$name/$tree" "$root/.$name.flakefleet-new" &&
-        $mvt "$root/.$name.flakefleet-new" "$root/$name"
-    fi
-  done < "$sources_undo"
+  [ -n "$sources_undo" ] && [ -f "$sources_undo" ] && [ -n "$sources_root" ] || return 0
+  set_sources <"$sources_undo"
   rm -f "$sources_undo"
   restored=" and its sources"
 }
 restored=''
+
+# Point ROOT's links at the trees read, "NAME TREE" a line ("-": no such source); a tree no
+# longer kept leaves its link as it is.
+set_sources() {
+  if mv --version >/dev/null 2>&1; then mvt="mv -T"; else mvt="mv -h"; fi
+  while read -r name tree; do
+    if [ "$tree" = - ]; then
+      rm -f "$sources_root/$name"
+    elif [ -e "$sources_root/.flakefleet/$name/$tree" ] || [ -L "$sources_root/.flakefleet/$name/$tree" ]; then
+      ln -sfn ".flakefleet/$name/$tree" "$sources_root/.$name.flakefleet-new" &&
+        $mvt "$sources_root/.$name.flakefleet-new" "$sources_root/$name"
+    fi
+  done
+}
+
+# A rollback to a generation: ROOT as that generation had it, what it replaces written to the
+# undo file first (a failed rollback puts it back). Says how it went in `moved_sources`.
+sources_of_generation() {
+  moved_sources=''
+  [ -n "$generation" ] && [ -n "$sources_root" ] && [ -n "$sources_undo" ] || return 0
+  wanted="$sources_root/.flakefleet/.generations/$generation"
+  if [ ! -f "$wanted" ]; then
+    moved_sources=" ($sources_root as it was: generation $generation's sources were not recorded)"
+    return 0
+  fi
+  mkdir -p "${sources_undo%/*}"
+  {
+    live_sources
+    while read -r name tree; do
+      [ -L "$sources_root/$name" ] || printf '%s -\n' "$name"
+    done <"$wanted"
+  } >"$sources_undo"
+  live_sources | while read -r name tree; do
+    awk -v n="$name" '$1 == n { found = 1 } END { exit !found }' "$wanted" ||
+      printf '%s -\n' "$name"
+  done | set_sources
+  set_sources <"$wanted"
+  moved_sources=" with the sources it was deployed with"
+}
+moved_sources=''
 
 # Once confirmed (or right away without a deferred boot): the profile and the boot default.
 make_boot_default() {
@@ -178,6 +279,7 @@ case $goal in
     [ -n "$deferred" ] || set_profile || { phase failed "could not set $profile to $system"; exit 1; } ;;
 esac
 
+sources_of_generation
 if [ -n "$deferred" ]; then activate "$system" test; else activate "$system" "$goal"; fi
 status=$?
 [ "$goal" = dry-activate ] && { phase succeeded "dry activation (exit $status)"; exit 0; }
@@ -204,10 +306,10 @@ if [ "$confirm_timeout" -gt 0 ]; then
   done
   if [ -e "$dir/confirm" ]; then
     [ -n "$deferred" ] && make_boot_default
-    phase succeeded "activated $system, confirmed"
+    phase succeeded "activated $system, confirmed$moved_sources"
     exit 0
   fi
   [ -e "$dir/abort" ] && roll_back "$(cat "$dir/abort")"
   roll_back "not confirmed within ${confirm_timeout}s (no new SSH connection could confirm it)"
 fi
-phase succeeded "activated $system"
+phase succeeded "activated $system$moved_sources"

@@ -17,7 +17,19 @@ live() {  # make tree $2 the live /var/src/$1 with one rename; keep the tree it 
   remember "$1"
   ln -sfn "$store/$1/$2" "$r/.$1.flakefleet-new"
   $mvt "$r/.$1.flakefleet-new" "$r/$1"
-  find "$s/$1" -mindepth 1 -maxdepth 1 ! -name "$2" ! -name "$was" -exec rm -rf {} +
+  drop "$1" "$2" "$was"
+}
+drop() {  # remove source $1's trees but those named after it and those a generation still
+          # runs with (.generations/N, written by the activation worker; see activate.sh)
+  name=$1; shift
+  kept=$(cat "$s/.generations/"* 2>/dev/null | awk -v n="$name" '$1 == n { print $2 }')
+  for tree in "$s/$name"/* "$s/$name"/.[!.]*; do
+    [ -e "$tree" ] || [ -L "$tree" ] || continue
+    base=${tree##*/}
+    case " $* " in *" $base "*) continue ;; esac
+    printf '%s\n' "$kept" | grep -qxF -- "$base" || rm -rf "$tree"
+  done
+  rmdir "$s/$name" 2>/dev/null || true
 }
 unlink() {  # /var/src/$1 is no longer declared: its tree stays until the next sync
   remember "$1"

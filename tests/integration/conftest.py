@@ -94,7 +94,9 @@ class Fleet:
         fleet_file: Path | None = None,
     ) -> subprocess.Popen[str]:
         """Start a deploy in the background (for tests that act while it runs)."""
-        report = Path(tempfile.mkstemp(prefix="report-", suffix=".json", dir=self.state)[1])
+        descriptor, name = tempfile.mkstemp(prefix="report-", suffix=".json", dir=self.state)
+        os.close(descriptor)
+        report = Path(name)
         env = {**self.env, "FLAKEFLEET_REPORT": str(report)}
         if fleet_file is not None:
             env["FLAKEFLEET_FLEET"] = str(fleet_file)

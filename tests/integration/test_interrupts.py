@@ -7,12 +7,15 @@ The tests run in order on one fleet; each leaves its machines on a working gener
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 
 from conftest import BIN, ROOT, evaluate, set_host
 from test_deploy import remote_state
+
+from flakefleet.records import RUNS, parse_history
 
 LATEST = "$(ls -td /run/flakefleet/activation/*/ | head -1)"
 LATEST_PHASE = f"cat {LATEST}phase 2>/dev/null"
@@ -165,6 +168,43 @@ def test_a_rollback_puts_the_sources_back_too(fleet, flake, converged):
     # The old system runs on the sources it was deployed with, not the new ones.
     assert fleet.ssh("web1", "cat /var/src/note") == "v1"
     assert remote_state(fleet, "web1")["sources"] == before["sources"]
+
+
+def test_a_rollback_to_an_older_generation_brings_back_its_sources(fleet, flake, converged):
+    """Three deploys later, generation N's sources are still kept (their generation is), and
+    `deploy/rollback.py --data generation=N` runs N on them; every activation is in the
+    machine's history and every run in the controller's records."""
+    numbers = []
+    for version in ("g1", "g2", "g3"):
+        set_host(flake, "db1", version=version)
+        result = fleet.deploy(flake, "--limit", "db1", *note(version))
+        assert result.returncode == 0, result.output
+        numbers.append(int(fleet.ssh("db1", "readlink /nix/var/nix/profiles/system")
+                           .split("-")[1]))  # fmt: skip
+    set_host(flake, "db1", version="1")
+    first = fleet.ssh("db1", f"readlink /nix/var/nix/profiles/system-{numbers[0]}-link")
+
+    result = fleet.deploy(
+        flake, "--limit", "db1", "--data", f"generation={numbers[0]}",
+        deploy_file="deploy/rollback.py",
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.output
+    assert fleet.ssh("db1", "cat /var/src/note") == "g1"
+    assert remote_state(fleet, "db1")["current"] == first
+    history = parse_history(fleet.ssh("db1", "cat /var/lib/flakefleet/history.jsonl"))
+    assert [(e.generation, e.outcome) for e in history[-4:]] == [
+        (numbers[0], "succeeded"), (numbers[1], "succeeded"), (numbers[2], "succeeded"),
+        (numbers[0], "succeeded"),
+    ]  # fmt: skip
+    assert history[-1].message.endswith("with the sources it was deployed with")
+    assert history[-1].sources == history[-4].sources
+    assert fleet.ssh("db1", "stat -c %a /var/lib/flakefleet/history.jsonl") == "600"
+    # The controller's records: one line per machine and run, the last one this rollback's.
+    records = [json.loads(line) for path in sorted((ROOT / RUNS).glob("*.jsonl"))
+               for line in path.read_text().splitlines()]  # fmt: skip
+    mine = [r for r in records if r["machine"] == "db1" and r["system"] in (first,)]
+    assert mine and mine[-1]["status"] == "changed" and mine[-1]["ssh_logins"] >= 1
 
 
 def test_a_deploy_run_from_another_directory_finds_the_repositorys_flake(

@@ -7,11 +7,13 @@ import os
 import re
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from flakefleet.models import Goal, MachineClass
+from flakefleet.records import parse_history
 from flakefleet.worker import (
     BUSY,
     Activation,
@@ -210,6 +212,80 @@ def test_a_hanging_switch_keeps_the_worker_running(machine):
         assert parse_answer(completed.returncode, completed.stdout, "")[0] is Phase.RUNNING
     finally:
         worker.kill()
+
+
+class Sources:
+    """A sources root as the sync leaves it: /var/src/NAME linking into its store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def install(self, name: str, tree: str) -> None:
+        (self.root / ".flakefleet" / name / tree).mkdir(parents=True, exist_ok=True)
+        link = self.root / name
+        link.unlink(missing_ok=True)
+        link.symlink_to(f".flakefleet/{name}/{tree}")
+
+    def live(self) -> dict[str, str]:
+        return {
+            link.name: os.readlink(link).split("/")[-1]
+            for link in self.root.iterdir()
+            if link.is_symlink()
+        }
+
+
+def deploy(machine: Machine, sources: Sources, system: str, **fields) -> Activation:
+    return replace(
+        machine.activation(system),
+        sources_root=str(sources.root),
+        sources_undo=str(sources.root / ".flakefleet" / ".undo" / f"r{time.monotonic_ns()}"),
+        record=str(machine.root / "lib" / "history.jsonl"),
+        record_base='"run":"r1","by":"ops@laptop","revision":"abc","dirty":false',
+        **fields,
+    )
+
+
+def test_each_activation_is_recorded_with_the_sources_its_generation_runs(machine):
+    sources = Sources(machine.root / "src")
+    sources.install("config", "c1")
+    assert machine.run(deploy(machine, sources, machine.system("one")))[0] is Phase.SUCCEEDED
+    sources.install("config", "c2")
+    sources.install("app", "a2")
+    assert machine.run(deploy(machine, sources, machine.system("two")))[0] is Phase.SUCCEEDED
+    broken = machine.system("broken", "exit 4")
+    assert machine.run(deploy(machine, sources, broken))[0] is Phase.ROLLED_BACK
+
+    history = parse_history((machine.root / "lib" / "history.jsonl").read_text())
+    assert [(e.outcome, e.generation, e.sources) for e in history] == [
+        ("succeeded", 1, {"config": "c1"}),
+        ("succeeded", 2, {"app": "a2", "config": "c2"}),
+        ("rolled-back", None, {"app": "a2", "config": "c2"}),
+    ]
+    assert (history[0].by, history[0].revision, history[0].run) == ("ops@laptop", "abc", "r1")
+    assert oct((machine.root / "lib" / "history.jsonl").stat().st_mode & 0o777) == "0o600"
+    generations = sources.root / ".flakefleet" / ".generations"
+    assert (generations / "1").read_text() == "config c1\n"
+
+
+def test_a_rollback_to_a_generation_puts_back_its_sources(machine):
+    sources = Sources(machine.root / "src")
+    sources.install("config", "c1")
+    machine.run(deploy(machine, sources, machine.system("one")))
+    sources.install("config", "c2")
+    sources.install("app", "a2")
+    machine.run(deploy(machine, sources, machine.system("two")))
+
+    # A rollback whose activation fails puts back the sources it had replaced.
+    (machine.root / "one" / "bin" / "switch-to-configuration").write_text("#!/bin/sh\nexit 4\n")
+    failing = deploy(machine, sources, str(machine.root / "one"), generation=1)
+    assert machine.run(failing)[0] is Phase.ROLLED_BACK
+    assert sources.live() == {"config": "c2", "app": "a2"}
+
+    (machine.root / "one" / "bin" / "switch-to-configuration").write_text("#!/bin/sh\nexit 0\n")
+    answer = machine.run(deploy(machine, sources, str(machine.root / "one"), generation=1))
+    assert answer == (Phase.SUCCEEDED, f"activated {machine.root / 'one'} with the sources "
+                                        "it was deployed with")  # fmt: skip
+    assert sources.live() == {"config": "c1"}
 
 
 def test_the_worker_refuses_a_command_line_it_does_not_know(tmp_path):
