@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 from pyinfra.api import FactBase
@@ -15,6 +16,7 @@ from facts.nix import (
 )
 from facts.sources import Sources
 from flakefleet import lock, sudo, worker
+from flakefleet.identity import MACHINE_ID_COMMAND
 from flakefleet.models import RUNNING_SYSTEM, SYSTEM_PROFILE, MachineState, PreflightState
 from flakefleet.target import RemoteFact
 
@@ -77,10 +79,14 @@ class Preflight(RemoteFact[PreflightState]):
     The lock is not taken while an activation worker is busy on the machine, whoever holds
     the lock: the machine is in that worker's hands until it succeeds or rolls back.
 
-    Output: ``workers <busy> <dead>``, then ``lock acquired``, ``lock held <holder>`` or
-    ``lock busy <holder>``, then the ``MachineSnapshot`` sections. Or only one line: sudo's
-    reason behind ``sudo.REFUSED`` when it refuses (read with ``gate``), or ``lock failed:
-    <reason>`` when no lock can be taken safely (see ``flakefleet.lock``).
+    It first reads the machine id; when `machine_id` (the one expected, see
+    ``flakefleet.identity``) is given and differs, it stops there: nothing is touched.
+
+    Output: ``identity <machine id>``, ``workers <busy> <dead>``, then ``lock acquired``,
+    ``lock held <holder>`` or ``lock busy <holder>``, then the ``MachineSnapshot`` sections. Or
+    ``identity <machine id>`` and ``identity differs``. Or only one line: sudo's reason behind
+    ``sudo.REFUSED`` when it refuses (read with ``gate``), or ``lock failed: <reason>`` when no
+    lock can be taken safely (see ``flakefleet.lock``).
     """
 
     @staticmethod
@@ -93,12 +99,17 @@ class Preflight(RemoteFact[PreflightState]):
         holder: str = "",
         profile: str = SYSTEM_PROFILE,
         running: str = RUNNING_SYSTEM,
+        machine_id: str = "",
     ) -> str:
         machine = MachineSnapshot.script(profile, running)
+        expected = shlex.quote(machine_id)
         workers = worker.workers_command(lock_dir)
         busy = f'echo "lock busy $(cat {lock_dir}/lock/holder 2>/dev/null)"'
         acquire = lock.acquire_command(lock_dir, holder)
         return (
+            f'i=$({MACHINE_ID_COMMAND}); echo "identity $i"; '
+            f'if [ -n {expected} ] && [ "$i" != {expected} ]; then echo "identity differs"; '
+            "exit 0; fi; "
             f"{lock.state_dir_command(lock_dir)}; "
             f'w=$({workers}); echo "$w"; b=${{w#workers }}; '
             f'if [ "${{b%% *}}" -gt 0 ]; then {busy}; else {acquire}; fi; {machine}'
@@ -109,6 +120,12 @@ class Preflight(RemoteFact[PreflightState]):
         if first.startswith(sudo.REFUSED.strip()):
             refusal = first.removeprefix(sudo.REFUSED.strip()).strip() or "sudo refused"
             return PreflightState(False, "", MachineState(), sudo_refusal=refusal)
+        machine_id = first.removeprefix("identity").strip() if first.startswith("identity") else ""
+        if first.startswith("identity"):
+            output = output[1:]
+            first = output[0].strip() if output else ""
+        if first == "identity differs":
+            return PreflightState(False, "", MachineState(), machine_id=machine_id, other=True)
         if first.startswith("lock failed:"):
             problem = first.removeprefix("lock failed:").strip()
             return PreflightState(False, "", MachineState(), lock_problem=problem)
@@ -124,4 +141,5 @@ class Preflight(RemoteFact[PreflightState]):
             machine=MachineSnapshot().process(output[2:]),
             activations_in_progress=busy,
             dead_workers=dead,
+            machine_id=machine_id,
         )

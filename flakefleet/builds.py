@@ -22,7 +22,6 @@ Wherever it is built, the path must be the one evaluated here, or the machine fa
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections.abc import Callable, Collection, Mapping
@@ -33,6 +32,7 @@ from urllib.parse import urlsplit
 
 from flakefleet import cache as caches
 from flakefleet import nix, remote_nix, signing
+from flakefleet.fleet import fleet_state_name
 from flakefleet.target import Target, Unreachable
 
 if TYPE_CHECKING:
@@ -44,9 +44,7 @@ GCROOTS = ".flakefleet/gcroots"
 def gcroot(cwd: Path, fleet: Path, machine: str) -> Path:
     """Where the controller keeps a machine's system alive: a directory per fleet file, as
     two fleets may both have a `web1` (`.flakefleet/gcroots/fleet-1a2b3c4d/web1`)."""
-    resolved = fleet.resolve()
-    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
-    return cwd / GCROOTS / f"{resolved.stem}-{digest}" / machine
+    return cwd / GCROOTS / fleet_state_name(fleet) / machine
 
 
 @dataclass(frozen=True)

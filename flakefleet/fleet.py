@@ -22,6 +22,7 @@ Everything is checked before any machine is contacted; the first problem is rais
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -356,3 +357,11 @@ def limit_problems(fleet: Fleet, patterns: Sequence[str]) -> list[str]:
             )
         problems.append(problem)
     return problems
+
+
+def fleet_state_name(fleet: Path) -> str:
+    """The name of a fleet file's own state on the controller (its GC roots, its machines'
+    identities): its stem and a digest of its path, as two fleets may both have a `web1`
+    (`fleet-1a2b3c4d`)."""
+    resolved = fleet.resolve()
+    return f"{resolved.stem}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}"

@@ -153,3 +153,5 @@ class PreflightState(Shown):
     dead_workers: int = 0  # workers that died in a busy phase (now marked failed)
     sudo_refusal: str | None = None  # why sudo would not run the preflight (nothing ran)
     lock_problem: str | None = None  # why no lock could be taken safely (nothing changed)
+    machine_id: str = ""  # /etc/machine-id (a Mac's hardware UUID), "" if it has none
+    other: bool = False  # not the machine id expected (flakefleet.identity): nothing was done

@@ -27,6 +27,7 @@ from flakefleet import cache as caches
 from flakefleet import lock, records, sudo, worker
 from flakefleet.builds import FleetBuilds
 from flakefleet.fleet import REPOSITORY_KEY, fleet_file
+from flakefleet.identity import Identities
 from flakefleet.report import Outcome, Report
 from flakefleet.settings import MachineSettings, selected_problems
 from flakefleet.target import Target, Unreachable
@@ -52,6 +53,7 @@ class Run:
         self.id = uuid.uuid4().hex[:12]  # names what this run leaves on machines
         self.started = time.time()
         self.report = Report()
+        self.identities = Identities(self.cwd, self.fleet_file)  # which machine is which
         self.passwords = sudo.Passwords()
         self.targets = {
             host.name: Target.from_data(host.name, host.data, self.passwords)

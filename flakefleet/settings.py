@@ -135,6 +135,7 @@ SETTINGS: dict[str, Check] = {
     "remote_nix_dir": _text(optional=True, absolute=True),
     "sudo_password_command": _text(optional=True),
     "break_lock": _text(optional=True),
+    "accept_machine_id": _text(optional=True),
     "smoke_check_processes": _number(1, whole=True),
     "sources_keep_undeclared": _boolean,
     "sources_force": _boolean,
@@ -245,6 +246,7 @@ class MachineSettings:
     sign_closures: bool = True
     keep_generations: int | None = None
     break_lock: str | None = None
+    accept_machine_id: str | None = None  # the machine's new id, after a reinstall
     sources_keep_undeclared: bool = False
     sources_force: bool = False
     sources_resync: bool = False

@@ -13,7 +13,7 @@ from pyinfra import host, state
 from pyinfra.api import FunctionCommand, operation
 
 from facts.machine import Preflight
-from flakefleet import sudo
+from flakefleet import identity, sudo
 from flakefleet.fleet import PYINFRA_PRIVILEGE_KEYS
 from flakefleet.lock import Holder, release_command, take_over_command
 from flakefleet.models import MachineState, PreflightState
@@ -52,10 +52,24 @@ def preflight() -> MachineState | None:
     if found.sudo_refusal:
         _locked(run, f"sudo refused to run the deploy: {found.sudo_refusal}")
         return None
+    if found.other:
+        where = f"{target.address}:{target.port or 22}"
+        _locked(run, identity.mismatch(host.name, found.machine_id, _expected(run), where))
+        return None
     if found.lock_problem:
         _locked(run, f"no deploy lock: {found.lock_problem}")
         return None
+    key = identity.host_key(host)
+    if key and found.machine_id:
+        run.identities.remember(host.name, key, found.machine_id)
     return found.machine if hold(run, found) else None
+
+
+def _expected(run: Run) -> str:
+    """The machine id the machine must have ("": any), see ``flakefleet.identity``."""
+    accepted = run.settings(host.name).accept_machine_id
+    key = identity.host_key(host)
+    return accepted or (run.identities.expected(host.name, key) if key else "")
 
 
 def _read_preflight(run: Run) -> PreflightState:
@@ -69,6 +83,7 @@ def _read_preflight(run: Run) -> PreflightState:
         holder=str(run.deployer),
         profile=target.profile,
         running=target.running_link,
+        machine_id=_expected(run),
     )
 
 

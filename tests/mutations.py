@@ -181,6 +181,13 @@ MUTATIONS = [
         'rm -rf "$tree"',
         (INTERRUPTS, "-k", "older_generation"),
     ),
+    Mutation(
+        "another machine id behind a known host key is deployed",
+        "facts/machine.py",
+        'if [ -n {expected} ] && [ "$i" != {expected} ]; then',
+        "if false; then",
+        (INTERRUPTS, "-k", "known_host_key"),
+    ),
 ]
 
 

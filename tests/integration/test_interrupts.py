@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import uuid
 
 from conftest import BIN, ROOT, evaluate, set_host
 from test_deploy import remote_state
@@ -205,6 +206,38 @@ def test_a_rollback_to_an_older_generation_brings_back_its_sources(fleet, flake,
                for line in path.read_text().splitlines()]  # fmt: skip
     mine = [r for r in records if r["machine"] == "db1" and r["system"] in (first,)]
     assert mine and mine[-1]["status"] == "changed" and mine[-1]["ssh_logins"] >= 1
+
+
+def test_another_machine_behind_a_known_host_key_is_not_touched(fleet, flake, converged):
+    """vpn1 answers with the host key this controller deployed it with, but another machine
+    id (a clone of its image, say): nothing is touched until the user accepts the new id."""
+    original = fleet.ssh("vpn1", "cat /etc/machine-id")
+    before = remote_state(fleet, "vpn1")
+    other = uuid.uuid4().hex
+    fleet.ssh("vpn1", f"echo {other} > /etc/machine-id")
+    try:
+        set_host(flake, "vpn1", version="cloned")
+        result = fleet.deploy(flake, "--limit", "vpn1")
+        assert result.returncode != 0
+        error = result.report["vpn1"]["error"]
+        assert error.startswith(f"another machine answers for vpn1: machine id {other}, but "
+                                f"vpn1 had {original} with the same host key"), error  # fmt: skip
+        assert error.endswith(f"run again with --data accept_machine_id={other}"), error
+        assert remote_state(fleet, "vpn1") == before  # not even the lock was taken
+        assert fleet.ssh("vpn1", "ls /run/flakefleet/lock 2>&1; true").endswith(
+            "No such file or directory"
+        )
+        accepted = fleet.deploy(flake, "--limit", "vpn1", "--data", f"accept_machine_id={other}")
+        assert accepted.returncode == 0, accepted.output
+        again = fleet.deploy(flake, "--limit", "vpn1")  # the new id is the one remembered
+        assert again.returncode == 0, again.output
+    finally:
+        set_host(flake, "vpn1", version="1")
+        fleet.ssh("vpn1", f"echo {original} > /etc/machine-id")
+    # Back to the first id: a mismatch again, until accepted.
+    assert fleet.deploy(flake, "--limit", "vpn1").returncode != 0
+    back = fleet.deploy(flake, "--limit", "vpn1", "--data", f"accept_machine_id={original}")
+    assert back.returncode == 0, back.output
 
 
 def test_a_deploy_run_from_another_directory_finds_the_repositorys_flake(
