@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 from typing import Any
 
 from pyinfra.api import FactBase
@@ -13,11 +14,19 @@ from facts.nix import (
     NixVersion,
     SystemGenerations,
     SystemProfile,
+    needs_reboot_command,
 )
 from facts.sources import Sources
 from flakefleet import lock, sudo, worker
 from flakefleet.identity import MACHINE_ID_COMMAND
-from flakefleet.models import RUNNING_SYSTEM, SYSTEM_PROFILE, MachineState, PreflightState
+from flakefleet.models import (
+    BOOTED_SYSTEM,
+    RUNNING_SYSTEM,
+    SYSTEM_PROFILE,
+    MachineState,
+    PreflightState,
+)
+from flakefleet.records import Entry, parse_history
 from flakefleet.target import RemoteFact
 
 SECTION = "@@flakefleet-fact "
@@ -73,6 +82,13 @@ class MachineSnapshot(RemoteFact[MachineState]):
         return MachineState(**values)
 
 
+def sudo_refusal(first: str) -> str | None:
+    """sudo's reason, when a command read with `gate` was refused (its only line)."""
+    if not first.startswith(sudo.REFUSED.strip()):
+        return None
+    return first.removeprefix(sudo.REFUSED.strip()).strip() or "sudo refused"
+
+
 class Preflight(RemoteFact[PreflightState]):
     """Take the machine's deploy lock and read its state, in one round trip, as root.
 
@@ -117,8 +133,8 @@ class Preflight(RemoteFact[PreflightState]):
 
     def process(self, output: list[str]) -> PreflightState:
         first = output[0].strip() if output else ""
-        if first.startswith(sudo.REFUSED.strip()):
-            refusal = first.removeprefix(sudo.REFUSED.strip()).strip() or "sudo refused"
+        refusal = sudo_refusal(first)
+        if refusal:
             return PreflightState(False, "", MachineState(), sudo_refusal=refusal)
         machine_id = first.removeprefix("identity").strip() if first.startswith("identity") else ""
         if first.startswith("identity"):
@@ -142,4 +158,82 @@ class Preflight(RemoteFact[PreflightState]):
             activations_in_progress=busy,
             dead_workers=dead,
             machine_id=machine_id,
+        )
+
+
+@dataclass(frozen=True)
+class Standing:
+    """What deploy/status.py reads from a machine: its snapshot, the tail of its deploy
+    history, and its failed units (None where there is no systemd to ask)."""
+
+    machine: MachineState
+    history: list[Entry]
+    failed_units: list[str] | None
+    reboot_pending: bool = False  # a reboot would bring up another system, kernel or initrd
+    sudo_refusal: str | None = None  # why sudo would not run it (nothing was read)
+
+
+# systemd's failed units, one a line, then a marker; "no systemd" where there is none to ask.
+FAILED_UNITS = (
+    "if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then "
+    "systemctl --failed --no-legend --plain 2>/dev/null | awk '{ print $1 }'; echo '(units)'; "
+    "else echo '(no systemd)'; fi"
+)
+
+
+class StatusSnapshot(RemoteFact[Standing]):
+    """The machine's snapshot, the last `entries` lines of its deploy history (`history`:
+    Target.history, read as its owner) and its failed units, in one command."""
+
+    @staticmethod
+    def default() -> Standing:
+        return Standing(MachineState(), [], None)
+
+    @staticmethod
+    def script(
+        profile: str = SYSTEM_PROFILE,
+        running: str = RUNNING_SYSTEM,
+        history: str = "/var/lib/flakefleet/history.jsonl",
+        entries: int = 200,
+        system: bool = True,
+    ) -> str:
+        """`system`: the machine's own system (its units, its reboots), not a user's home."""
+        # `~/` stays unquoted: the login's home, expanded there.
+        path = history if history.startswith("~/") else shlex.quote(history)
+        failed = FAILED_UNITS if system else "echo '(no systemd)'"
+        # What a reboot would bring up is the profile's system (the boot default); compared
+        # with the booted one's kernel, initrd and modules (none known: nothing booted yet).
+        compare = needs_reboot_command(f'"$(readlink -f {shlex.quote(profile)})"')
+        reboot = f"if [ -e {BOOTED_SYSTEM} ]; then {compare}; else echo no-booted-system; fi"
+        return (
+            f"{MachineSnapshot.script(profile, running)}; "
+            f"echo '{SECTION}history'; tail -n {entries} {path} 2>/dev/null; "
+            f"echo '{SECTION}reboot'; {reboot if system else 'echo not-needed'}; "
+            f"echo '{SECTION}units'; {failed}"
+        )
+
+    def process(self, output: list[str]) -> Standing:
+        refusal = sudo_refusal(output[0].strip() if output else "")
+        if refusal:
+            return Standing(MachineState(), [], None, sudo_refusal=refusal)
+        ours = {"snapshot": 0}  # where each section starts; the snapshot's own come first
+        for index, line in enumerate(output):
+            name = line[len(SECTION) :].strip() if line.startswith(SECTION) else ""
+            if name in ("history", "reboot", "units"):
+                ours[name] = index
+        bounds = [*sorted(ours.values()), len(output)]
+        sections = {
+            name: output[start + (name != "snapshot") : bounds[bounds.index(start) + 1]]
+            for name, start in ours.items()
+        }
+        unit_lines = [line.strip() for line in sections.get("units", [])]
+        units: list[str] | None = None
+        if "(units)" in unit_lines:
+            units = [line for line in unit_lines[: unit_lines.index("(units)")] if line]
+        reboot = [line.strip() for line in sections.get("reboot", []) if line.strip()]
+        return Standing(
+            machine=MachineSnapshot().process(sections["snapshot"]),
+            history=parse_history("\n".join(sections.get("history", []))),
+            failed_units=units,
+            reboot_pending=reboot[-1:] == ["needed"],
         )

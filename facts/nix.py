@@ -13,6 +13,37 @@ from pyinfra.api import FactBase
 
 from flakefleet.models import BOOTED_SYSTEM, RUNNING_SYSTEM, SYSTEM_PROFILE, Generation
 
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+# What identifies the current boot: Linux's boot id; a Mac has none, so its boot time
+# (`sysctl -n kern.boottime`: "{ sec = 1700000000, usec = 123 } Tue Nov 14 ...") as one word.
+BOOT_IDENTITY = (
+    f"cat {BOOT_ID} 2>/dev/null || sysctl -n kern.boottime | "
+    r"sed -n 's/^{ *sec = \([0-9]*\), *usec = \([0-9]*\) *}.*/\1.\2/p'"
+)
+# Parts of a system that only a reboot puts in place.
+BOOT_PARTS = ("kernel", "initrd", "kernel-modules")
+
+
+def needs_reboot_command(system: str) -> str:
+    """Print the boot identity, then `needed` or `not-needed` for the new system.
+
+    A part missing on both sides is no change (a container's toplevel has no kernel, initrd
+    nor modules; nor has nix-darwin's). The running system is compared for every goal: a
+    switch whose init was incompatible (exit 100) still runs the old one until a reboot.
+    """
+    differs = " || ".join(
+        f"part_differs {BOOTED_SYSTEM}/{part} {system}/{part}" for part in BOOT_PARTS
+    )
+    function = (
+        'part_differs() { { [ -e "$1" ] || [ -e "$2" ]; } && '
+        '[ "$(readlink -f "$1")" != "$(readlink -f "$2")" ]; }'
+    )
+    running = f'[ "$(readlink -f {RUNNING_SYSTEM})" != {system} ]'
+    return (
+        f"{BOOT_IDENTITY}; {function}; "
+        f"if {running} || {differs}; then echo needed; else echo not-needed; fi"
+    )
+
 
 class CurrentSystem(FactBase[str | None]):
     """The store path the machine runs now (`/run/current-system`), or None.

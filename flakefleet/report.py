@@ -27,6 +27,7 @@ class Outcome:
     error: str | None = None
     notes: list[str] = field(default_factory=list)
     plan: list[str] = field(default_factory=list)  # deploy/plan.py: what a deploy would do
+    state: dict[str, Any] = field(default_factory=dict)  # deploy/status.py: where it stands
 
     @property
     def status(self) -> str:
@@ -108,7 +109,8 @@ class Report:
         self.explain_failures(state, addresses)
         plans = [line for name in sorted(self.outcomes) for line in self.outcomes[name].plan]
         if plans:
-            print("\n--> flakefleet plan", file=sys.stderr)
+            kind = "status" if any(r.state for r in self.outcomes.values()) else "plan"
+            print(f"\n--> flakefleet {kind}", file=sys.stderr)
             for line in plans:
                 print(f"    {line}", file=sys.stderr)
         summary = self.summary_lines(failed_only=bool(plans))  # a plan changed nothing

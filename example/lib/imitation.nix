@@ -146,9 +146,20 @@ in
         breakSsh = flag (host.breakSsh or false);
         activationDelay = toString (host.activationDelay or "");
       };
+      # As in NixOS, the kernel, initrd and modules are store paths of their own, shared by
+      # every generation with the same kernel: a switch that keeps them needs no reboot.
+      kernelVersion = host.kernel or "6.6.1";
+      kernel = shell "linux-${kernelVersion}" { inherit kernelVersion; } ''
+        mkdir -p $out/lib/modules/$kernelVersion
+        printf 'imitation kernel %s\n' "$kernelVersion" > $out/bzImage
+        printf '%s\n' "$kernelVersion" > $out/lib/modules/$kernelVersion/version
+      '';
+      initrd = shell "initrd-linux-${kernelVersion}" { inherit kernelVersion; } ''
+        mkdir -p $out
+        printf 'imitation initrd %s\n' "$kernelVersion" > $out/initrd
+      '';
       toplevel = shell "nixos-system-${host.name}-${version}" ({
-        inherit etc sw version;
-        kernelVersion = host.kernel or "6.6.1";
+        inherit etc sw version kernel initrd;
         # A container (boot.isContainer) has no kernel, initrd nor kernel modules.
         container = flag (host.container or false);
         # What the running init speaks; switch-to-configuration exits 100 when it changes.
@@ -165,10 +176,9 @@ in
         printf '%s' "$version" > $out/nixos-version
         printf '%s\n' "$initInterface" > $out/init-interface-version
         if [ -z "$container" ]; then
-          mkdir -p $out/kernel-modules
-          printf 'imitation kernel %s\n' "$kernelVersion" > $out/kernel
-          printf 'imitation initrd %s\n' "$kernelVersion" > $out/initrd
-          printf '%s\n' "$kernelVersion" > $out/kernel-modules/version
+          ln -s $kernel/bzImage $out/kernel
+          ln -s $initrd/initrd $out/initrd
+          ln -s $kernel $out/kernel-modules
         fi
         printf '%s' "$activate" > $out/activate
         printf '%s' "$switch" > $out/bin/switch-to-configuration

@@ -84,6 +84,28 @@ def test_pruning_after_a_rollback_keeps_the_newest_and_the_running_generation(fl
     assert fleet.ssh("web2", f"readlink {PROFILE}") == "system-2-link"
 
 
+def test_a_switch_that_keeps_the_kernel_needs_no_reboot(fleet, flake):
+    """As in NixOS, kernel, initrd and modules are store paths of their own: a new generation
+    with the same kernel needs no reboot; a new kernel does."""
+    set_host(flake, "web1", version="k1")
+    first = fleet.deploy(flake, "--limit", "web1", "--data", "reboot=always")
+    assert first.returncode == 0, first.output  # it has booted a system with kernel 6.6.1
+    boot_id = fleet.ssh("web1", BOOT_ID)
+    set_host(flake, "web1", version="k2")
+    same = fleet.deploy(flake, "--limit", "web1", "--data", "reboot=when-needed")
+    assert same.returncode == 0, same.output
+    assert "rebooted" not in same.report["web1"]["changed"], same.report["web1"]
+    assert fleet.ssh("web1", BOOT_ID) == boot_id
+    set_host(flake, "web1", version="k3", kernel="6.6.2")
+    try:
+        newer = fleet.deploy(flake, "--limit", "web1", "--data", "reboot=when-needed")
+    finally:
+        set_host(flake, "web1", version="1", kernel=None)
+    assert newer.returncode == 0, newer.output
+    assert "rebooted" in newer.report["web1"]["changed"], newer.report["web1"]
+    assert fleet.ssh("web1", BOOT_ID) != boot_id
+
+
 def test_a_container_system_needs_no_reboot(fleet, flake):
     """A toplevel without kernel, initrd and modules (boot.isContainer) on both sides: the
     kernel did not change, so reboot=when-needed does not reboot."""

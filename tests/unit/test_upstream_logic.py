@@ -7,10 +7,9 @@ import os
 import subprocess
 from pathlib import Path
 
-from facts.nix import SystemGenerations
+from facts.nix import BOOT_ID, BOOT_IDENTITY, SystemGenerations, needs_reboot_command
 from flakefleet.remote_nix import prune_command
 from flakefleet.target import Target
-from operations.reboot import BOOT_ID, BOOT_IDENTITY, needs_reboot_command
 
 
 def sh(command: str, path: Path | None = None) -> str:
