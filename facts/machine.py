@@ -55,14 +55,18 @@ class MachineSnapshot(RemoteFact[MachineState]):
         return MachineState()
 
     @staticmethod
-    def script(profile: str = SYSTEM_PROFILE, running: str = RUNNING_SYSTEM) -> str:
+    def script(
+        profile: str = SYSTEM_PROFILE, running: str = RUNNING_SYSTEM, sources: str = ""
+    ) -> str:
+        """`sources`: the sources root (`Target.sources_root`), for a reader that is not the
+        deploy's user (the plan reads without sudo)."""
         commands = {
             "current_system": CurrentSystem().command(running),
             "booted_system": BootedSystem().command(),
             "profile_system": SystemProfile().command(profile),
             "generations": SystemGenerations().command(profile),
             "nix_version": NixVersion().command(),
-            "var_src": Sources().command(),
+            "var_src": Sources().command(sources),
         }
         return "; ".join(f"echo '{SECTION}{name}'; {{ {commands[name]}; }}" for name in PARTS)
 

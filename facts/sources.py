@@ -29,9 +29,16 @@ class Sources(FactBase[VarSrc]):
     def default() -> VarSrc:
         return VarSrc()
 
-    def command(self) -> str:
+    def command(self, root: str = "") -> str:
+        """`root`: the sources root to read (`Target.sources_root`); by default the one of
+        whoever runs it (root's /var/src, else the login's own)."""
+        choose = (
+            f'r="{root}"'
+            if root
+            else (f'r={SOURCES_ROOT}; [ "$(id -u)" = 0 ] || r="{USER_SOURCES_ROOT}"')
+        )
         return (
-            f'r={SOURCES_ROOT}; [ "$(id -u)" = 0 ] || r="{USER_SOURCES_ROOT}"; echo "root $r"; '
+            f'{choose}; echo "root $r"; '
             'if [ -d "$r" ]; then echo exists; '
             f'[ -d "$r/{STORE_DIR}" ] && echo managed; '
             '[ -n "$(ls -A "$r")" ] || echo empty; '

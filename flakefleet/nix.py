@@ -335,6 +335,18 @@ def diff_closures(old: str, new: str) -> list[str] | None:
     return [ANSI_COLOUR.sub("", line) for line in output.splitlines() if line.strip()]
 
 
+def closure_size(path: str) -> int | None:
+    """The size of a path's closure in this controller's store (bytes), or None when the store
+    lacks it (or part of it)."""
+    if not Path(path).exists():
+        return None
+    try:
+        output = run(["nix", *FEATURES, "path-info", "--closure-size", "--json", path]).stdout
+        return int(json.loads(output)[0]["closureSize"])
+    except (CommandError, ValueError, LookupError, TypeError):
+        return None
+
+
 def _safe_url(url: str) -> str:
     """A store URL without its query (which may name a secret key file)."""
     return url.split("?", 1)[0]

@@ -30,7 +30,9 @@ from pyinfra.api import FactBase, StringCommand
 from flakefleet import sudo
 from flakefleet.models import (
     RUNNING_SYSTEM,
+    SOURCES_ROOT,
     SYSTEM_PROFILE,
+    USER_SOURCES_ROOT,
     MachineClass,
 )
 from flakefleet.process import run
@@ -159,6 +161,14 @@ class Target:
         if self.machine_class is MachineClass.HOME:
             return f"/tmp/flakefleet-{self.ssh_user or 'user'}"
         return "/run/flakefleet"
+
+    @property
+    def sources_root(self) -> str:
+        """Where the deploy keeps the machine's sources: /var/src, or a home-manager user's
+        own (`$HOME` expanded on the machine)."""
+        if self.machine_class is MachineClass.HOME:
+            return USER_SOURCES_ROOT
+        return SOURCES_ROOT
 
     @property
     def history(self) -> str:

@@ -2,22 +2,29 @@
 
 The machine's state is read as its SSH user (no sudo, no lock), in one round trip. Its new
 system is built on the controller when that is where it is built (`build_on = "local"`), so
-the package changes can be listed (`nix store diff-closures`) against the system it runs, when
-the controller's store still has that one (e.g. from the deploy that put it there).
+the package changes can be listed (`nix store diff-closures`), the closure sizes compared and
+the new kernel, initrd and modules compared with the booted ones, when the controller's store
+still has what the machine runs and booted (e.g. from the deploy that put it there). Its
+sources are compared by digest (``flakefleet.sources.plan``).
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from pyinfra import host, state
 from pyinfra.api import FunctionCommand, operation
 
 from facts.machine import MachineSnapshot
+from facts.nix import BOOT_PARTS
 from flakefleet import nix
 from flakefleet.drift import Assessment, assess, render
 from flakefleet.models import MachineState
 from flakefleet.run import Run
+from flakefleet.sources import MachineSources, RunSources
+from flakefleet.sources.plan import describe
 
 WIDTH = 8  # machine names are padded to this in the plan's lines
 
@@ -26,26 +33,75 @@ def read_state() -> MachineState:
     """The machine's systems and generations, as its SSH user sees them."""
     target = Run.of(state).target(host.name)
     return target.read(
-        host, MachineSnapshot, as_root=False, profile=target.profile, running=target.running_link
+        host,
+        MachineSnapshot,
+        as_root=False,
+        profile=target.profile,
+        running=target.running_link,
+        sources=target.sources_root,  # the deploy's, not the SSH user's own
     )
 
 
 @operation(is_idempotent=False)
-def show(system: nix.System, machine: MachineState):
+def show(system: nix.System, machine: MachineState, wanted: MachineSources):
     """Record the machine's plan for the end of the run (`--> flakefleet plan`)."""
-    yield FunctionCommand(_show, (system, machine, assess(machine, system.out)), {})
+    yield FunctionCommand(_show, (system, machine, assess(machine, system.out), wanted), {})
 
 
 def _show(
-    state: Any, host: Any, system: nix.System, machine: MachineState, assessment: Assessment
-) -> bool:
+    state: Any, host: Any, system: nix.System, machine: MachineState, assessment: Assessment,
+    wanted: MachineSources,
+) -> bool:  # fmt: skip
     run = Run.of(state)
-    packages: list[str] = []
+    details: list[str] = []
     if assessment.verdict == "would switch":
-        packages = _package_changes(run, host.name, machine.current_system, system)
+        details = _package_changes(run, host.name, machine.current_system, system)
+        if Path(system.out).exists():  # built here: its size and kernel can be told
+            details += [_size_change(machine.current_system, system.out)]
+            details += _reboot(machine.booted_system, system.out)
+    checked = run.sources
+    if isinstance(checked, RunSources):
+        details += [
+            f"sources: {phrase}" for phrase in describe(wanted, machine.var_src, checked.manifest)
+        ]
     width = max(WIDTH, *(len(each.name) for each in state.inventory))
-    run.outcome(host.name).plan = render(host.name, assessment, packages, width)
+    run.outcome(host.name).plan = render(host.name, assessment, details, width)
     return True
+
+
+def _size_change(running: str | None, new: str) -> str:
+    after = nix.closure_size(new)
+    before = nix.closure_size(running) if running else 0
+    if after is None or before is None:
+        return "closure: size unknown (this controller's store lacks what it runs)"
+    sign = "+" if after >= before else "-"
+    return f"closure: {_size(before)} → {_size(after)} ({sign}{_size(abs(after - before))})"
+
+
+def _size(size: int) -> str:
+    """A size for people: ``512 B``, ``12.3 KiB``, ``1.2 GiB``."""
+    if size < 1024:
+        return f"{size} B"
+    value = size / 1024
+    for unit in ("KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _reboot(booted: str | None, new: str) -> list[str]:
+    """Whether the new system needs a reboot: its kernel, initrd or modules differ from the
+    booted system's (read here, from this controller's copy of the booted system)."""
+    if booted is None or not Path(booted).exists():
+        return []  # nothing booted to compare with, or not in this store: not said
+    differ = [
+        part
+        for part in BOOT_PARTS
+        if (Path(booted) / part).exists() or (Path(new) / part).exists()
+        if os.path.realpath(Path(booted) / part) != os.path.realpath(Path(new) / part)
+    ]
+    return [f"reboot needed: new {', '.join(differ)}"] if differ else []
 
 
 def _package_changes(run: Run, name: str, running: str | None, system: nix.System) -> list[str]:

@@ -41,17 +41,18 @@ from flakefleet.target import Target
 INSTALL_FUNCTIONS = files("operations").joinpath("scripts/install-sources.sh").read_text()
 
 
-def declared() -> MachineSources:
+def declared(commands: bool = True) -> MachineSources:
     """This machine's sources, checked and digested on the controller.
 
     The first call of a run checks every selected machine's declarations (types, names,
     local paths, git URLs and refs, pipe commands), before anything is copied to any machine;
     bad input stops the whole run with one line per problem, naming machine and source.
+    `commands`: whether pipe sources' commands run (a plan's first call says no).
     """
     session = Run.of(state)
     with session.lock:
         if session.sources is None:
-            session.sources = _check_selected(session)
+            session.sources = _check_selected(session, commands)
         checked = session.sources
     if isinstance(checked, SourcesInvalid):
         reasons = {bad.machine: f"sources: {bad.detail}" for bad in checked.errors}
@@ -59,7 +60,7 @@ def declared() -> MachineSources:
     return checked.machines[host.name]
 
 
-def _check_selected(session: Run) -> RunSources | SourcesInvalid:
+def _check_selected(session: Run, commands: bool) -> RunSources | SourcesInvalid:
     fleet = str(session.fleet_file)
     inventory = session.state.inventory
     machines = [
@@ -74,7 +75,7 @@ def _check_selected(session: Run) -> RunSources | SourcesInvalid:
         for each in inventory.get_active_hosts()
     ]
     try:
-        return check_run(session.cwd, machines)
+        return check_run(session.cwd, machines, commands)
     except SourcesInvalid as error:
         return error
 

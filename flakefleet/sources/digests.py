@@ -68,24 +68,38 @@ def _unescape(name: str) -> str:
 
 
 def tree_digest(path: Path, entries: Sequence[str], checksum: bool) -> str:
-    """A sha256 over the listed entries: path, type, permissions, link target, and the file's
-    content (`checksum`) or its size and modification time (rsync's quick check, to the
-    nanosecond). Two trees with the same digest sync to the same copy."""
+    """A sha256 over the listed entries' fingerprints (`fingerprints`). Two trees with the same
+    digest sync to the same copy."""
+    return digest_of(fingerprints(path, entries, checksum))
+
+
+def digest_of(found: Sequence[tuple[str, str]]) -> str:
+    """A tree's digest from its entries' fingerprints."""
     digest = hashlib.sha256()
+    for _entry, fingerprint in found:
+        digest.update(fingerprint.encode() + b"\0")
+    return digest.hexdigest()
+
+
+def fingerprints(path: Path, entries: Sequence[str], checksum: bool) -> list[tuple[str, str]]:
+    """Each listed entry and what the sync compares of it: type, permissions, link target,
+    and the file's content (`checksum`) or its size and modification time (rsync's quick
+    check, to the nanosecond)."""
+    found = []
     for entry in entries:
         full = path / entry if entry else path
         info = full.lstat() if entry else full.stat()
-        head = f"{stat.S_IMODE(info.st_mode):o}\0{entry}\0".encode()
+        head = f"{stat.S_IMODE(info.st_mode):o}\0{entry}"
         if stat.S_ISLNK(info.st_mode):
-            digest.update(b"L" + head + os.readlink(full).encode() + b"\0")
+            found.append((entry, f"L{head}\0{os.readlink(full)}"))
         elif stat.S_ISDIR(info.st_mode):
-            digest.update(b"D" + head)
+            found.append((entry, f"D{head}"))
         elif stat.S_ISREG(info.st_mode):
             what = file_sha256(full) if checksum else f"{info.st_size}:{info.st_mtime_ns}"
-            digest.update(b"F" + head + what.encode() + b"\0")
+            found.append((entry, f"F{head}\0{what}"))
         else:
-            digest.update(b"S" + head)
-    return digest.hexdigest()
+            found.append((entry, f"S{head}"))
+    return found
 
 
 def file_sha256(path: Path) -> str:

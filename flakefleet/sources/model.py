@@ -28,6 +28,8 @@ STATE_DIR = ".flakefleet"
 # every unchanged file (rsync hard-links it) and only content decides what is sent.
 GIT_MTIME = 1
 KEEP_BUILDS = 2  # successful builds kept per machine and source (the newest)
+MANIFESTS = "manifests"  # under STATE_DIR: each tree digested, by digest (for the plan)
+MANIFEST_DAYS = 90  # a manifest no run digested for this long is forgotten
 PRUNE_AFTER = 24 * 3600  # seconds an unused git checkout or pipe output is kept
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,15 +18,18 @@ from flakefleet.sources.build import BuildStage
 from flakefleet.sources.declarations import merge, parse
 from flakefleet.sources.digests import (
     derivation_digest,
+    digest_of,
     file_sha256,
+    fingerprints,
     list_tree,
     only_rules,
     source_digest,
-    tree_digest,
 )
 from flakefleet.sources.git import GitCache, GitError, prune_unused
 from flakefleet.sources.model import (
     CONFIG,
+    MANIFEST_DAYS,
+    MANIFESTS,
     STATE_DIR,
     Source,
     SourceError,
@@ -80,10 +86,16 @@ class MachineSources:
 
 
 class RunSources:
-    """The sources of every selected machine of one run, checked and digested once."""
+    """The sources of every selected machine of one run, checked and digested once.
 
-    def __init__(self, root: Path) -> None:
+    `commands`: whether pipe sources' commands run now (a plan runs none: their digests stay
+    unknown). Each file tree's manifest is kept by digest (`manifest`), so a plan can say
+    which files a sync would add, remove or change.
+    """
+
+    def __init__(self, root: Path, commands: bool = True) -> None:
         self.root = root
+        self.commands = commands
         self.state = root / STATE_DIR
         self.git = GitCache(self.state / "git")
         self.machines: dict[str, MachineSources] = {}
@@ -128,7 +140,7 @@ class RunSources:
             tree = self.git.checkout(source.url, commit, source.submodules)
             return Ready(source, source_digest(source, commit), tree, checksum=True)
         if source.type == "pipe":
-            return self._pipe(machine, source)
+            return self._pipe(machine, source) if self.commands else Ready(source, None)
         if source.type == "symlink":
             return Ready(source, source_digest(source, source.target))
         return Ready(source, None)  # a derivation: digested with the others (finalize)
@@ -154,8 +166,35 @@ class RunSources:
         if key not in self._trees:
             self._empty.mkdir(parents=True, exist_ok=True)
             entries = list_tree(path, source.include, source.exclude, self._empty, source.only)
-            self._trees[key] = tree_digest(path, entries, checksum)
+            found = fingerprints(path, entries, checksum)
+            self._trees[key] = digest_of(found)
+            self._keep_manifest(source_digest(source, self._trees[key]), found)
         return Ready(source, source_digest(source, self._trees[key]), path, checksum)
+
+    def _keep_manifest(self, digest: str, found: list[tuple[str, str]]) -> None:
+        path = self.state / MANIFESTS / f"{digest}.json"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".new").write_text(json.dumps(dict(found)))
+            path.with_suffix(".new").replace(path)
+        path.touch()  # used now: see `prune_manifests`
+
+    def prune_manifests(self) -> None:
+        """Forget the manifests of trees no run has digested for MANIFEST_DAYS (a machine's
+        live tree is digested again by every deploy and plan that selects it)."""
+        limit = time.time() - MANIFEST_DAYS * 86400
+        for path in (self.state / MANIFESTS).glob("*.json"):
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < limit:
+                    path.unlink()
+
+    def manifest(self, digest: str) -> dict[str, str] | None:
+        """What a tree of this digest held (entry -> fingerprint), if this controller has
+        digested it (sent it, or planned it)."""
+        try:
+            return json.loads((self.state / MANIFESTS / f"{digest}.json").read_text())
+        except (OSError, ValueError):
+            return None
 
     def _built(self, machine: str, source: Source) -> Ready:
         assert source.build is not None
@@ -209,10 +248,12 @@ class RunSources:
 def check_run(
     root: Path,
     machines: Sequence[tuple[str, Sequence[tuple[str, Mapping[str, Any]]], Any]],
+    commands: bool = True,
 ) -> RunSources:
     """Check every machine's sources (name, data layers, its `MachineSettings`); raises
-    SourcesInvalid with every machine's first problem."""
-    sources = RunSources(root)
+    SourcesInvalid with every machine's first problem. `commands`: see `RunSources`."""
+    sources = RunSources(root, commands)
+    sources.prune_manifests()
     errors = []
     for machine, found, settings in machines:
         try:

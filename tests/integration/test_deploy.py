@@ -106,6 +106,10 @@ def test_plan_shows_changes_and_drift_and_changes_nothing(fleet, flake):
     assert f"web1      would switch  {old} → {new}" in lines
     assert "nixos-system-web1: 1 → 3" in lines, "\n".join(plan)  # diff-closures' package line
     assert f"drift: runs {name(hand)}, which no generation holds: set by hand?" in lines
+    # The flake (source `config`) changed in one file, for every machine; web1's closure.
+    assert lines.count("sources: config: 1 changed (hosts.json)") == len(fleet.machines), plan
+    assert any(re.fullmatch(r"closure: [\d.]+ \S+ → [\d.]+ \S+ \([+-][\d.]+ \S+\)", line)
+               for line in lines), plan  # fmt: skip
     assert "--> flakefleet summary" not in result.output  # nothing failed, nothing changed
     for machine in fleet.machines:
         assert fleet.ssh(machine, "ls -d /run/flakefleet/lock 2>/dev/null || true") == ""
