@@ -335,6 +335,16 @@ def diff_closures(old: str, new: str) -> list[str] | None:
     return [ANSI_COLOUR.sub("", line) for line in output.splitlines() if line.strip()]
 
 
+def flake_check(flake: Path) -> str | None:
+    """`nix flake check --no-build` of the flake as `flake_reference` takes it: None when it
+    passes, else its error in one line."""
+    try:
+        run(["nix", *FEATURES, "flake", "check", "--no-build", flake_reference(flake)])
+    except CommandError as error:
+        return _nix_error(error.output)
+    return None
+
+
 def closure_size(path: str) -> int | None:
     """The size of a path's closure in this controller's store (bytes), or None when the store
     lacks it (or part of it)."""

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from pyinfra.api import FunctionCommand
 
 from flakefleet import cache as caches
-from flakefleet import lock, records, sudo, worker
+from flakefleet import lock, nix, records, sudo, worker
 from flakefleet.builds import FleetBuilds
 from flakefleet.fleet import REPOSITORY_KEY, fleet_file
 from flakefleet.identity import Identities
@@ -75,6 +75,7 @@ class Run:
         self._builds: FleetBuilds | None = None
         self._servers: dict[caches.Cache, caches.Server] = {}
         self._revisions: dict[Path, str] = {}
+        self._flake_problems: dict[Path, str] | None = None
         self._stopping = False
         atexit.register(self.close)
         with contextlib.suppress(ValueError):  # only the main thread may; greenlets are in it
@@ -115,6 +116,27 @@ class Run:
         lines, reasons = self._problems
         if lines:
             self.stop(lines, reasons, "not deployed: bad settings stopped the run")
+        self._check_flakes()
+
+    def _check_flakes(self) -> None:
+        """The optional gate (`flake_check`): `nix flake check --no-build` of each flake of
+        the selected machines that asks for it, once per run; a failure stops the run before
+        any machine is contacted."""
+        with self.lock:
+            if self._flake_problems is None:
+                wanted = {
+                    (self.cwd / self.settings(host.name).flake).resolve(): host.name
+                    for host in self.state.inventory.get_active_hosts()
+                    if self.settings(host.name).flake_check
+                }
+                self._flake_problems = {
+                    flake: problem
+                    for flake in sorted(wanted)
+                    if (problem := nix.flake_check(flake)) is not None
+                }
+        if self._flake_problems:
+            lines = [f"flake check of {f}: {p}" for f, p in self._flake_problems.items()]
+            self.stop(lines, {}, "not deployed: the flake check failed")
 
     @property
     def builds(self) -> FleetBuilds:

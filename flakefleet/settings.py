@@ -135,6 +135,7 @@ SETTINGS: dict[str, Check] = {
     "remote_nix_dir": _text(optional=True, absolute=True),
     "sudo_password_command": _text(optional=True),
     "break_lock": _text(optional=True),
+    "flake_check": _boolean,
     "accept_machine_id": _text(optional=True),
     "smoke_check_processes": _number(1, whole=True),
     "sources_keep_undeclared": _boolean,
@@ -246,6 +247,7 @@ class MachineSettings:
     sign_closures: bool = True
     keep_generations: int | None = None
     break_lock: str | None = None
+    flake_check: bool = False  # `nix flake check --no-build` before any machine is touched
     accept_machine_id: str | None = None  # the machine's new id, after a reinstall
     sources_keep_undeclared: bool = False
     sources_force: bool = False

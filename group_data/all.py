@@ -65,6 +65,10 @@ flake = "example"
 #   cache = {"machine": "build1"}
 # cache = None
 
+# Gate: `nix flake check --no-build` of the flake before any machine is contacted; a failure
+# stops the whole run with its error.
+# flake_check = False
+
 # How many generations a machine keeps (the one it runs always stays); older ones are deleted
 # and their store paths collected after the deploy. None keeps them all.
 # keep_generations = None

@@ -60,6 +60,39 @@ def test_bad_settings_stop_the_run_before_any_machine_runs_a_command(fleet, flak
     assert "flakefleet: nothing was executed" in result.output
 
 
+def test_the_flake_check_gate_stops_the_run_before_any_machine(fleet, flake):
+    """`flake_check = true`: `nix flake check --no-build` first; a check that fails to
+    evaluate stops the run with one line naming the flake, before any machine runs a command."""
+    text = (flake / "flake.nix").read_text()
+    marker = "      homeConfigurations = builtins.listToAttrs (map"
+    assert marker in text
+    broken = '      checks.x86_64-linux.broken = throw "the fleet check found a problem";\n'
+    (flake / "flake.nix").write_text(text.replace(marker, broken + marker))
+    set_host(flake, "web1", version="never-deployed")
+    states = {machine: remote_state(fleet, machine) for machine in ("web1", "db1")}
+    before = {machine: fleet.sessions(machine) for machine in fleet.machines}
+    try:
+        result = fleet.deploy(flake, "--data", "flake_check=true")
+        unchecked = fleet.deploy(flake, "--limit", "db1", deploy_file="deploy/plan.py")
+    finally:
+        (flake / "flake.nix").write_text(text)
+        set_host(flake, "web1", version="1")
+    assert result.returncode != 0, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("flakefleet:")]
+    assert len(errors) == 1 and errors[0].startswith(f"flakefleet: flake check of {flake}: "), (
+        result.output
+    )
+    assert "the fleet check found a problem" in errors[0]
+    assert {machine: fleet.sessions(machine) for machine in fleet.machines if machine != "db1"} == {
+        machine: count for machine, count in before.items() if machine != "db1"
+    }
+    assert {machine: remote_state(fleet, machine) for machine in ("web1", "db1")} == states
+    assert unchecked.returncode == 0, unchecked.output  # off by default: no check, no stop
+    checked = fleet.deploy(flake, "--limit", "db1", "--data", "flake_check=true",
+                           deploy_file="deploy/plan.py")  # fmt: skip
+    assert checked.returncode == 0, checked.output  # the example flake passes its check
+
+
 def test_a_goal_its_class_lacks_fails_the_machine_before_contacting_it(fleet, flake):
     """nix-darwin and home-manager machines only switch: `deploy/boot.py` fails them at once,
     untouched, while the NixOS machine of the same run gets its new boot default."""
