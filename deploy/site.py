@@ -10,7 +10,16 @@ changes nothing.
 from pyinfra import host, state
 
 from flakefleet.run import Run
-from operations import activation, closure, generations, preflight, reboot, sources, verify
+from operations import (
+    activation,
+    closure,
+    generations,
+    preflight,
+    reboot,
+    rollout,
+    sources,
+    verify,
+)
 
 run = Run.of(state)  # what this run knows; closed once at exit (locks, servers, summary)
 run.check_settings()  # every selected machine's settings, before any machine is contacted
@@ -22,14 +31,16 @@ goal = settings.goal
 machine = preflight.preflight() if activation.supports(goal) else None
 target = closure.evaluate(machine) if machine else None  # one Nix evaluation for all machines
 
-if target is not None:
+
+def wave(number: int) -> None:
+    """This machine's wave of the rollout (`rollout` data; without it, every machine is in one
+    wave): its sources, its activation, its checks and confirmation. A later wave starts only
+    if the earlier ones did not fail beyond `max_failures`."""
     sources.sync(
         name="Sync the sources to /var/src",
         wanted=sources.declared(),  # the first call checks every selected machine's sources
         var_src=machine.var_src,
     )
-    closure.build(name="Build the system", system=target, machine=machine)
-    closure.copy(name="Copy the closure", system=target, machine=machine)
     activation.activate(
         name=f"Activate ({goal})",
         system=target,
@@ -39,6 +50,13 @@ if target is not None:
     )
     if goal.runs_new_system:  # the new system runs: check it, then confirm or roll back
         verify.health_gate(name="Health checks", on_failure=settings.on_check_failure)
+
+
+if target is not None:
+    # Every machine's system is built and copied first, together; waves divide activation.
+    closure.build(name="Build the system", system=target, machine=machine)
+    closure.copy(name="Copy the closure", system=target, machine=machine)
+    rollout.in_waves(run.waves(), wave)
     reboot.reboot(
         name="Reboot if needed",
         system=target,

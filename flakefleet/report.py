@@ -28,11 +28,12 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
     plan: list[str] = field(default_factory=list)  # deploy/plan.py: what a deploy would do
     state: dict[str, Any] = field(default_factory=dict)  # deploy/status.py: where it stands
+    skipped: bool = False  # not activated: the rollout stopped before its wave
 
     @property
     def status(self) -> str:
         if self.error:
-            return "failed"
+            return "skipped" if self.skipped else "failed"
         return "changed" if self.changed else "unchanged"
 
     def changed_by(self, what: str) -> None:
@@ -44,6 +45,11 @@ class Outcome:
         """Record why the machine failed; the first reason is the one that counts."""
         if self.error is None:
             self.error = reason
+
+    def skip(self, reason: str) -> None:
+        """Record that the machine was left as it was, and why (a stopped rollout)."""
+        if self.error is None:
+            self.error, self.skipped = reason, True
 
     def note(self, text: str) -> None:
         self.notes.append(text)

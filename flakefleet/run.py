@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from pyinfra.api import FunctionCommand
 
 from flakefleet import cache as caches
-from flakefleet import lock, nix, records, sudo, worker
+from flakefleet import lock, nix, records, rollout, sudo, worker
 from flakefleet.builds import FleetBuilds
-from flakefleet.fleet import REPOSITORY_KEY, fleet_file
+from flakefleet.fleet import REPOSITORY_KEY, fleet_file, load_fleet
 from flakefleet.identity import Identities
 from flakefleet.report import Outcome, Report
 from flakefleet.settings import MachineSettings, selected_problems
@@ -76,6 +76,8 @@ class Run:
         self._servers: dict[caches.Cache, caches.Server] = {}
         self._revisions: dict[Path, str] = {}
         self._flake_problems: dict[Path, str] | None = None
+        self._waves: list[list[str]] | None = None
+        self._judged: set[int] = set()  # waves whose failures were counted
         self._stopping = False
         atexit.register(self.close)
         with contextlib.suppress(ValueError):  # only the main thread may; greenlets are in it
@@ -137,6 +139,48 @@ class Run:
         if self._flake_problems:
             lines = [f"flake check of {f}: {p}" for f, p in self._flake_problems.items()]
             self.stop(lines, {}, "not deployed: the flake check failed")
+
+    def waves(self) -> list[list[str]]:
+        """The selected machines in the rollout's waves (`flakefleet.rollout`), decided once;
+        machines must share one `rollout` setting, or the run stops."""
+        with self.lock:
+            if self._waves is None:
+                # In the fleet file's order (pyinfra's is the order machines connected).
+                active = {each.name: each for each in self.state.inventory.get_active_hosts()}
+                order = [m.name for m in load_fleet(self.fleet_file).machines if m.name in active]
+                hosts = [active[name] for name in [*order, *sorted(set(active) - set(order))]]
+                plans = {self.settings(each.name).rollout: each.name for each in hosts}
+                if len(plans) > 1:
+                    names = " and ".join(sorted(plans.values()))
+                    line = (
+                        f"setting 'rollout': the selected machines must share one ({names} "
+                        "differ); set it in group_data/all.py or with --data"
+                    )
+                    self.stop([line], {}, "not deployed: machines differ in their rollout")
+                groups: dict[str, set[str]] = {}
+                for each in hosts:
+                    for group in each.groups:
+                        groups.setdefault(group, set()).add(each.name)
+                plan = next(iter(plans), rollout.Rollout())
+                self._waves = rollout.waves(plan, [each.name for each in hosts], groups)
+            return self._waves
+
+    def wave_stopped(self, index: int) -> str | None:
+        """Why wave `index` (0-based) must not start, if the rollout stopped: counted once,
+        when the wave before it is over (pyinfra runs each wave's steps after the last's)."""
+        with self.lock:
+            before = index - 1
+            if before >= 0 and before not in self._judged:
+                self._judged.add(before)
+                wave = self.waves()[before]
+                failed = [name for name in wave if self.outcome(name).error]
+                plan = self.settings(wave[0]).rollout if wave else rollout.Rollout()
+                if len(failed) > rollout.allowed_failures(plan, len(wave)):
+                    self.stopped.append(
+                        f"rollout stopped after wave {index}: {len(failed)} of {len(wave)} "
+                        f"failed ({', '.join(failed)})"
+                    )
+            return self.stopped[0] if self.stopped else None
 
     @property
     def builds(self) -> FleetBuilds:

@@ -19,7 +19,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from flakefleet import builds, cache, signing
+from flakefleet import builds, cache, rollout, signing
 from flakefleet.fleet import REPOSITORY_KEY
 from flakefleet.models import Goal
 
@@ -136,6 +136,7 @@ SETTINGS: dict[str, Check] = {
     "sudo_password_command": _text(optional=True),
     "break_lock": _text(optional=True),
     "flake_check": _boolean,
+    "rollout": rollout.problem,
     "accept_machine_id": _text(optional=True),
     "smoke_check_processes": _number(1, whole=True),
     "sources_keep_undeclared": _boolean,
@@ -248,6 +249,7 @@ class MachineSettings:
     keep_generations: int | None = None
     break_lock: str | None = None
     flake_check: bool = False  # `nix flake check --no-build` before any machine is touched
+    rollout: rollout.Rollout = field(default_factory=rollout.Rollout)  # waves: one run's
     accept_machine_id: str | None = None  # the machine's new id, after a reinstall
     sources_keep_undeclared: bool = False
     sources_force: bool = False
@@ -270,4 +272,5 @@ class MachineSettings:
         given["build_on"] = builds.placement(data.get("build_on"), fleet)
         given["cache"] = cache.parse(data.get("cache"), cwd, fleet)
         given["sources_rsync_options"] = tuple(map(str, given.get("sources_rsync_options", ())))
+        given["rollout"] = rollout.parse(given.get("rollout"))
         return cls(**given)

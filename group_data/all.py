@@ -69,6 +69,11 @@ flake = "example"
 # stops the whole run with its error.
 # flake_check = False
 
+# Waves: a canary (role, class, glob or count), then batches (a count or "25%"); a wave with
+# more than max_failures failed machines stops the rollout (flakefleet/rollout.py), e.g.
+#   rollout = {"canary": "db", "batch": "25%", "max_failures": 1}
+# rollout = None
+
 # How many generations a machine keeps (the one it runs always stays); older ones are deleted
 # and their store paths collected after the deploy. None keeps them all.
 # keep_generations = None
