@@ -41,6 +41,16 @@ def test_ctrl_c_during_activation_rolls_back_reports_and_exits_non_zero(fleet, f
         f"interrupted before the deploy finished; it runs {db1['current']}"
     )
     assert fleet.ssh("web1", "ls /run/flakefleet") == "activation"  # no lock left behind
+    # The machine's history has the interrupted activation; the controller's, the run.
+    last = parse_history(fleet.ssh("web1", "cat /var/lib/flakefleet/history.jsonl"))[-1]
+    assert (last.outcome, last.system, last.generation) == (
+        "rolled-back", evaluate(flake, "web1"), None,
+    )  # fmt: skip
+    assert last.message.startswith("the deploy was stopped during activation")
+    records = [json.loads(line) for path in sorted((ROOT / RUNS).glob("*.jsonl"))
+               for line in path.read_text().splitlines()]  # fmt: skip
+    run = [r for r in records if r["machine"] == "web1" and r["system"] == last.system]
+    assert run and run[-1]["status"] == "failed" and run[-1]["error"] == error
 
     # The next deploy stays: nothing of the interrupted one comes back to undo it.
     set_host(flake, "web1", activationDelay=None)
