@@ -326,6 +326,31 @@ def realise(drvs: Sequence[str], options: Options) -> str:
     return completed.stderr
 
 
+def downloads(drv: str, options: Options) -> list[str]:
+    """The fixed-output derivations (fetchurl, fetchgit, ...) a build of `drv` would have to
+    run, as their names: each needs the network (a substituter would have had them). Asked
+    without building (`nix-store --realise --dry-run`)."""
+    planned = run(
+        ["nix-store", *option_flags(options), "--realise", "--dry-run", drv],
+        env=option_environment(options),
+        check=False,
+    )
+    built = re.findall(r"^\s+(/nix/store/\S+\.drv)$", planned.stderr, re.MULTILINE)
+    if not built:
+        return []
+    shown = run(["nix", *FEATURES, "show-derivation", *built], check=False)
+    if shown.returncode != 0:
+        return []
+    derivations = json.loads(shown.stdout)
+    return sorted(
+        {
+            Path(path).name.split("-", 1)[-1].removesuffix(".drv")
+            for path, derivation in derivations.items()
+            if any("hash" in output for output in derivation.get("outputs", {}).values())
+        }
+    )
+
+
 def build_failure(log: str, drv: str) -> str:
     """The lines of a `nix-store --realise` log that explain why one derivation failed."""
     name = Path(drv).name

@@ -8,6 +8,7 @@ the controller's store still has that one (e.g. from the deploy that put it ther
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pyinfra import host, state
@@ -41,8 +42,10 @@ def _show(
 ) -> bool:
     run = Run.of(state)
     packages: list[str] = []
+    if not assessment.up_to_date:
+        packages = [f"system: {system.out}", f"derivation: {system.drv}"]
     if assessment.verdict == "would switch":
-        packages = _package_changes(run, host.name, machine.current_system, system)
+        packages += _package_changes(run, host.name, machine.current_system, system)
     width = max(WIDTH, *(len(each.name) for each in state.inventory))
     run.outcome(host.name).plan = render(host.name, assessment, packages, width)
     return True
@@ -53,6 +56,14 @@ def _package_changes(run: Run, name: str, running: str | None, system: nix.Syste
         return []  # a first deploy: everything is new
     if run.builds.placement(name).kind != "local":
         return ["(no package list: built elsewhere; deploy/build.py builds it)"]
+    if not Path(system.out).exists():
+        fetched = nix.downloads(system.drv, run.settings(name).nix_options)
+        if fetched:  # offline, such a build would spend minutes on retries before failing
+            shown = ", ".join(fetched[:3]) + (", ..." if len(fetched) > 3 else "")
+            return [
+                f"(no package list: the build would first download {len(fetched)} sources "
+                f"({shown}); deploy/build.py builds it)"
+            ]
     try:
         run.builds.build(name)
     except nix.NixError as error:
