@@ -162,3 +162,29 @@ def test_a_failing_command_is_said_without_its_output(tmp_path):
     with pytest.raises(nix.NixError) as raised:
         nix.option_environment(settings.nix_options)
     assert "exited 3" in str(raised.value) and "partial-secret" not in str(raised.value)
+
+
+def instantiate(tmp_path: Path, expression: str) -> str:
+    (tmp_path / "default.nix").write_text(expression)
+    return subprocess.run(
+        ["nix-instantiate", str(tmp_path / "default.nix")],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+
+
+def test_a_build_that_would_download_is_told_apart_without_building(tmp_path):
+    """What the plan asks before building for a package list: the real nixpkgs' first
+    derivations are fetches (fixed-output), which an offline controller retries for minutes."""
+    plain = 'derivation { name = "plain"; system = "x86_64-linux"; builder = "/bin/sh"; '
+    fetch = (
+        'let source = derivation { name = "source.tar.gz"; system = "builtin"; '
+        'builder = "builtin:fetchurl"; url = "http://tarballs.invalid/source.tar.gz"; '
+        'outputHashAlgo = "sha256"; outputHashMode = "flat"; '
+        'outputHash = "0000000000000000000000000000000000000000000000000000"; }; in '
+    )
+    alone = instantiate(tmp_path, plain + 'args = [ "-c" "echo > $out" ]; }')
+    assert nix.downloads(alone, {"substituters": ""}) == []
+    fetching = instantiate(
+        tmp_path, fetch + plain + 'inherit source; args = [ "-c" "echo > $out" ]; }'
+    )
+    assert nix.downloads(fetching, {"substituters": ""}) == ["source.tar.gz"]
