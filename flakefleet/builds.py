@@ -103,8 +103,8 @@ class Peer:
 class _Batch:
     """Machines that share a flake and Nix settings, evaluated and built together."""
 
-    flake: Path
-    options: dict[str, str]
+    flake: nix.Flake
+    options: dict[str, str | nix.FromCommand]
     attributes: dict[str, nix.Attributes]
     systems: dict[str, nix.System] | None = None
     needed: set[str] = field(default_factory=set)
@@ -130,7 +130,7 @@ class FleetBuilds:
         self.fleet_file = fleet_file
         self._targets = targets  # every machine, selected or not (builders may be either)
         self._settings = settings
-        self._batches: dict[tuple[str, tuple[tuple[str, str], ...]], _Batch] = {}
+        self._batches: dict[tuple[nix.Flake, tuple[tuple[str, Any], ...]], _Batch] = {}
         self._by_machine: dict[str, _Batch] = {}
         self._pushed: dict[caches.Cache, set[str]] = {}
         self._lock = threading.Lock()
@@ -138,15 +138,15 @@ class FleetBuilds:
     def add(self, name: str) -> None:
         """Register a selected machine before any evaluation."""
         settings, target = self._settings(name), self._targets[name]
-        flake = (self.cwd / settings.flake).resolve()
+        flake = settings.flake_source(self.cwd)
         options = dict(settings.nix_options)
-        key = (str(flake), tuple(sorted(options.items())))
+        key = (flake, tuple(sorted(options.items())))
         with self._lock:
             if name in self._by_machine:
                 return
             batch = self._batches.setdefault(key, _Batch(flake, options, {}))
             batch.attributes[name] = nix.configuration_attribute(
-                target.machine_class, name, target.user
+                target.machine_class, settings.flake_attribute or name, target.user
             )
             self._by_machine[name] = batch
 

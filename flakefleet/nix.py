@@ -8,10 +8,11 @@ relying on the controller's nix.conf.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -46,9 +47,81 @@ class System:
     out: str
 
 
-def option_flags(options: Mapping[str, str]) -> list[str]:
-    """`--option NAME VALUE` for each Nix setting."""
-    return [flag for name, value in options.items() for flag in ("--option", name, str(value))]
+@dataclass(frozen=True, order=True)
+class FromCommand:
+    """A Nix setting whose value a command prints (an access token from a password store):
+    Nix gets it in its environment (NIX_CONFIG), never on a command line or in a log."""
+
+    command: str
+    # What it printed, once read: one read per machine and run (a password store may ask).
+    read: list[str] = field(default_factory=list, compare=False, hash=False, repr=False)
+
+
+Options = Mapping[str, "str | FromCommand"]  # a machine's `nix_options`
+
+
+def option_flags(options: Options) -> list[str]:
+    """`--option NAME VALUE` for each Nix setting given as it is (not those read from a
+    command: see `option_environment`)."""
+    return [
+        flag
+        for name, value in options.items()
+        if not isinstance(value, FromCommand)
+        for flag in ("--option", name, str(value))
+    ]
+
+
+def option_environment(options: Options) -> dict[str, str]:
+    """The environment that gives Nix the settings read from commands: NIX_CONFIG, after the
+    controller's own (a process's environment is readable only by its user and root, unlike
+    its command line, which `ps` shows everyone)."""
+    lines = [
+        f"{name} = {command_value(name, value)}"
+        for name, value in options.items()
+        if isinstance(value, FromCommand)
+    ]
+    if not lines:
+        return {}
+    return {"NIX_CONFIG": "\n".join([os.environ.get("NIX_CONFIG", ""), *lines]).lstrip("\n")}
+
+
+def command_value(name: str, source: FromCommand) -> str:
+    """What a setting's command prints; a failure is said without its output, which may hold
+    part of the secret."""
+    if not source.read:
+        completed = run(["sh", "-c", source.command], check=False)
+        value = completed.stdout.strip()
+        if completed.returncode != 0 or not value or "\n" in value:
+            problem = (
+                f"exited {completed.returncode}"
+                if completed.returncode
+                else "printed no value or more than one line"
+            )
+            raise NixError(f"nix_options {name!r}: the command {source.command!r} {problem}")
+        source.read[:] = [value]
+    return source.read[0]
+
+
+@dataclass(frozen=True)
+class Flake:
+    """A flake as a run evaluates it: its directory, and inputs overridden for this run only
+    (`override_inputs`: `--override-input NAME REF`, e.g. a local checkout)."""
+
+    path: Path
+    overrides: tuple[tuple[str, str], ...] = ()
+
+    def lock_flags(self) -> list[str]:
+        """The lock file is used as it is: never updated (in Nix 2.8 a lock that would change
+        is then an error, and `--override-input` alone already keeps it from being written;
+        `--no-write-lock-file` would turn that error into a warning and fetch the input)."""
+        return ["--no-update-lock-file", *self.override_flags()]
+
+    def override_flags(self) -> list[str]:
+        return [flag for name, ref in self.overrides for flag in ("--override-input", name, ref)]
+
+    @property
+    def reference(self) -> str:
+        return flake_reference(self.path)
 
 
 def configuration_attribute(machine_class: str, name: str, user: str) -> list[list[str]]:
@@ -72,7 +145,7 @@ Attributes = Sequence[Sequence[str]]  # alternative attribute paths of one syste
 
 
 def evaluate_systems(
-    flake: Path, attributes: Mapping[str, Attributes], options: Mapping[str, str]
+    flake: Flake | Path, attributes: Mapping[str, Attributes], options: Options
 ) -> dict[str, System]:
     """Evaluate many machines' systems in one Nix evaluation.
 
@@ -93,7 +166,7 @@ def evaluate_systems(
     return systems
 
 
-def evaluation_error(flake: Path, attribute: Attributes, options: Mapping[str, str]) -> str:
+def evaluation_error(flake: Flake | Path, attribute: Attributes, options: Options) -> str:
     """Why one machine's system does not evaluate (used after a failed batch)."""
     try:
         _evaluate(flake, {"machine": attribute}, options)
@@ -182,12 +255,15 @@ def _git_root(flake: Path) -> Path | None:
 
 
 def _evaluate(
-    flake: Path, attributes: Mapping[str, Attributes], options: Mapping[str, str]
+    flake: Flake | Path, attributes: Mapping[str, Attributes], options: Options
 ) -> dict[str, System]:
     """Evaluate purely, as nixos-rebuild, darwin-rebuild and home-manager do (no --impure:
     no builtins.currentSystem, environment or <nixpkgs>): `nix eval FLAKE#OUTPUT --apply`,
-    once per flake output the machines are in (nixosConfigurations, ...)."""
-    reference = flake_reference(flake)
+    once per flake output the machines are in (nixosConfigurations, ...), with the inputs
+    its lock file pins."""
+    if isinstance(flake, Path):
+        flake = Flake(flake)
+    reference = flake.reference
     by_output: dict[str, dict[str, Attributes]] = {}
     for name, alternatives in attributes.items():  # a machine's alternatives share an output
         by_output.setdefault(alternatives[0][0], {})[name] = alternatives
@@ -199,8 +275,10 @@ def _evaluate(
             "output: builtins.mapAttrs "
             f"(name: system: {{ drv = system.drvPath; out = system.outPath; }}) ({selection})"
         )
-        argv = ["nix", *FEATURES, *option_flags(options), "eval", "--json"]
-        completed = run([*argv, f"{reference}#{output}", "--apply", apply])
+        argv = ["nix", *FEATURES, *option_flags(options), "eval", "--json", *flake.lock_flags()]
+        completed = run(
+            [*argv, f"{reference}#{output}", "--apply", apply], env=option_environment(options)
+        )
         # Nix's own warning that uncommitted changes are evaluated, shown once.
         lines = completed.stderr.splitlines()
         warnings.update(dict.fromkeys(line for line in lines if "is dirty" in line))
@@ -212,16 +290,76 @@ def _evaluate(
     return systems
 
 
+def lock_problem(flake: Flake, options: Options) -> str | None:
+    """Why the flake's lock file cannot be used as it is, in one line naming each input that
+    would need locking and the command that locks it; None when it can.
+
+    One `nix flake metadata --no-update-lock-file` (no fetch when every input is locked: it
+    reads the lock file); only when that fails, a second one that may fetch computes the lock
+    Nix wants (`--no-write-lock-file`), whose differences name the inputs.
+    """
+    argv = ["nix", *FEATURES, *option_flags(options), "flake", "metadata", "--json"]
+    env = option_environment(options)
+    checked = run([*argv, *flake.lock_flags(), flake.reference], env=env, check=False)
+    unlocked = "requires lock file changes" in checked.stderr or "mutable input" in checked.stderr
+    if checked.returncode == 0 and not unlocked:
+        return None
+    if not unlocked:
+        return f"{flake.path}: {_nix_error(checked.stderr)}"
+    computed = run(
+        [*argv, "--no-write-lock-file", *flake.override_flags(), flake.reference],
+        env=env,
+        check=False,
+    )
+    names = list(dict.fromkeys(re.findall(r"• \w+ input '([^']+)'", computed.stderr)))
+    lock = flake.path / "flake.lock"
+    files = tracked_files(flake.path)
+    untracked = files is not None and lock.exists() and "flake.lock" not in files
+    command = f"nix flake lock {flake.path}" + (" && git add flake.lock" if untracked else "")
+    if names:
+        what = ", ".join(f"input {name!r}" for name in names)
+        where = "is not tracked by git" if untracked else "does not lock"
+        return f"{lock} {where} {what}: lock with `{command}`"
+    return f"{lock}: {_nix_error(checked.stderr)} (lock with `{command}`)"
+
+
 def _nix_list(items: Sequence[str]) -> str:
     return "[ " + " ".join(json.dumps(item) for item in items) + " ]"
 
 
-def realise(drvs: Sequence[str], options: Mapping[str, str]) -> str:
+def realise(drvs: Sequence[str], options: Options) -> str:
     """Build derivations (all of them, as far as possible); returns Nix's log for failures."""
     completed = run(
-        ["nix-store", *option_flags(options), "--realise", "--keep-going", *drvs], check=False
+        ["nix-store", *option_flags(options), "--realise", "--keep-going", *drvs],
+        env=option_environment(options),
+        check=False,
     )
     return completed.stderr
+
+
+def downloads(drv: str, options: Options) -> list[str]:
+    """The fixed-output derivations (fetchurl, fetchgit, ...) a build of `drv` would have to
+    run, as their names: each needs the network (a substituter would have had them). Asked
+    without building (`nix-store --realise --dry-run`)."""
+    planned = run(
+        ["nix-store", *option_flags(options), "--realise", "--dry-run", drv],
+        env=option_environment(options),
+        check=False,
+    )
+    built = re.findall(r"^\s+(/nix/store/\S+\.drv)$", planned.stderr, re.MULTILINE)
+    if not built:
+        return []
+    shown = run(["nix", *FEATURES, "show-derivation", *built], check=False)
+    if shown.returncode != 0:
+        return []
+    derivations = json.loads(shown.stdout)
+    return sorted(
+        {
+            Path(path).name.split("-", 1)[-1].removesuffix(".drv")
+            for path, derivation in derivations.items()
+            if any("hash" in output for output in derivation.get("outputs", {}).values())
+        }
+    )
 
 
 def build_failure(log: str, drv: str) -> str:
@@ -249,12 +387,12 @@ def copy_paths(
     paths: Sequence[str],
     destination: str,
     ssh_command_options: Sequence[str],
-    options: Mapping[str, str],
+    options: Options,
     flags: Sequence[str] = (),
 ) -> int:
     """Copy closures to a store (a machine over SSH, or a binary cache), sending only the
     paths it lacks. Returns how many store paths were sent."""
-    env = {"NIX_SSHOPTS": " ".join(ssh_command_options)}
+    env = {"NIX_SSHOPTS": " ".join(ssh_command_options), **option_environment(options)}
     argv = ["nix", *FEATURES, *option_flags(options), "copy", *flags, "--to", destination, *paths]
     try:
         completed = run(argv, env=env)
@@ -269,7 +407,7 @@ def copy_derivations(
     drvs: Sequence[str],
     destination: str,
     ssh_command_options: Sequence[str],
-    options: Mapping[str, str],
+    options: Options,
 ) -> int:
     """Copy derivations (and what building them needs) to a builder's store."""
     return copy_paths(drvs, destination, ssh_command_options, options, ["--derivation"])
@@ -335,11 +473,12 @@ def diff_closures(old: str, new: str) -> list[str] | None:
     return [ANSI_COLOUR.sub("", line) for line in output.splitlines() if line.strip()]
 
 
-def flake_check(flake: Path) -> str | None:
-    """`nix flake check --no-build` of the flake as `flake_reference` takes it: None when it
-    passes, else its error in one line."""
+def flake_check(flake: Flake) -> str | None:
+    """`nix flake check --no-build` of the flake as a run takes it (its lock file as it is,
+    this run's input overrides): None when it passes, else its error in one line."""
+    argv = ["nix", *FEATURES, "flake", "check", "--no-build", *flake.lock_flags()]
     try:
-        run(["nix", *FEATURES, "flake", "check", "--no-build", flake_reference(flake)])
+        run([*argv, flake.reference])
     except CommandError as error:
         return _nix_error(error.output)
     return None

@@ -24,6 +24,8 @@ class Outcome:
     goal: str = ""
     changed: list[str] = field(default_factory=list)
     system: str | None = None
+    derivation: str | None = None  # the system's, as evaluated
+    running: str | None = None  # the system the machine ran when the run read it
     error: str | None = None
     notes: list[str] = field(default_factory=list)
     plan: list[str] = field(default_factory=list)  # deploy/plan.py: what a deploy would do
@@ -111,6 +113,12 @@ class Report:
         if not state.is_executing:
             # --dry, or the run stopped while preparing: nothing was changed.
             print("\n--> flakefleet: nothing was executed", file=sys.stderr)
+            evaluated = self.evaluated_lines()
+            if evaluated:
+                print("\n--> flakefleet: the systems evaluated", file=sys.stderr)
+            for line in evaluated:
+                print(f"    {line}", file=sys.stderr)
+            self.write()
             return
         self.explain_failures(state, addresses)
         plans = [line for name in sorted(self.outcomes) for line in self.outcomes[name].plan]
@@ -124,6 +132,21 @@ class Report:
             print("\n--> flakefleet summary", file=sys.stderr)
         for line in summary:
             print(f"    {line}", file=sys.stderr)
+        self.write()
+
+    def evaluated_lines(self) -> list[str]:
+        """Each evaluated machine's system and derivation, and whether it runs it already
+        (what a dry run can say without building)."""
+        evaluated = {name: r for name, r in sorted(self.outcomes.items()) if r.system}
+        width = max((len(name) for name in evaluated), default=0)
+        return [
+            f"{name:<{width}}  {'runs it' if r.running == r.system else 'would change':<12}  "
+            f"{r.system} (derivation {r.derivation})"
+            for name, r in evaluated.items()
+        ]
+
+    def write(self) -> None:
+        """The JSON report, to $FLAKEFLEET_REPORT if set."""
         path = os.environ.get("FLAKEFLEET_REPORT")
         if path:
             with open(path, "w") as stream:

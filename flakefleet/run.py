@@ -127,13 +127,13 @@ class Run:
         with self.lock:
             if self._flake_problems is None:
                 wanted = {
-                    (self.cwd / self.settings(host.name).flake).resolve(): host.name
+                    self.settings(host.name).flake_source(self.cwd)
                     for host in self.state.inventory.get_active_hosts()
                     if self.settings(host.name).flake_check
                 }
                 self._flake_problems = {
-                    flake: problem
-                    for flake in sorted(wanted)
+                    flake.path: problem
+                    for flake in sorted(wanted, key=lambda flake: str(flake.path))
                     if (problem := nix.flake_check(flake)) is not None
                 }
         if self._flake_problems:

@@ -19,8 +19,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from flakefleet import builds, cache, rollout, signing
-from flakefleet.fleet import REPOSITORY_KEY
+from flakefleet import builds, cache, nix, rollout, signing
+from flakefleet.fleet import NAME_PATTERN, REPOSITORY_KEY
 from flakefleet.models import Goal
 
 
@@ -90,13 +90,46 @@ def _text_list(value: Any) -> str | None:
     return "must be a list of strings"
 
 
-def _text_mapping(value: Any) -> str | None:
+def _nix_options(value: Any) -> str | None:
+    """Nix settings: a value, or {"command": ...} for one read from a command's output."""
     if isinstance(value, Mapping) and all(
-        isinstance(key, str) and isinstance(item, str | int | float | bool)
+        isinstance(key, str)
+        and (
+            isinstance(item, str | int | float | bool)
+            or (
+                isinstance(item, Mapping)
+                and set(item) == {"command"}
+                and isinstance(item["command"], str)
+                and item["command"].strip()
+            )
+        )
         for key, item in value.items()
     ):
         return None
-    return "must be a mapping of names to values, e.g. {'cores': '2'}"
+    return (
+        "must be a mapping of Nix settings to values or {'command': ...}, e.g. "
+        "{'cores': '2', 'access-tokens': {'command': 'pass show forge-token'}}"
+    )
+
+
+def _overrides(value: Any) -> str | None:
+    if isinstance(value, Mapping) and all(
+        isinstance(key, str) and key and isinstance(ref, str) and ref for key, ref in value.items()
+    ):
+        return None
+    return "must be a mapping of input names to flake references, e.g. {'mylib': '../mylib'}"
+
+
+def _attribute_name(value: Any) -> str | None:
+    if isinstance(value, str) and NAME_PATTERN.match(value):
+        return None
+    return "must be a name of letters, digits, '.', '_' or '-'"
+
+
+def _meta(value: Any) -> str | None:
+    if isinstance(value, Mapping) and all(isinstance(key, str) for key in value):
+        return None
+    return "must be a mapping, e.g. {'stateVersion': '25.11', 'users': ['alice']}"
 
 
 def _checks(value: Any) -> str | None:
@@ -125,7 +158,10 @@ SETTINGS: dict[str, Check] = {
     "reboot": _one_of(*REBOOT_POLICIES),
     "reboot_timeout": _number(1),
     "reboot_command": _text(),
-    "nix_options": _text_mapping,
+    "nix_options": _nix_options,
+    "override_inputs": _overrides,
+    "flake_attribute": _attribute_name,
+    "meta": _meta,
     "copy_protocol": _one_of(*COPY_PROTOCOLS),
     "copy_compress": _boolean,
     "substitute_on_destination": _boolean,
@@ -210,16 +246,33 @@ def selected_problems(state: Any, fleet_label: str) -> tuple[list[str], dict[str
     """Every selected machine's problems, one line per problem (machines with the same one
     share it), and each machine's first problem."""
     fleet = [each.name for each in state.inventory]
-    cwd = Path(state.cwd or ".")
     machines: dict[str, list[str]] = {}
     reasons: dict[str, str] = {}
+    locks: dict[tuple[nix.Flake, tuple[tuple[str, Any], ...]], str | None] = {}
     for each in state.inventory.get_active_hosts():
+        data = each.data.dict()
+        cwd = Path(data.get(REPOSITORY_KEY) or state.cwd or ".")
         found = layers(each, state.inventory, fleet_label)
-        for problem in problems(each.data.dict(), found, fleet, cwd):
+        found_problems = problems(data, found, fleet, cwd)
+        if not found_problems:  # then its flake's lock file, once per flake and Nix settings
+            settings = MachineSettings.from_data(data, fleet, cwd)
+            key = (settings.flake_source(cwd), tuple(sorted(settings.nix_options.items())))
+            if key not in locks:
+                locks[key] = _lock_problem(*key)
+            if locks[key]:
+                found_problems.append(f"setting 'flake' ({origin(found, 'flake')}): {locks[key]}")
+        for problem in found_problems:
             machines.setdefault(problem, []).append(each.name)
             reasons.setdefault(each.name, problem)
     lines = sorted(f"{', '.join(sorted(names))}: {problem}" for problem, names in machines.items())
     return lines, reasons
+
+
+def _lock_problem(flake: nix.Flake, options: tuple[tuple[str, Any], ...]) -> str | None:
+    try:
+        return nix.lock_problem(flake, dict(options))
+    except nix.NixError as error:  # a Nix setting's command failed
+        return str(error)
 
 
 @dataclass(frozen=True)
@@ -238,7 +291,10 @@ class MachineSettings:
     reboot: RebootPolicy = RebootPolicy.NEVER
     reboot_timeout: float = 300
     reboot_command: str = "reboot"
-    nix_options: Mapping[str, str] = field(default_factory=dict)
+    nix_options: nix.Options = field(default_factory=dict)
+    override_inputs: tuple[tuple[str, str], ...] = ()  # --override-input NAME REF, this run
+    flake_attribute: str | None = None  # the machine's name in the flake, if not its own
+    meta: Mapping[str, Any] = field(default_factory=dict)
     build_on: builds.Placement = field(default_factory=lambda: builds.Placement("local"))
     cache: cache.Cache | None = None
     copy_protocol: str = "ssh"
@@ -268,9 +324,32 @@ class MachineSettings:
         given["on_check_failure"] = CheckFailure(given.get("on_check_failure", "rollback"))
         given["reboot"] = RebootPolicy(given.get("reboot", "never"))
         given["checks"] = tuple(given.get("checks", ()))
-        given["nix_options"] = {str(k): str(v) for k, v in given.get("nix_options", {}).items()}
+        given["nix_options"] = {
+            str(name): nix.FromCommand(value["command"])
+            if isinstance(value, Mapping)
+            else str(value)
+            for name, value in given.get("nix_options", {}).items()
+        }
+        given["override_inputs"] = tuple(
+            sorted(
+                (name, _flake_reference(ref, cwd))
+                for name, ref in given.get("override_inputs", {}).items()
+            )
+        )
         given["build_on"] = builds.placement(data.get("build_on"), fleet)
         given["cache"] = cache.parse(data.get("cache"), cwd, fleet)
         given["sources_rsync_options"] = tuple(map(str, given.get("sources_rsync_options", ())))
         given["rollout"] = rollout.parse(given.get("rollout"))
         return cls(**given)
+
+    def flake_source(self, cwd: Path) -> nix.Flake:
+        """The flake this machine is evaluated from, with this run's input overrides."""
+        return nix.Flake((cwd / self.flake).resolve(), self.override_inputs)
+
+
+def _flake_reference(ref: str, cwd: Path) -> str:
+    """An override's flake reference; a relative path (`../mylib`) is the repository's, like
+    every relative path in group data and --data."""
+    if ":" in ref or not ref.startswith((".", "/")):
+        return ref
+    return str((cwd / ref).resolve())

@@ -39,6 +39,21 @@ flake = "example"
 # Extra Nix settings for the controller's Nix commands, as `--option NAME VALUE`
 # (the test fleet sets `substituters: ""` because this machine is offline).
 # nix_options = {}
+# A value may be read from a command instead (given to Nix in NIX_CONFIG, never on a command
+# line nor in any output), e.g. a forge token:
+#   nix_options = {"access-tokens": {"command": "pass show forge/token"}}
+
+# Inputs of the flake replaced for this run only (`--override-input NAME REF`; flake.lock stays
+# as it is), e.g. --data override_inputs='{"my-service": "../my-service"}'.
+# override_inputs = {}
+
+# The machine's name in the flake when it is not its fleet name (per machine in the fleet
+# file), e.g. flake_attribute = "devmac" for darwinConfigurations.devmac.
+# flake_attribute = None
+
+# Free per-host data (e.g. {"stateVersion": "24.05", "users": ["alice"]}) for smoke checks
+# (machine["meta"]) and deploy files (host.data.meta); the flake cannot read it.
+# meta = {}
 
 # Where each machine's system is built: "local" (this controller, one build for all machines),
 # "target" (the machine builds it from /var/src/config), or a builder: a fleet machine's name

@@ -40,7 +40,9 @@ def evaluate(machine: MachineState) -> nix.System | None:
     except nix.NixError as error:
         refuse(name="Evaluate the system", reason=str(error))
         return None
-    run.outcome(host.name).system = system.out
+    outcome = run.outcome(host.name)
+    outcome.system, outcome.derivation = system.out, system.drv
+    outcome.running = machine.current_system
     if not machine.has_closure(system.out):
         run.builds.need(host.name)
     return system

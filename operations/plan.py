@@ -54,8 +54,10 @@ def _show(
 ) -> bool:  # fmt: skip
     run = Run.of(state)
     details: list[str] = []
+    if not assessment.up_to_date:
+        details = [f"system: {system.out}", f"derivation: {system.drv}"]
     if assessment.verdict == "would switch":
-        details = _package_changes(run, host.name, machine.current_system, system)
+        details += _package_changes(run, host.name, machine.current_system, system)
         if Path(system.out).exists():  # built here: its size and kernel can be told
             details += [_size_change(machine.current_system, system.out)]
             details += _reboot(machine.booted_system, system.out)
@@ -109,6 +111,14 @@ def _package_changes(run: Run, name: str, running: str | None, system: nix.Syste
         return []  # a first deploy: everything is new
     if run.builds.placement(name).kind != "local":
         return ["(no package list: built elsewhere; deploy/build.py builds it)"]
+    if not Path(system.out).exists():
+        fetched = nix.downloads(system.drv, run.settings(name).nix_options)
+        if fetched:  # offline, such a build would spend minutes on retries before failing
+            shown = ", ".join(fetched[:3]) + (", ..." if len(fetched) > 3 else "")
+            return [
+                f"(no package list: the build would first download {len(fetched)} sources "
+                f"({shown}); deploy/build.py builds it)"
+            ]
     try:
         run.builds.build(name)
     except nix.NixError as error:

@@ -168,7 +168,10 @@ in
         blob = if host ? blobSize then blob host.blobSize else "";
         activate = template ./activate.sh values;
         switch = template ./switch-to-configuration.sh values;
-      } // serviceEnv) ''
+      } // serviceEnv
+      # environment.systemPackages: store paths (a flake input's, a package's) in the system's
+      # closure; absent unless given, so the other systems' paths stay as they were.
+      // (if host ? packages then { packages = host.packages; } else { })) (''
         mkdir -p $out/bin $out/services
         ln -s $etc $out/etc
         ln -s $sw $out/sw
@@ -187,7 +190,10 @@ in
           eval "printf '%s' \"\$service_$service\"" > $out/services/$service
           chmod +x $out/services/$service
         done
-      '';
+      '' + (if host ? packages then ''
+        mkdir -p $out/packages
+        for package in $packages; do ln -s $package $out/packages/; done
+      '' else ""));
     in
     {
       config.system.build = { inherit toplevel; };

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -234,3 +235,21 @@ def profile_of(fleet: Fleet, name: str) -> tuple[str, str]:
         profile = f"/nix/var/nix/profiles/per-user/{machine.user}/home-manager"
         return profile, profile
     return "/nix/var/nix/profiles/system", "/run/current-system"
+
+
+# Real nixpkgs, home-manager and nix-darwin of 2020 (../shared/fixtures/README.md): they
+# evaluate offline; nothing of them builds without the internet.
+# (A checkout elsewhere than beside ../shared names the directory in FLAKEFLEET_FIXTURES.)
+FIXTURES = Path(os.environ.get("FLAKEFLEET_FIXTURES") or ROOT.parent / "shared" / "fixtures")
+REAL_NIX = FIXTURES / "real-nix-2020.tar.xz"
+needs_real_nix = pytest.mark.skipif(
+    not REAL_NIX.exists(),
+    reason=f"needs {REAL_NIX} (real nixpkgs, home-manager and nix-darwin; absent here)",
+)
+
+
+def real_nix(directory: Path) -> Path:
+    """Unpack the fixture under `directory` (outside the repository); the trees' directory."""
+    with tarfile.open(REAL_NIX) as archive:
+        archive.extractall(directory, filter="data")
+    return directory / "real-nix-2020"

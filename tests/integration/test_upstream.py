@@ -10,12 +10,10 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import tarfile
 import uuid
 from pathlib import Path
 
-import pytest
-from conftest import NIX, ROOT, evaluate, set_host
+from conftest import NIX, ROOT, evaluate, needs_real_nix, real_nix, set_host
 
 from facts.nix import SystemGenerations
 from flakefleet import nix
@@ -205,16 +203,11 @@ def test_the_flake_is_evaluated_with_git_tracked_files_only(fleet):
     assert not leaked, f"an untracked file reached the store: {leaked}"
 
 
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "real-nix-2020.tar.xz"
-
-
-@pytest.mark.skipif(not FIXTURE.exists(), reason=f"needs {FIXTURE}")
+@needs_real_nix
 def test_a_real_nix_darwin_evaluates_to_a_darwin_system(tmp_path):
     """Evaluated purely, as darwin-rebuild does: with --impure this (2020) nix-darwin falls back
     to builtins.currentSystem and a Mac's system quietly becomes an x86_64-linux derivation."""
-    with tarfile.open(FIXTURE) as archive:
-        archive.extractall(tmp_path, filter="data")
-    trees = tmp_path / "real-nix-2020"
+    trees = real_nix(tmp_path)
     flake = tmp_path / "fleet"
     flake.mkdir()
     (flake / "flake.nix").write_text(

@@ -66,6 +66,27 @@ def test_the_shipped_group_data_passes(group):
             "setting 'cache' (--data): machine 'build2' is not in the fleet",
         ),
         (
+            {"nix_options": {"access-tokens": {"cmd": "pass show token"}}},
+            "setting 'nix_options' (--data): must be a mapping of Nix settings to values or "
+            "{'command': ...}, e.g. {'cores': '2', 'access-tokens': {'command': 'pass show "
+            "forge-token'}}, not {'access-tokens': {'cmd': 'pass show token'}}",
+        ),
+        (
+            {"override_inputs": {"mylib": ""}},
+            "setting 'override_inputs' (--data): must be a mapping of input names to flake "
+            "references, e.g. {'mylib': '../mylib'}, not {'mylib': ''}",
+        ),
+        (
+            {"flake_attribute": "dev mac"},
+            "setting 'flake_attribute' (--data): must be a name of letters, digits, '.', '_' "
+            "or '-', not 'dev mac'",
+        ),
+        (
+            {"meta": ["alice"]},
+            "setting 'meta' (--data): must be a mapping, e.g. {'stateVersion': '25.11', "
+            "'users': ['alice']}, not ['alice']",
+        ),
+        (
             {"reboot_timout": 5},
             "setting 'reboot_timout' (--data): unknown; did you mean 'reboot_timeout'?",
         ),
@@ -80,6 +101,9 @@ def test_good_values_and_names_far_from_any_setting_pass():
     assert check({"cache": {"store": "file://cache", "url": "http://127.0.0.1:8370"}}) == []
     assert check({"checks": [{"http": "http://web1/health", "status": 204, "timeout": 5}]}) == []
     assert check({"site_title": "Fleet", "ssh_user": "deploy", "_env": {}}) == []
+    assert check({"nix_options": {"cores": 2, "access-tokens": {"command": "pass x"}}}) == []
+    assert check({"flake_attribute": "devmac", "meta": {"users": ["alice"]}}) == []
+    assert check({"override_inputs": {"nixpkgs": "github:NixOS/nixpkgs/abc"}}) == []
 
 
 def test_the_highest_layer_that_sets_a_value_is_named():

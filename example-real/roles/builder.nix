@@ -1,0 +1,5 @@
+{ ... }:
+{
+  nix.maxJobs = 8;
+  nix.extraOptions = "keep-outputs = true";
+}

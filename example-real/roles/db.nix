@@ -1,0 +1,7 @@
+{ pkgs, ... }:
+{
+  services.postgresql = {
+    enable = true;
+    package = pkgs.postgresql_12;
+  };
+}

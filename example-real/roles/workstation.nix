@@ -1,0 +1,5 @@
+{ pkgs, ... }:
+{
+  programs.zsh.enable = true;
+  environment.systemPackages = [ pkgs.jq ];
+}
