@@ -473,6 +473,42 @@ def diff_closures(old: str, new: str) -> list[str] | None:
     return [ANSI_COLOUR.sub("", line) for line in output.splitlines() if line.strip()]
 
 
+def update_inputs(flake: Flake, inputs: Sequence[str] = ()) -> list[str]:
+    """Update the flake's lock file: every input, or only `inputs` (`nix flake update`, `nix
+    flake lock --update-input`); Nix's lines saying what changed. Raises NixError."""
+    if inputs:
+        updates = [flag for name in inputs for flag in ("--update-input", name)]
+        argv = ["nix", *FEATURES, "flake", "lock", *updates, flake.reference]
+    else:
+        argv = ["nix", *FEATURES, "flake", "update", flake.reference]
+    try:
+        completed = run(argv)
+    except CommandError as error:
+        raise NixError(f"updating the inputs of {flake.path}: {_nix_error(error.output)}") from None
+    said = [line.strip() for line in completed.stderr.splitlines() if line.strip()]
+    return [line for line in said if not line.startswith("warning: Git tree")]
+
+
+def commit_lock(flake: Flake) -> str | None:
+    """Commit the flake's lock file alone, if git tracks the flake and the lock changed;
+    the commit's line, or None."""
+    root = _git_root(flake.path)
+    lock = flake.path / "flake.lock"
+    if root is None or not lock.exists():
+        return None
+    relative = str(lock.relative_to(root))
+    run(["git", "-C", str(root), "add", "--", relative])
+    staged = run(
+        ["git", "-C", str(root), "diff", "--cached", "--quiet", "--", relative], check=False
+    )
+    if staged.returncode == 0:
+        return None  # no change to commit
+    message = "flake.lock: update inputs"
+    run(["git", "-C", str(root), "commit", "-q", "-m", message, "--", relative])
+    head = run(["git", "-C", str(root), "log", "-1", "--format=%h %s"]).stdout.strip()
+    return head
+
+
 def flake_check(flake: Flake) -> str | None:
     """`nix flake check --no-build` of the flake as a run takes it (its lock file as it is,
     this run's input overrides): None when it passes, else its error in one line."""

@@ -71,12 +71,13 @@ class Run:
         self.build_slots = threading.BoundedSemaphore(os.cpu_count() or 2)  # local builds
         self.lock = threading.RLock()
         self._settings: dict[str, MachineSettings] = {}
-        self._problems: tuple[list[str], dict[str, str]] | None = None
+        self._problems: dict[bool, tuple[list[str], dict[str, str]]] = {}
         self._builds: FleetBuilds | None = None
         self._servers: dict[caches.Cache, caches.Server] = {}
         self._revisions: dict[Path, str] = {}
         self._flake_problems: dict[Path, str] | None = None
         self._waves: list[list[str]] | None = None
+        self._updated = False  # deploy/update.py updated the lock files
         self._judged: set[int] = set()  # waves whose failures were counted
         self._stopping = False
         atexit.register(self.close)
@@ -109,16 +110,42 @@ class Run:
                 self._settings[name] = MachineSettings.from_data(data, fleet, self.cwd)
             return self._settings[name]
 
-    def check_settings(self) -> None:
+    def check_settings(self, locks_too: bool = True) -> None:
         """Check every selected machine's settings, once per run (at the first machine's
-        call); bad ones stop the run with one line each, before any machine is contacted."""
+        call); bad ones stop the run with one line each, before any machine is contacted.
+        `locks_too`: their flakes' lock files too (see `update_inputs`)."""
         with self.lock:
-            if self._problems is None:
-                self._problems = selected_problems(self.state, str(self.fleet_file))
-        lines, reasons = self._problems
+            if locks_too not in self._problems:
+                found = selected_problems(self.state, str(self.fleet_file), locks_too)
+                self._problems[locks_too] = found
+        lines, reasons = self._problems[locks_too]
         if lines:
             self.stop(lines, reasons, "not deployed: bad settings stopped the run")
         self._check_flakes()
+
+    def update_inputs(self) -> None:
+        """deploy/update.py: update the lock file of each selected machine's flake, once per
+        run and before anything is evaluated, and commit it when `update_commit` says so.
+        What changed is printed; a failure stops the run before any machine is contacted."""
+        with self.lock:
+            if self._updated:
+                return
+            self._updated = True
+            flakes = {
+                self.settings(host.name).flake_source(self.cwd): self.settings(host.name)
+                for host in self.state.inventory.get_active_hosts()
+            }
+            lines = []
+            for flake, settings in sorted(flakes.items(), key=lambda item: str(item[0].path)):
+                try:
+                    said = nix.update_inputs(flake, settings.update_inputs)
+                except nix.NixError as error:
+                    self.stop([str(error)], {}, "not deployed: the inputs could not be updated")
+                lines += [f"updated {flake.path}/flake.lock", *(f"  {line}" for line in said)]
+                commit = nix.commit_lock(flake) if settings.update_commit else None
+                if commit:
+                    lines.append(f"  committed: {commit}")
+            print("\n".join(f"flakefleet: {line}" for line in lines), file=sys.stderr)
 
     def _check_flakes(self) -> None:
         """The optional gate (`flake_check`): `nix flake check --no-build` of each flake of

@@ -172,6 +172,8 @@ SETTINGS: dict[str, Check] = {
     "sudo_password_command": _text(optional=True),
     "break_lock": _text(optional=True),
     "flake_check": _boolean,
+    "update_inputs": _text_list,
+    "update_commit": _boolean,
     "rollout": rollout.problem,
     "accept_machine_id": _text(optional=True),
     "smoke_check_processes": _number(1, whole=True),
@@ -242,9 +244,12 @@ def problems(
     return lines
 
 
-def selected_problems(state: Any, fleet_label: str) -> tuple[list[str], dict[str, str]]:
+def selected_problems(
+    state: Any, fleet_label: str, locks_too: bool = True
+) -> tuple[list[str], dict[str, str]]:
     """Every selected machine's problems, one line per problem (machines with the same one
-    share it), and each machine's first problem."""
+    share it), and each machine's first problem; with `locks_too`, its flake's lock file's
+    too (deploy/update.py checks them after updating it)."""
     fleet = [each.name for each in state.inventory]
     machines: dict[str, list[str]] = {}
     reasons: dict[str, str] = {}
@@ -254,7 +259,7 @@ def selected_problems(state: Any, fleet_label: str) -> tuple[list[str], dict[str
         cwd = Path(data.get(REPOSITORY_KEY) or state.cwd or ".")
         found = layers(each, state.inventory, fleet_label)
         found_problems = problems(data, found, fleet, cwd)
-        if not found_problems:  # then its flake's lock file, once per flake and Nix settings
+        if locks_too and not found_problems:  # its flake's lock, once per flake and settings
             settings = MachineSettings.from_data(data, fleet, cwd)
             key = (settings.flake_source(cwd), tuple(sorted(settings.nix_options.items())))
             if key not in locks:
@@ -305,6 +310,8 @@ class MachineSettings:
     keep_generations: int | None = None
     break_lock: str | None = None
     flake_check: bool = False  # `nix flake check --no-build` before any machine is touched
+    update_inputs: tuple[str, ...] = ()  # deploy/update.py: the inputs to update (all: empty)
+    update_commit: bool = False  # deploy/update.py: commit the new lock file
     rollout: rollout.Rollout = field(default_factory=rollout.Rollout)  # waves: one run's
     accept_machine_id: str | None = None  # the machine's new id, after a reinstall
     sources_keep_undeclared: bool = False
@@ -340,6 +347,7 @@ class MachineSettings:
         given["cache"] = cache.parse(data.get("cache"), cwd, fleet)
         given["sources_rsync_options"] = tuple(map(str, given.get("sources_rsync_options", ())))
         given["rollout"] = rollout.parse(given.get("rollout"))
+        given["update_inputs"] = tuple(map(str, given.get("update_inputs", ())))
         return cls(**given)
 
     def flake_source(self, cwd: Path) -> nix.Flake:

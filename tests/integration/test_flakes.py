@@ -330,3 +330,58 @@ def test_a_real_fleet_builds():
         "nothing of the real 2020 nixpkgs builds offline: its first derivation needs the "
         "bootstrap tools from tarballs.nixos.org (the plan above says so)"
     )
+
+
+def test_update_moves_the_inputs_shows_the_plan_and_commits_only_when_asked(fleet, tmp_path):
+    """deploy/update.py: the lock file follows the input's new commit, the plan shows db1
+    would switch, and the lock is committed only with update_commit."""
+    library = tmp_path / "library"
+    library.mkdir()
+    (library / "version").write_text("1\n")
+    git(library, "init", "-q", "-b", "main")
+    git(library, "add", "-A")
+    git(library, "commit", "-q", "-m", "1")
+    flake = tmp_path / "fleet"
+    shutil.copytree(ROOT / "example", flake)
+    text = (flake / "flake.nix").read_text()
+    hosts = "hosts = builtins.fromJSON (builtins.readFile ./hosts.json);"
+    text = text.replace(
+        "outputs = { self }:",
+        f'inputs.library = {{ url = "git+file://{library}?ref=main"; flake = false; }};\n'
+        "  outputs = { self, library }:",
+    ).replace(
+        hosts,
+        "hosts = builtins.mapAttrs (name: host: host // { packages = [ library ]; })\n"
+        "        (builtins.fromJSON (builtins.readFile ./hosts.json));",
+    )
+    (flake / "flake.nix").write_text(text)
+    subprocess.run([*NIX, "flake", "lock", f"path:{flake}"], check=True, capture_output=True)
+    git(flake, "init", "-q", "-b", "main")
+    git(flake, "add", "-A")
+    git(flake, "commit", "-q", "-m", "fleet")
+    before = evaluate(flake, "db1")
+
+    (library / "version").write_text("2\n")
+    git(library, "commit", "-q", "-am", "2")
+    result = fleet.deploy(flake, "--limit", "db1", deploy_file="deploy/update.py")
+
+    assert result.returncode == 0, result.output
+    assert f"flakefleet: updated {flake}/flake.lock" in result.output
+    assert "Updated input 'library'" in result.output
+    plan = result.report["db1"]["plan"]
+    assert "would switch" in plan[0], plan
+    changed = subprocess.run(["git", "-C", str(flake), "status", "--porcelain"],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert changed.split() == ["M", "flake.lock"]  # updated, not committed
+    assert evaluate(flake, "db1") != before
+
+    (library / "version").write_text("3\n")
+    git(library, "commit", "-q", "-am", "3")
+    committed = fleet.deploy(
+        flake, "--limit", "db1", "--data", "update_commit=true", deploy_file="deploy/update.py"
+    )
+    assert committed.returncode == 0, committed.output
+    log = subprocess.run(["git", "-C", str(flake), "log", "-1", "--format=%s", "--stat"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert log.startswith("flake.lock: update inputs") and "flake.lock" in log.splitlines()[-2]
+    assert "committed:" in committed.output
