@@ -4,9 +4,10 @@ systemd, sshd and python3 (the example's web services).
 Built once with ``debootstrap`` from the Debian mirror this computer's apt already uses (its own
 apt sources stay as they are), configured as every systemd machine shares it, trimmed, and kept
 outside the repository in ``$FLAKEFLEET_TESTBED_CACHE`` (default ``/var/cache/flakefleet``) as
-``<suite>-<recipe digest>/``, one per Debian suite a machine's ``nix`` asks for. Each machine is an overlay on it (``testbed.nspawn``), so the
-directory is never written after it is built. A changed recipe gives a new directory; a lock
-makes two test fleets that need it at once build it once.
+``<suite>-<recipe digest>/``, one per Debian suite a machine's ``nix`` asks for. Each machine
+is an overlay on it (``testbed.nspawn``), so the directory is never written after it is built.
+A changed recipe gives a new directory; a lock makes two test fleets that need it at once build
+it once.
 
 What every machine shares, beyond Debian's packages:
 
