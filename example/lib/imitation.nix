@@ -33,25 +33,34 @@ let
   # One long-running process per role, answering on the machine's port. `failService` makes
   # it crash a moment after it started (after switch-to-configuration's own check of the units
   # it started: only the health checks can see it).
-  services = host: builtins.mapAttrs
+  # A machine's second role service answers on port + 1, and so on.
+  services = host:
+    let
+      withServices = builtins.filter (role: (roleScripts host 0) ? ${role}) (host.roles or [ ]);
+      indexes = builtins.genList (i: i) (builtins.length withServices);
+      portOf = role:
+        host.port + builtins.head (builtins.filter (i: builtins.elemAt withServices i == role) indexes);
+      ordered = role: roleScripts host (portOf role);
+    in
+    builtins.mapAttrs
     (role: script: if host.failService or false then ''
       echo "${role}: crashing (failService is set for ${host.name})" >&2
       sleep 1
       exit 1
     '' else script)
-    (roleScripts host);
-  roleScripts = host: {
+    (builtins.listToAttrs (map (role: { name = role; value = (ordered role).${role}; }) withServices));
+  roleScripts = host: port: {
     web = ''
       dir=/var/src/web-app-dist
       [ -d "$dir" ] || dir=/etc/static/www
-      exec /usr/bin/python3 -m http.server ${toString host.port} --bind ${host.name} --directory "$dir"
+      exec /usr/bin/python3 -m http.server ${toString port} --bind ${host.name} --directory "$dir"
     '';
     db = ''
       mkdir -p /var/lib/db && echo "${host.name} accepting connections" > /var/lib/db/status
-      exec /usr/bin/python3 -m http.server ${toString host.port} --bind ${host.name} --directory /var/lib/db
+      exec /usr/bin/python3 -m http.server ${toString port} --bind ${host.name} --directory /var/lib/db
     '';
     vpn = ''
-      exec /usr/bin/python3 -m http.server ${toString host.port} --bind ${host.name} --directory /etc/static/vpn
+      exec /usr/bin/python3 -m http.server ${toString port} --bind ${host.name} --directory /etc/static/vpn
     '';
   };
   # Shared by every home: the user's packages, like home-manager's home-path.
