@@ -90,7 +90,7 @@ for unit in $(unit_names); do
     if [ -n "$old_etc" ] && [ -e "$old_etc/$units/$unit" ] && [ ! -e "$new_etc/$units/$unit" ]; then
       stop="$stop $unit"  # gone from the configuration
     elif [ "$(unit_text "$old_etc" "$unit")" != "$(unit_text "$new_etc" "$unit")" ]; then
-      if unit_text "$new_etc" "$unit" | grep -qx 'X-StopIfChanged=false'; then
+      if { unit_text "$old_etc" "$unit"; unit_text "$new_etc" "$unit"; } | grep -qx 'X-StopIfChanged=false'; then
         restart="$restart $unit"
       else
         stop="$stop $unit" start="$start $unit"

@@ -7,8 +7,8 @@ minute; then cached in /var/cache/flakefleet): if that fails, the module fails w
 Uses its own state directory and base port 22650 (``FLAKEFLEET_TESTBED_TEST_PORT`` + 50): web1
 is a systemd machine by ``up --systemd``, web2 a namespace machine beside it, small1 a
 systemd machine by the roster's knob, with a small ``/nix``, sid1 one on Debian sid's Nix and
-home1 a home-manager machine whose user has its own systemd manager. The module runs its tests in order
-on one fleet, and waits on events with generous deadlines, never on timings.
+home1 a home-manager machine whose user has its own systemd manager. The module runs its tests
+in order on one fleet, and waits on events with generous deadlines, never on timings.
 """
 
 from __future__ import annotations
