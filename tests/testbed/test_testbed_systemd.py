@@ -200,6 +200,20 @@ def test_current_nix_beside_debians(testbed: Fleet) -> None:
     assert testbed.output("deploy@web1", "sudo -n id -un") == "root"
 
 
+def test_ssh_sessions_are_counted_from_the_console(testbed: Fleet) -> None:
+    """A systemd machine's sshd logs to its journal, which its console log gets too: bench/
+    and the tests count sessions there, as on a namespace machine."""
+    for name in ("web1", "web2"):
+        paths = StatePaths(testbed.state).machine(name)
+        before = paths.ssh_sessions()
+        for _ in range(3):
+            testbed.output(name, "true")
+        _wait_for(
+            f"{name}'s console to show 3 more sessions", lambda: paths.ssh_sessions() >= before + 3
+        )  # noqa: B023
+        assert paths.ssh_sessions() == before + 3
+
+
 def test_the_nix_knob_gives_sids_nix(testbed: Fleet) -> None:
     assert testbed.output("sid1", "nix --version").startswith("nix (Nix) 2.34.")
     assert testbed.output("sid1", "cat /proc/1/comm") == "systemd"
