@@ -22,13 +22,14 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 import yaml
 
 from testbed.files import boot_default_command
-from testbed.layout import SYSTEMD_BIN, StatePaths, cache_dir, cgroup_hierarchies
+from testbed.layout import SYSTEMD_BIN, MachinePaths, StatePaths, cache_dir, cgroup_hierarchies
 from testbed.processes import run_cli
 
 BASE_PORT = int(os.environ.get("FLAKEFLEET_TESTBED_TEST_PORT", "22600")) + 50
@@ -205,13 +206,15 @@ def test_ssh_sessions_are_counted_from_the_console(testbed: Fleet) -> None:
     and the tests count sessions there, as on a namespace machine."""
     for name in ("web1", "web2"):
         paths = StatePaths(testbed.state).machine(name)
-        before = paths.ssh_sessions()
+        expected = paths.ssh_sessions() + 3
         for _ in range(3):
             testbed.output(name, "true")
-        _wait_for(
-            f"{name}'s console to show 3 more sessions", lambda: paths.ssh_sessions() >= before + 3
-        )  # noqa: B023
-        assert paths.ssh_sessions() == before + 3
+        _wait_for(f"{name}'s console to show 3 more sessions", partial(_at_least, paths, expected))
+        assert paths.ssh_sessions() == expected
+
+
+def _at_least(paths: MachinePaths, sessions: int) -> bool:
+    return paths.ssh_sessions() >= sessions
 
 
 def test_the_nix_knob_gives_sids_nix(testbed: Fleet) -> None:
