@@ -67,6 +67,18 @@ def test_role_services_are_units_the_switch_started(fleet, flake):
     assert unit(fleet, "db1", "fleet-db.service")["ActiveState"] == "active"
 
 
+def test_switch_to_configuration_runs_as_nixos_rebuild_runs_it(fleet, flake):
+    """nixos-rebuild-ng runs it in a transient unit (systemd-run --wait --pipe), whose PATH is
+    only systemd's: the imitation's switch and activate set their own, as NixOS's do."""
+    command = (
+        "systemd-run --collect --no-ask-password --pipe --quiet --service-type=exec --wait"
+        " --unit=nixos-rebuild-switch-to-configuration"
+        " /run/current-system/bin/switch-to-configuration test"
+    )
+    fleet.ssh("web1", command)  # fails (with its output) unless it exits 0
+    assert unit(fleet, "web1")["ActiveState"] == "active"
+
+
 def test_units_start_stop_or_stay_as_the_generation_says(fleet, flake):
     before = unit(fleet, "web1")
     set_host(flake, "web1", version="2")
