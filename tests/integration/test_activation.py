@@ -124,7 +124,7 @@ def test_dry_activate_and_build_change_nothing_running(fleet, flake):
         path = new[machine]
         assert fleet.ssh(machine, f"nix-store --check-validity {path} && echo valid") == "valid"
     assert fleet.deploy(flake, *limits).returncode == 0
-    assert remote_state(fleet, "web1")["current"] == new
+    assert remote_state(fleet, "web1")["current"] == new["web1"]
 
 
 def test_rollback_to_the_previous_and_to_a_named_generation(fleet, flake):
