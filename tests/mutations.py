@@ -152,7 +152,7 @@ MUTATIONS = [
         "example/lib/switch-to-configuration.sh",
         "if [ ! -d /run/systemd/system ]; then",
         "if true; then",
-        (SYSTEMD, "-k", "role_services or units_start"),
+        (SYSTEMD, "-k", "runs_as_a_unit or role_services or units_start"),
     ),
     Mutation(
         "the imitation's switch relies on its caller's PATH",
