@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/deploy.py [--machines N] [--runs R]
 
-Measures, on a fleet of its own (.testbed-bench/, ports 229xx):
+Measures, on a fleet of its own (.testbed-bench/, ports 229xx or $FLAKEFLEET_BENCH_PORT):
 - the first deploy of the example flake to empty machines, beside the same work done by hand
   (rsync the flake, one `nix build`, `nix copy`, `ssh ... switch-to-configuration`, all
   machines in parallel);
@@ -15,6 +15,7 @@ Timings vary on a shared machine: each figure is the median of R runs.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import time
@@ -22,8 +23,11 @@ import time
 from common import BIN, NIX, ROOT, fleet_env, run_checked
 from common import testbed as fleet_testbed
 
+from testbed.layout import StatePaths
+
 STATE = ROOT / ".testbed-bench"
-ENV = fleet_env(STATE, 22900)
+# Its own ports (another fleet on this computer may use 229xx: set $FLAKEFLEET_BENCH_PORT).
+ENV = fleet_env(STATE, int(os.environ.get("FLAKEFLEET_BENCH_PORT") or 22900))
 
 
 def sh(*argv: str, env: dict[str, str] | None = None) -> str:
@@ -54,10 +58,8 @@ def fresh_fleet(machines: int) -> list[str]:
 
 
 def sessions(machines: list[str]) -> dict[str, int]:
-    return {
-        name: (STATE / "machines" / name / "console.log").read_text().count("Starting session")
-        for name in machines
-    }
+    """SSH sessions each machine's sshd started so far (namespace and systemd machines)."""
+    return {name: StatePaths(STATE).machine(name).ssh_sessions() for name in machines}
 
 
 def deploy(*args: str) -> float:

@@ -31,8 +31,13 @@ CONFIGURATION_ATTRIBUTES: dict[str, tuple[tuple[str, ...], ...]] = {
     ),
 }
 
-# Nix's own words when a destination refuses a path for want of a trusted signature.
-UNTRUSTED = ("lacks a valid signature", "is not signed by any of the keys")
+# Nix's own words when a destination refuses a path for want of a trusted signature: Nix 2.8
+# says "lacks a valid signature", later ones (2.26 here) "lacks a signature by a trusted key".
+UNTRUSTED = (
+    "lacks a valid signature",
+    "lacks a signature by a trusted key",
+    "is not signed by any of the keys",
+)
 
 
 class NixError(RuntimeError):

@@ -5,9 +5,10 @@ It has its own Nix store (``/nix``), its own ``/etc`` and ``/var`` (overlays on 
 an empty ``/root``, fresh ``/run`` and ``/tmp``, a ``deploy`` user, a ``nix-daemon`` and an
 sshd on ``127.0.0.1:<port>``. No container engine, VM or systemd is involved; root is needed.
 
-A systemd machine (``"systemd": true`` in the roster, or ``up --systemd NAMES``) is systemd as
-PID 1 of a Debian trixie root with Nix 2.26 instead, booted by ``systemd-nspawn`` from
-``testbed.nspawn`` on an overlay of a template built once (``testbed.template``).
+A systemd machine (``"nix": "trixie"`` or ``"sid"`` or ``"systemd": true`` in the roster, or
+``up --systemd NAMES``) is systemd as PID 1 of a Debian root of that suite with its Nix (2.26,
+2.34) instead, booted by ``systemd-nspawn`` from ``testbed.nspawn`` on an overlay of a template
+built once (``testbed.template``). The default roster mixes both kinds.
 
 Usage, from the repository root::
 

@@ -298,10 +298,16 @@ def _prepare_systemd_machine(state: StatePaths, machine: Machine, template: Path
     same directories a namespace machine has."""
     paths = state.machine(machine.name)
     if paths.template.exists() and paths.template.read_text().strip() != str(template):
-        # Its /etc and /var changes were made on another template: start them afresh.
-        for layer in (paths.rootfs_upper, paths.rootfs_work):
+        # Its /etc and /var changes were made on another template: start them afresh; and
+        # its store too if its Nix changes (an older Nix cannot read a newer one's database).
+        previous = Path(paths.template.read_text().strip())
+        stale = [paths.rootfs_upper, paths.rootfs_work]
+        if previous.name.split("-")[0] != template.name.split("-")[0]:
+            stale.append(paths.nix)
+        for layer in stale:
             if layer.exists():
                 shutil.rmtree(layer)
+        paths.nix.mkdir(mode=0o755, exist_ok=True)
     write_file(paths.template, f"{template}\n")
     for directory in (paths.rootfs, paths.rootfs_work):
         directory.mkdir(exist_ok=True)
@@ -326,6 +332,10 @@ def _prepare_systemd_machine(state: StatePaths, machine: Machine, template: Path
     _set_deploy_password(paths, template, password.strip())
     if machine.klass == "nixos" and not paths.in_rootfs("/etc/NIXOS").is_file():
         put("/etc/NIXOS", "")
+    if machine.klass == "home" and machine.user != "root":
+        # The user's own systemd manager runs from boot on, as on a machine where the user
+        # has lingering on (home-manager's user units need it; logind starts user@UID).
+        put(f"/var/lib/systemd/linger/{machine.user}", "")
     if not paths.in_rootfs("/etc/nix/nix.conf").is_file():
         put("/etc/nix/nix.conf", nix_conf(signing_public_key(state)))
 

@@ -105,9 +105,10 @@ def up(roster: Path, count: int | None = None, systemd: Sequence[str] = ()) -> l
         stop_machines(state, [machine.name for machine in to_start])
         _check_ports(fleet, to_start)
 
-        root = template.ensure() if any(machine.systemd for machine in to_start) else None
+        suites = sorted({m.suite for m in to_start if m.suite is not None})
+        roots = {suite: template.ensure(suite) for suite in suites}
         for machine in to_start:
-            files.prepare_machine(state, machine, root)
+            files.prepare_machine(state, machine, roots.get(machine.suite or ""))
         save_record(state.record, fleet)
         files.write_client_files(state, fleet)
         for machine in to_start:
@@ -437,7 +438,9 @@ def reboot(name: str) -> str:
             raise TestbedError(
                 f"port 127.0.0.1:{machine.port} for {name} is used by another program"
             )
-        files.prepare_machine(state, machine, template.ensure() if machine.systemd else None)
+        files.prepare_machine(
+            state, machine, template.ensure(machine.suite) if machine.suite else None
+        )
         start_machine(state, machine)
         _wait_ready(state, [machine])
     if machine.systemd:

@@ -277,6 +277,14 @@ class MachinePaths:
     def console_log(self) -> Path:
         return self.root / "console.log"
 
+    def ssh_sessions(self) -> int:
+        """How many SSH sessions the machine's sshd has started so far: its console log has a
+        line for each (a namespace machine's sshd writes there, a systemd machine's journal is
+        forwarded there)."""
+        if not self.console_log.exists():
+            return 0
+        return self.console_log.read_text(errors="replace").count("Starting session")
+
     def in_etc(self, path: str) -> Path:
         """Where a machine's ``/etc/...`` file lives in its upper layer."""
         return self.etc_upper / Path(path).relative_to("/etc")

@@ -2,8 +2,12 @@
 
 The roster is the example fleet's ``hosts.json``: ``{"web1": {"class": "nixos", "roles": ["web"],
 ...}, ...}``. Key order is machine order; machine ``i`` gets port ``base + 1 + i``. The testbed
-reads ``class``, ``roles``, ``port``, ``user``, ``sudoPassword``, ``nixSize`` and ``systemd``
-(a systemd machine, see ``testbed.nspawn``).
+reads ``class``, ``roles``, ``port``, ``user``, ``sudoPassword``, ``nixSize``, ``systemd`` (a
+systemd machine, see ``testbed.nspawn``) and ``nix``, the machine's Nix:
+
+- ``"2.8"`` (the default): Debian bookworm's nix-bin, this computer's own, on a namespace machine;
+- ``"trixie"`` (Nix 2.26) or ``"sid"`` (Nix 2.34): that Debian suite's nix-bin, in a systemd
+  machine's root of that suite (``"systemd": true`` alone means ``"trixie"``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from testbed.layout import TestbedError
 
 # Names become hostnames, directory names and ssh_config host aliases.
 _MACHINE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+HOST_NIX = "2.8"  # this computer's Nix (Debian bookworm), which namespace machines share
+# A systemd machine's Nix is its root's Debian suite's (testbed.template.SUITES).
+NIX_VERSIONS = (HOST_NIX, "trixie", "sid")
 
 
 @dataclass(frozen=True)
@@ -31,7 +38,13 @@ class Machine:
     user: str = "root"  # the SSH user a deploy logs in as (``deploy`` is a non-root sudoer)
     sudo_password: bool = False  # whether the deploy user's sudo asks for its password
     nix_size: str | None = None  # a size-limited /nix (tmpfs, e.g. "64m"), for disk-full tests
-    systemd: bool = False  # systemd as PID 1 in a Debian trixie root (testbed.nspawn), Nix 2.26
+    systemd: bool = False  # systemd as PID 1 in a Debian root (testbed.nspawn)
+    nix: str = HOST_NIX  # see NIX_VERSIONS; a systemd machine's is its root's Debian suite
+
+    @property
+    def suite(self) -> str | None:
+        """The Debian suite of a systemd machine's root (None for a namespace machine)."""
+        return self.nix if self.systemd else None
 
     @property
     def address(self) -> str:
@@ -78,10 +91,7 @@ def load_roster(path: Path, base_port: int) -> list[Machine]:
         nix_size = attrs.get("nixSize")
         if nix_size is not None and not re.fullmatch(r"\d+[kmg]", str(nix_size)):
             raise TestbedError(f"roster {path}: {name}: nixSize must be like 64m")
-        systemd = attrs.get("systemd", False)
-        if not isinstance(systemd, bool):
-            raise TestbedError(f"roster {path}: {name}: systemd must be a boolean")
-        _check_systemd(f"roster {path}: {name}", klass, systemd)
+        systemd, nix = _nix_of(f"roster {path}: {name}", klass, attrs)
         machines.append(
             Machine(
                 name,
@@ -93,9 +103,32 @@ def load_roster(path: Path, base_port: int) -> list[Machine]:
                 sudo_password,
                 nix_size,
                 systemd,
+                nix,
             )
         )
     return machines
+
+
+def _nix_of(where: str, klass: str, attrs: dict[str, object]) -> tuple[bool, str]:
+    """``(systemd, nix)`` of a roster entry: ``"nix": "sid"`` makes a systemd machine, and
+    ``"systemd": true`` alone one on trixie's Nix."""
+    systemd, nix = attrs.get("systemd"), attrs.get("nix")
+    if systemd is not None and not isinstance(systemd, bool):
+        raise TestbedError(f"{where}: systemd must be a boolean")
+    if nix is not None and nix not in NIX_VERSIONS:
+        raise TestbedError(f"{where}: nix must be one of {', '.join(NIX_VERSIONS)}, not {nix!r}")
+    if nix is None:
+        nix = "trixie" if systemd else HOST_NIX
+    if systemd is None:
+        systemd = nix != HOST_NIX
+    if systemd and nix == HOST_NIX:
+        raise TestbedError(
+            f"{where}: a systemd machine runs its root's Nix (trixie or sid), not {HOST_NIX}"
+        )
+    if not systemd and nix != HOST_NIX:
+        raise TestbedError(f"{where}: Nix {nix} runs only on a systemd machine (systemd: true)")
+    _check_systemd(where, klass, systemd)
+    return systemd, nix
 
 
 def _check_systemd(where: str, klass: str, systemd: bool) -> None:
@@ -117,7 +150,12 @@ def with_systemd(machines: list[Machine], names: list[str]) -> list[Machine]:
     for machine in machines:
         if machine.name in names:
             _check_systemd(f"--systemd {machine.name}", machine.klass, True)
-    return [replace(m, systemd=True) if m.name in names else m for m in machines]
+    return [
+        replace(m, systemd=True, nix="trixie" if m.nix == HOST_NIX else m.nix)
+        if m.name in names
+        else m
+        for m in machines
+    ]
 
 
 def select(machines: list[Machine], count: int | None) -> list[Machine]:
@@ -152,6 +190,7 @@ def load_record(path: Path) -> list[Machine]:
             entry.get("sudo_password", False),
             entry.get("nix_size"),
             entry.get("systemd", False),
+            entry.get("nix", HOST_NIX),
         )
         for entry in entries
     ]

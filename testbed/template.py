@@ -1,11 +1,13 @@
-"""The systemd machines' root file system: Debian trixie with systemd, sshd and Nix 2.26.
+"""The systemd machines' root file system: Debian trixie (Nix 2.26) or sid (Nix 2.34) with
+systemd, sshd and python3 (the example's web services).
 
 Built once with ``debootstrap`` from the Debian mirror this computer's apt already uses (its own
 apt sources stay as they are), configured as every systemd machine shares it, trimmed, and kept
 outside the repository in ``$FLAKEFLEET_TESTBED_CACHE`` (default ``/var/cache/flakefleet``) as
-``trixie-<recipe digest>/``. Each machine is an overlay on it (``testbed.nspawn``), so the
-directory is never written after it is built. A changed recipe gives a new directory; a lock
-makes two test fleets that need it at once build it once.
+``<suite>-<recipe digest>/``, one per Debian suite a machine's ``nix`` asks for. Each machine
+is an overlay on it (``testbed.nspawn``), so the directory is never written after it is built.
+A changed recipe gives a new directory; a lock makes two test fleets that need it at once build
+it once.
 
 What every machine shares, beyond Debian's packages:
 
@@ -39,9 +41,12 @@ from pathlib import Path
 
 from testbed.layout import BOOTLOADER_DEFAULT, SYSTEMD_BIN, TestbedError, cache_dir
 
-SUITE = "trixie"
+# The Debian suites a systemd machine's root comes from, by the Nix version their nix-bin has.
+SUITES = ("trixie", "sid")
 PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "libpam-systemd", "openssh-server", "nix-bin",
+    # The example's role services are python3 -m http.server, as on the namespace machines.
+    "python3",
     # debootstrap does not resolve nix-bin's virtual perl-dbdabi-94: name its provider.
     "libdbi-perl",
     "rsync", "sudo", "iproute2", "procps",
@@ -82,6 +87,9 @@ KillMode=process
 LimitNOFILE=1048576
 """
 PATH_CONF = f"[Manager]\nDefaultEnvironment=PATH={SYSTEMD_BIN}\n"
+# The journal goes to the console too (the machine's console.log, as a namespace machine's
+# sshd writes there): sshd's "Starting session" lines, which bench/ and tests count.
+JOURNAL_TO_CONSOLE = "[Journal]\nForwardToConsole=yes\nTTYPath=/dev/console\nMaxLevelConsole=info\n"
 BOOT_SYSTEM = "/usr/lib/testbed/boot-system"
 # NixOS's stage 2 runs with its own PATH, and so does this script.
 BOOT_SYSTEM_SCRIPT = f"""\
@@ -102,7 +110,14 @@ ln -sfn "$toplevel" /run/booted-system
 ln -sfn "$toplevel" /run/current-system
 echo "activating $toplevel"
 echo "== $(date '+%F %T') activating $toplevel" >>/var/log/boot.log
-exec "$toplevel/activate" >>/var/log/boot.log 2>&1
+"$toplevel/activate" >>/var/log/boot.log 2>&1 || status=$?
+# Then systemd starts what the system wants, with its units (as NixOS's stage 2 hands over to
+# systemd, whose default target wants them); without waiting for them: they come after this.
+systemctl daemon-reload
+for unit in "$toplevel"/etc/systemd/system/multi-user.target.wants/*; do
+  [ -e "$unit" ] && systemctl start --no-block "$(basename "$unit")"
+done
+exit ${{status:-0}}
 """
 # The services its activation starts stay in this unit's cgroup (RemainAfterExit).
 BOOT_SYSTEM_SERVICE = f"""\
@@ -130,30 +145,31 @@ TRIMMED = (
     "usr/share/locale",
 )
 # Bump when a step below changes in a way the recipe's data does not show.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 BUILD_TIMEOUT = 900.0
 MIRROR_ENV = "FLAKEFLEET_TESTBED_MIRROR"
 
 
-def recipe() -> dict[str, object]:
+def recipe(suite: str) -> dict[str, object]:
     """Everything the template's content depends on; its digest names the directory."""
     return {
         "version": RECIPE_VERSION,
-        "suite": SUITE,
+        "suite": suite,
         "variant": "minbase",
         "packages": PACKAGES,
         "masked": MASKED_UNITS,
         "path": SYSTEMD_BIN,
         "units": [NIX_DAEMON_SOCKET, NIX_DAEMON_SERVICE, BOOT_SYSTEM_SERVICE, BOOT_SYSTEM_SCRIPT],
+        "journal": JOURNAL_TO_CONSOLE,
         "trimmed": TRIMMED,
     }
 
 
-def template_dir(cache: Path | None = None) -> Path:
-    """Where the template of the current recipe lives (built or not)."""
-    text = json.dumps(recipe(), sort_keys=True)
+def template_dir(suite: str, cache: Path | None = None) -> Path:
+    """Where the template of the current recipe for ``suite`` lives (built or not)."""
+    text = json.dumps(recipe(suite), sort_keys=True)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    return (cache or cache_dir()) / f"{SUITE}-{digest}"
+    return (cache or cache_dir()) / f"{suite}-{digest}"
 
 
 @contextlib.contextmanager
@@ -165,9 +181,11 @@ def _locked(cache: Path) -> Iterator[None]:
         yield
 
 
-def ensure() -> Path:
-    """The template directory, built first if it is missing (about a minute)."""
-    final = template_dir()
+def ensure(suite: str) -> Path:
+    """The template directory of ``suite``, built first if it is missing (about a minute)."""
+    if suite not in SUITES:
+        raise TestbedError(f"no systemd machine template for Debian {suite!r} ({SUITES})")
+    final = template_dir(suite)
     if final.is_dir():
         return final
     with _locked(final.parent):
@@ -188,11 +206,11 @@ def ensure() -> Path:
             flush=True,
         )
         started = time.monotonic()
-        _debootstrap(building, mirror, final.parent / "debs", log)
+        _debootstrap(suite, building, mirror, final.parent / "debs", log)
         configure(building)
         trim(building)
         (building / "etc" / "testbed-template.json").write_text(
-            json.dumps({**recipe(), "mirror": mirror}, indent=2) + "\n"
+            json.dumps({**recipe(suite), "mirror": mirror}, indent=2) + "\n"
         )
         building.rename(final)
         print(
@@ -236,14 +254,14 @@ def _has_release(suites: list[str]) -> bool:
     return any(re.fullmatch(r"[a-z]+", suite) for suite in suites)
 
 
-def _debootstrap(target: Path, mirror: str, debs: Path, log: Path) -> None:
+def _debootstrap(suite: str, target: Path, mirror: str, debs: Path, log: Path) -> None:
     debs.mkdir(parents=True, exist_ok=True)  # downloaded packages, kept for a rebuild
     # In a private mount namespace: the /proc and /sys debootstrap mounts in the target go
     # away with it, even if it is killed, and never show on this computer.
     command = [
         "unshare", "--mount", "--propagation", "private",
         "debootstrap", "--variant=minbase", f"--cache-dir={debs}",
-        f"--include={','.join(PACKAGES)}", SUITE, str(target), mirror,
+        f"--include={','.join(PACKAGES)}", suite, str(target), mirror,
     ]  # fmt: skip
     with open(log, "w") as output:
         try:
@@ -259,7 +277,7 @@ def _debootstrap(target: Path, mirror: str, debs: Path, log: Path) -> None:
             raise TestbedError(f"debootstrap took over {BUILD_TIMEOUT:g} s (see {log})") from None
     if completed.returncode != 0:
         tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
-        raise TestbedError(f"debootstrap {SUITE} from {mirror} failed: {tail} (see {log})")
+        raise TestbedError(f"debootstrap {suite} from {mirror} failed: {tail} (see {log})")
 
 
 def configure(root: Path) -> None:
@@ -277,6 +295,9 @@ def configure(root: Path) -> None:
     path_conf = root / "etc/systemd/system.conf.d/path.conf"
     path_conf.parent.mkdir(parents=True, exist_ok=True)
     path_conf.write_text(PATH_CONF)
+    journal_conf = root / "etc/systemd/journald.conf.d/console.conf"
+    journal_conf.parent.mkdir(parents=True, exist_ok=True)
+    journal_conf.write_text(JOURNAL_TO_CONSOLE)
     bin_dir = root / SYSTEMD_BIN.lstrip("/")
     bin_dir.mkdir(parents=True)
     for program in systemd_programs(root):

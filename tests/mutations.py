@@ -146,6 +146,42 @@ MUTATIONS = [
         " -- ",
         (SYSTEMD,),
     ),
+    # The test fleet as strict as the field (#17): each imitation fix, undone.
+    Mutation(
+        "the imitation starts services as processes under systemd too",
+        "example/lib/switch-to-configuration.sh",
+        "if [ ! -d /run/systemd/system ]; then",
+        "if true; then",
+        (SYSTEMD, "-k", "runs_as_a_unit or role_services or units_start"),
+    ),
+    Mutation(
+        "the imitation's switch relies on its caller's PATH",
+        "example/lib/switch-to-configuration.sh",
+        "export PATH=/usr/bin:/usr/sbin\nsystem=@out@",
+        "system=@out@",
+        (SYSTEMD, "-k", "runs_as_a_unit or nixos_rebuild"),
+    ),
+    Mutation(
+        "no smoke check for failed units",
+        "tests/smoke/test_units.py",
+        'assert failed == "", f"failed units:\\n{failed}"',
+        "assert failed or True",
+        (SYSTEMD, "-k", "runs_as_a_unit or fails_shows"),
+    ),
+    Mutation(
+        "a systemd machine's journal stays off its console",
+        "testbed/template.py",
+        "ForwardToConsole=yes",
+        "ForwardToConsole=no",
+        ("tests/testbed/test_testbed_systemd.py", "-k", "sessions"),
+    ),
+    Mutation(
+        "a home machine's user has no systemd manager of its own",
+        "testbed/files.py",
+        'put(f"/var/lib/systemd/linger/{machine.user}", "")',
+        "pass",
+        ("tests/testbed/test_testbed_systemd.py", "-k", "home"),
+    ),
     Mutation(
         "a rollback leaves the new sources in place",
         "operations/scripts/activate.sh",

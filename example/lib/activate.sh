@@ -2,9 +2,15 @@
 # Imitation of a NixOS activation script for @name@: make this generation the running system,
 # link its /etc files, and start, restart or stop services to match it. Exits non-zero on failure.
 set -eu
+# Its own PATH, as NixOS's activation script sets one from its activation path (never the
+# caller's: under systemd-run that is only systemd's bin directory).
+export PATH=/usr/bin:/usr/sbin
 system=@out@
 mode=${1:-activate}   # "activate", or "dry-activate" to only say what would change
 run=/run/services
+# With systemd as PID 1 the role services are units, which switch-to-configuration starts;
+# without it (a namespace machine) this script starts them as processes.
+[ -d /run/systemd/system ] && systemd=1 || systemd=""
 
 say() { echo "activate: $*"; }
 
@@ -44,7 +50,7 @@ plan() {
 
 if [ "$mode" = dry-activate ]; then
   say "would activate $system"
-  plan | sed 's/^/would /'
+  [ -n "$systemd" ] || plan | sed 's/^/would /'
   exit 0
 fi
 
@@ -72,8 +78,23 @@ if [ -f "$sshd_config" ]; then
   fi
 fi
 
+# The generation's units, linked through /etc/static as NixOS links /etc/systemd/system: unit
+# files and drop-ins (multi-user.target.wants stays in the generation: what it wants, the
+# switch and the boot start). Links into /etc/static that this generation lacks go.
+if [ -n "$systemd" ]; then
+  units=/etc/systemd/system
+  find "$units" -type l -lname '/etc/static/*' ! -exec test -e {} \; -delete
+  for file in /etc/static/systemd/system/*.service /etc/static/systemd/system/*.service.d/*.conf; do
+    [ -e "$file" ] || continue
+    link=$units/${file#/etc/static/systemd/system/}
+    mkdir -p "$(dirname "$link")"
+    ln -sfn "$file" "$link"
+  done
+  find "$units" -mindepth 1 -type d -name '*.service.d' -empty -delete
+fi
+
 failed=0
-plan | while read -r action name; do
+[ -n "$systemd" ] || plan | while read -r action name; do
   case $action in
     stop) say "stopping $name"; stop_service "$name" ;;
     start) say "starting $name"; start_service "$name" ;;

@@ -30,19 +30,37 @@ let
     head -c "$size" /dev/urandom > $out
   '';
 
-  # One long-running process per role, answering on the machine's port.
-  services = host: {
+  # One long-running process per role, answering on the machine's port. `failService` makes
+  # it crash a moment after it started (after switch-to-configuration's own check of the units
+  # it started: only the health checks can see it).
+  # A machine's second role service answers on port + 1, and so on.
+  services = host:
+    let
+      withServices = builtins.filter (role: (roleScripts host 0) ? ${role}) (host.roles or [ ]);
+      indexes = builtins.genList (i: i) (builtins.length withServices);
+      portOf = role:
+        host.port + builtins.head (builtins.filter (i: builtins.elemAt withServices i == role) indexes);
+      ordered = role: roleScripts host (portOf role);
+    in
+    builtins.mapAttrs
+    (role: script: if host.failService or false then ''
+      echo "${role}: crashing (failService is set for ${host.name})" >&2
+      sleep 1
+      exit 1
+    '' else script)
+    (builtins.listToAttrs (map (role: { name = role; value = (ordered role).${role}; }) withServices));
+  roleScripts = host: port: {
     web = ''
       dir=/var/src/web-app-dist
       [ -d "$dir" ] || dir=/etc/static/www
-      exec /usr/bin/python3 -m http.server ${toString host.port} --bind ${host.name} --directory "$dir"
+      exec /usr/bin/python3 -m http.server ${toString port} --bind ${host.name} --directory "$dir"
     '';
     db = ''
       mkdir -p /var/lib/db && echo "${host.name} accepting connections" > /var/lib/db/status
-      exec /usr/bin/python3 -m http.server ${toString host.port} --bind ${host.name} --directory /var/lib/db
+      exec /usr/bin/python3 -m http.server ${toString port} --bind ${host.name} --directory /var/lib/db
     '';
     vpn = ''
-      exec /usr/bin/python3 -m http.server ${toString host.port} --bind ${host.name} --directory /etc/static/vpn
+      exec /usr/bin/python3 -m http.server ${toString port} --bind ${host.name} --directory /etc/static/vpn
     '';
   };
   # Shared by every home: the user's packages, like home-manager's home-path.
@@ -124,18 +142,70 @@ in
     let
       version = host.version or "1";
       roles = host.roles or [ ];
-      etc = shell "etc-${host.name}" {
+      roleServices = builtins.filter (role: (services host) ? ${role}) roles;
+      # On a machine with systemd, each role service is a unit, as NixOS's systemd.services
+      # are: its script a store path of its own (the unit, and so the service, changes only when
+      # the script does), wanted by multi-user.target.
+      unitScript = role: shell "unit-script-fleet-${role}-start" {
+        script = "#!/bin/sh\n" + (services host).${role};
+      } ''
+        printf '%s' "$script" > $out
+        chmod +x $out
+      '';
+      unitFile = role: ''
+        [Unit]
+        Description=fleet ${role} service of ${host.name}
+        After=network.target
+
+        [Service]
+        # NixOS gives each of its services a PATH of its own (systemd.services.<name>.path,
+        # coreutils, findutils, grep, sed and systemd by default); units systemd starts without
+        # one (systemd-run's) see only systemd's bin directory.
+        Environment=PATH=/usr/bin:/usr/sbin
+        ExecStart=${unitScript role}
+        StandardOutput=append:/var/log/${role}.log
+        StandardError=append:/var/log/${role}.log
+
+        [Install]
+        WantedBy=multi-user.target
+      '';
+      units = builtins.listToAttrs (map
+        (role: { name = "unit_fleet_${role}"; value = unitFile role; })
+        roleServices);
+      # NixOS's sshd unit: stopIfChanged = false (restarted in one go, sessions kept, as
+      # X-StopIfChanged=false tells switch-to-configuration). `sshdRevision` changes it, so the
+      # switch restarts sshd; `breakSsh` moves it 1000 ports up (fault tests).
+      sshDropIn = ''
+        [Service]
+        X-StopIfChanged=false
+        Environment="FLEET_SSHD_REVISION=${toString (host.sshdRevision or "")}"
+      '' + (if host.breakSsh or false then ''
+        ExecStart=
+        ExecStart=/bin/sh -c 'exec /usr/sbin/sshd -D -p $$(($$(sed -n "s/^Port //p" /etc/ssh/sshd_config.d/testbed.conf) + 1000))'
+      '' else "");
+      withSshDropIn = host ? sshdRevision || (host.breakSsh or false);
+      etc = shell "etc-${host.name}" ({
         release = "${host.name} ${version}\n";
         motd = "${host.name}: ${builtins.concatStringsSep ", " roles} (managed by flakefleet)\n";
         page = "<html><body><h1>${host.name}</h1><p>version ${version}</p></body></html>\n";
-      } ''
-        mkdir -p $out/www $out/vpn
+        unitNames = builtins.concatStringsSep " " (map (role: "fleet_${role}") roleServices);
+        sshDropIn = if withSshDropIn then sshDropIn else "";
+      } // units) ''
+        mkdir -p $out/www $out/vpn $out/systemd/system/multi-user.target.wants
         printf '%s' "$release" > $out/fleet-release
         printf '%s' "$motd" > $out/motd
         printf '%s' "$page" > $out/www/index.html
         printf 'peers: 0\n' > $out/vpn/status
+        for unit in $unitNames; do
+          file=$(echo "$unit" | tr _ -).service
+          eval "printf '%s' \"\$unit_$unit\"" > $out/systemd/system/$file
+          ln -s ../$file $out/systemd/system/multi-user.target.wants/$file
+        done
+        if [ -n "$sshDropIn" ]; then
+          mkdir -p $out/systemd/system/ssh.service.d
+          printf '%s' "$sshDropIn" > $out/systemd/system/ssh.service.d/fleet.conf
+        fi
       '';
-      roleServices = builtins.filter (role: (services host) ? ${role}) roles;
       serviceEnv = builtins.listToAttrs (map
         (role: { name = "service_${role}"; value = "#!/bin/sh\n" + (services host).${role}; })
         roleServices);

@@ -10,7 +10,15 @@
 #     exit 100, nothing activated (the boot entry is already set);
 #   - activation failing: the activation script's status (the imitation's is 4, as upstream's
 #     "units failed").
+# On a machine with systemd as PID 1 it also manages the generation's units (etc/systemd/system)
+# as upstream's does (main.rs, do_system_switch): units the new generation drops are stopped
+# before activation, changed ones stopped then started after it (restarted in one go if they say
+# X-StopIfChanged=false, as NixOS's sshd does), new ones started; failed units are reset, systemd
+# reloads its units, and a unit failed at the end makes it exit 4 ("the following units
+# failed"). dry-activate says what it would stop, restart and start.
 set -eu
+# Its own PATH, as upstream's wrapper gives it one: never the caller's.
+export PATH=/usr/bin:/usr/sbin
 system=@out@
 profile=/nix/var/nix/profiles/system
 boot=/var/lib/fake-bootloader
@@ -51,7 +59,79 @@ if [ "$running" != "$(cat "$system/init-interface-version")" ]; then
   exit 100
 fi
 
-case $1 in
-  switch | test) exec "$system/activate" ;;
-  dry-activate) exec "$system/activate" dry-activate ;;
-esac
+if [ ! -d /run/systemd/system ]; then  # no systemd (sd_booted): the activation starts services
+  case $1 in
+    switch | test) exec "$system/activate" ;;
+    dry-activate) exec "$system/activate" dry-activate ;;
+  esac
+fi
+
+# --- systemd: the units the running generation's /etc (/etc/static) and the new one define
+units=systemd/system
+old_etc=$(readlink -f /etc/static 2>/dev/null || true)
+new_etc=$(readlink -f "$system/etc")
+
+unit_names() {  # fleet-web.service, and ssh.service for a drop-in (ssh.service.d)
+  for etc in "$old_etc" "$new_etc"; do
+    [ -n "$etc" ] && [ -d "$etc/$units" ] || continue
+    for file in "$etc/$units"/*.service "$etc/$units"/*.service.d; do
+      [ -e "$file" ] && basename "$file" .d
+    done
+  done | sort -u
+}
+unit_text() {  # a unit as systemd merges it: its file, then its drop-ins
+  [ -n "$1" ] || return 0
+  cat "$1/$units/$2" "$1/$units/$2.d"/*.conf 2>/dev/null || true
+}
+
+stop="" start="" restart=""
+for unit in $(unit_names); do
+  if systemctl is-active --quiet "$unit"; then
+    if [ -n "$old_etc" ] && [ -e "$old_etc/$units/$unit" ] && [ ! -e "$new_etc/$units/$unit" ]; then
+      stop="$stop $unit"  # gone from the configuration
+    elif [ "$(unit_text "$old_etc" "$unit")" != "$(unit_text "$new_etc" "$unit")" ]; then
+      if { unit_text "$old_etc" "$unit"; unit_text "$new_etc" "$unit"; } | grep -qx 'X-StopIfChanged=false'; then
+        restart="$restart $unit"
+      else
+        stop="$stop $unit" start="$start $unit"
+      fi
+    fi
+  elif [ -e "$new_etc/$units/multi-user.target.wants/$unit" ]; then
+    start="$start $unit"  # new, or not running (failed)
+  fi
+done
+
+if [ "$1" = dry-activate ]; then
+  [ -z "$stop" ] || echo "would stop the following units:$stop" >&2
+  echo "would activate the configuration..." >&2
+  "$system/activate" dry-activate || true
+  [ -z "$restart" ] || echo "would restart the following units:$restart" >&2
+  [ -z "$start" ] || echo "would start the following units:$start" >&2
+  exit 0
+fi
+
+if [ -n "$stop" ]; then
+  echo "stopping the following units:$stop" >&2
+  systemctl stop $stop || true
+fi
+status=0
+echo "activating the configuration..." >&2
+"$system/activate" || status=$?
+systemctl reset-failed  # forget about previously failed units
+systemctl daemon-reload
+if [ -n "$restart" ]; then
+  echo "restarting the following units:$restart" >&2
+  systemctl restart $restart || status=4
+fi
+if [ -n "$start" ]; then
+  echo "starting the following units:$start" >&2
+  systemctl start $start || status=4
+fi
+sleep 0.25  # let units that fail at once be seen failing, as upstream waits for systemd to settle
+failed=$(systemctl list-units --state=failed --no-legend --plain | awk '{print $1}' | xargs)
+if [ -n "$failed" ]; then
+  echo "warning: the following units failed: $failed" >&2
+  systemctl status --no-pager --full $failed >&2 || true
+  [ "$status" != 0 ] || status=4
+fi
+exit $status

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from flakefleet.fleet import load_fleet
+from testbed.layout import StatePaths
 
 ROOT = Path(__file__).resolve().parents[2]
 STATE = Path(os.environ.get("FLAKEFLEET_TEST_STATE", ROOT / ".testbed-tests"))
@@ -130,11 +131,7 @@ class Fleet:
 
     def sessions(self, machine: str) -> int:
         """How many SSH sessions the machine's sshd has started so far (its console log)."""
-        return (
-            (self.state / "machines" / machine / "console.log")
-            .read_text()
-            .count("Starting session")
-        )
+        return StatePaths(self.state).machine(machine).ssh_sessions()
 
     def consoles(self, lines: int = 15) -> str:
         """The last lines of every machine's console (what a machine that did not boot said)."""

@@ -72,7 +72,8 @@ def test_a_reboot_into_another_system_fails_the_machine(fleet, flake):
     boot_id = fleet.ssh("web1", BOOT_ID)
     result = fleet.deploy(
         flake, "--limit", "web1", "--data", "reboot=always",
-        "--data", f"reboot_command=ln -sfn {old} /var/lib/fake-bootloader/default && kill -USR1 1",
+        "--data",
+        f"reboot_command=ln -sfn {old} /var/lib/fake-bootloader/default && systemctl reboot",
     )  # fmt: skip
     assert result.returncode != 0
     assert result.report["web1"]["error"] == f"reboot: came back on {old}, expected {new}"
@@ -95,25 +96,35 @@ def test_test_switches_without_changing_the_boot_default(fleet, flake):
 
 
 def test_dry_activate_and_build_change_nothing_running(fleet, flake):
-    before = remote_state(fleet, "web1")
-    set_host(flake, "web1", version="dry")
-    new = evaluate(flake, "web1")
+    """On web1 (systemd) and vpn1 (a namespace machine, whose activation runs services)."""
+    machines = ("web1", "vpn1")
+    before = {machine: remote_state(fleet, machine) for machine in machines}
+    new = {}
+    for machine in machines:
+        set_host(flake, machine, version="dry")
+        new[machine] = evaluate(flake, machine)
+    limits = [option for machine in machines for option in ("--limit", machine)]
     for goal in ("dry-activate", "build"):
-        result = fleet.deploy(flake, "--limit", "web1", deploy_file=f"deploy/{goal}.py")
+        result = fleet.deploy(flake, *limits, deploy_file=f"deploy/{goal}.py")
         assert result.returncode == 0, result.output
-        state = remote_state(fleet, "web1")
-        assert (state["current"], state["profile"]) == (before["current"], before["profile"])
-        assert state["activations"] == before["activations"]
+        for machine in machines:
+            state, old = remote_state(fleet, machine), before[machine]
+            assert (state["current"], state["profile"]) == (old["current"], old["profile"])
+            assert state["activations"] == old["activations"]
         if goal == "dry-activate":
             # What it says would change is in the machine's activation log: the new system,
-            # and the running web service restarted into it.
-            said = fleet.ssh("web1", LATEST_LOG).splitlines()
-            assert f"would activate {new}" in " ".join(said), said
-            assert any(line.endswith("would restart web") for line in said), said
+            # and vpn1's running service restarted into it (web1's unit stays the same).
+            for machine in machines:
+                said = fleet.ssh(machine, LATEST_LOG).splitlines()
+                assert f"would activate {new[machine]}" in " ".join(said), said
+            said = fleet.ssh("vpn1", LATEST_LOG).splitlines()
+            assert any(line.endswith("would restart vpn") for line in said), said
     # build left the closure on the machine, ready for a switch.
-    assert fleet.ssh("web1", f"nix-store --check-validity {new} && echo valid") == "valid"
-    assert fleet.deploy(flake, "--limit", "web1").returncode == 0
-    assert remote_state(fleet, "web1")["current"] == new
+    for machine in machines:
+        path = new[machine]
+        assert fleet.ssh(machine, f"nix-store --check-validity {path} && echo valid") == "valid"
+    assert fleet.deploy(flake, *limits).returncode == 0
+    assert remote_state(fleet, "web1")["current"] == new["web1"]
 
 
 def test_rollback_to_the_previous_and_to_a_named_generation(fleet, flake):
@@ -234,7 +245,9 @@ def test_activation_survives_a_cut_connection(fleet, flake):
         "web1",
         'mine=$$; while [ $mine -gt 1 ]; do keep="$keep $mine"; '
         "mine=$(awk '{print $4}' /proc/$mine/stat); done; "
-        "for pid in $(pgrep -x sshd); do [ $pid = $(cat /run/sshd.pid) ] && continue; "
+        # (sshd-session: OpenSSH 9.8 and later run each session in a program of its own.)
+        "for pid in $(pgrep -x 'sshd|sshd-session'); do "
+        "[ $pid = $(cat /run/sshd.pid) ] && continue; "
         'case " $keep " in *" $pid "*) ;; *) kill -9 $pid ;; esac; done',
     )
     result = fleet.finish(deploy)

@@ -170,7 +170,11 @@ def test_failed_activation_rolls_back(fleet, flake):
 
 
 def test_failing_smoke_check_fails_the_machine(fleet, flake):
-    fleet.ssh("web2", "kill $(cat /run/services/web.pid)")
+    # A process of its own on a namespace machine, a unit's main process on a systemd machine.
+    fleet.ssh(
+        "web2",
+        "kill $(cat /run/services/web.pid 2>/dev/null || systemctl show -P MainPID fleet-web)",
+    )
     try:
         result = fleet.deploy(flake)
     finally:

@@ -54,9 +54,9 @@ def test_ctrl_c_during_activation_rolls_back_reports_and_exits_non_zero(fleet, f
 
     # The next deploy stays: nothing of the interrupted one comes back to undo it.
     set_host(flake, "web1", activationDelay=None)
-    again = fleet.deploy(flake, "--limit", "web1", "--data", "confirm_timeout=3")
+    again = fleet.deploy(flake, "--limit", "web1", "--data", "confirm_timeout=10")
     assert again.status("web1") == "changed", again.output
-    assert fleet.ssh("web1", f"sleep 5; {LATEST_PHASE}") == "succeeded"
+    assert fleet.ssh("web1", f"sleep 11; {LATEST_PHASE}") == "succeeded"
     assert remote_state(fleet, "web1")["current"] == evaluate(flake, "web1")
 
 

@@ -21,8 +21,8 @@ from test_deploy import remote_state
 
 MACHINE = "web1"
 # web1 (role web) gets test_system.py (4 checks), test_services.py (1, declares its skips
-# acceptable) and test_web.py (1).
-CHECKS = 6
+# acceptable), test_units.py (1: web1 has systemd) and test_web.py (1).
+CHECKS = 7
 
 PROBE = """
 import pytest

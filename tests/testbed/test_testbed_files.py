@@ -206,10 +206,46 @@ def test_roster_knob_makes_systemd_machines(tmp_path: Path) -> None:
         load_roster(roster, 22600)
 
 
+def test_roster_nix_knob_picks_the_machine_and_its_nix(tmp_path: Path) -> None:
+    roster = tmp_path / "hosts.json"
+    roster.write_text(
+        '{"a": {}, "b": {"nix": "2.8"}, "c": {"nix": "trixie"}, "d": {"nix": "sid"},'
+        ' "e": {"systemd": true}, "f": {"systemd": true, "nix": "sid"}}'
+    )
+    machines = load_roster(roster, 22600)
+    assert [(m.systemd, m.nix, m.suite) for m in machines] == [
+        (False, "2.8", None),
+        (False, "2.8", None),
+        (True, "trixie", "trixie"),
+        (True, "sid", "sid"),
+        (True, "trixie", "trixie"),
+        (True, "sid", "sid"),
+    ]
+    for content, message in (
+        ('{"a": {"nix": "2.18"}}', r"roster .*hosts.json: a: nix must be one of 2.8, trixie, sid"),
+        ('{"a": {"systemd": true, "nix": "2.8"}}', "a systemd machine runs its root's Nix"),
+        ('{"a": {"systemd": false, "nix": "sid"}}', "Nix sid runs only on a systemd machine"),
+        ('{"m": {"class": "darwin", "nix": "trixie"}}', "darwin machine cannot run systemd"),
+    ):
+        roster.write_text(content)
+        with pytest.raises(layout.TestbedError, match=message):
+            load_roster(roster, 22600)
+
+
+def test_the_default_fleet_mixes_machines_and_nix_versions() -> None:
+    machines = {m.name: m for m in load_roster(layout.DEFAULT_ROSTER, 22400)}
+    assert {name for name, m in machines.items() if m.systemd} >= {"web1", "web2", "db1"}
+    assert machines["vpn1"].nix == machines["build1"].nix == "2.8"  # namespace machines
+    assert not machines["mac1"].systemd
+
+
 def test_up_systemd_names_machines() -> None:
     machines = load_roster(ROSTER, 22600)
     chosen = with_systemd(machines, ["web2", "app1"])
-    assert [m.name for m in chosen if m.systemd] == ["web2", "app1"]
+    assert [(m.name, m.nix) for m in chosen if m.systemd] == [
+        ("web2", "trixie"),
+        ("app1", "trixie"),
+    ]
     assert with_systemd(machines, []) == machines
     with pytest.raises(layout.TestbedError, match="no machine db9"):
         with_systemd(machines, ["db9"])
@@ -261,7 +297,11 @@ def test_template_uses_this_computers_debian_mirror(
 
 
 def test_template_directory_is_named_by_its_recipe(tmp_path: Path) -> None:
-    directory = template.template_dir(tmp_path)
+    directory = template.template_dir("trixie", tmp_path)
     assert directory.parent == tmp_path and directory.name.startswith("trixie-")
-    assert template.template_dir(tmp_path) == directory
-    assert "nix-bin" in template.recipe()["packages"]  # type: ignore[operator]
+    assert template.template_dir("trixie", tmp_path) == directory
+    assert template.template_dir("sid", tmp_path).name.startswith("sid-")
+    packages = template.recipe("trixie")["packages"]
+    assert "nix-bin" in packages and "python3" in packages  # type: ignore[operator]
+    with pytest.raises(layout.TestbedError, match="no systemd machine template for Debian"):
+        template.ensure("bookworm")

@@ -5,9 +5,10 @@ process, mount or cgroup directory behind.
 Needs root. The first run builds the machines' root file system with debootstrap (about a
 minute; then cached in /var/cache/flakefleet): if that fails, the module fails with the reason.
 Uses its own state directory and base port 22650 (``FLAKEFLEET_TESTBED_TEST_PORT`` + 50): web1
-is a systemd machine by ``up --systemd``, web2 a namespace machine beside it, and small1 a
-systemd machine by the roster's knob, with a small ``/nix``. The module runs its tests in order
-on one fleet, and waits on events with generous deadlines, never on timings.
+is a systemd machine by ``up --systemd``, web2 a namespace machine beside it, small1 a
+systemd machine by the roster's knob, with a small ``/nix``, sid1 one on Debian sid's Nix and
+home1 a home-manager machine whose user has its own systemd manager. The module runs its tests
+in order on one fleet, and waits on events with generous deadlines, never on timings.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 import yaml
 
 from testbed.files import boot_default_command
-from testbed.layout import SYSTEMD_BIN, StatePaths, cache_dir, cgroup_hierarchies
+from testbed.layout import SYSTEMD_BIN, MachinePaths, StatePaths, cache_dir, cgroup_hierarchies
 from testbed.processes import run_cli
 
 BASE_PORT = int(os.environ.get("FLAKEFLEET_TESTBED_TEST_PORT", "22600")) + 50
@@ -35,6 +37,8 @@ ROSTER = {
     "web1": {"class": "nixos", "roles": ["web"]},
     "web2": {"class": "nixos", "roles": ["web"]},
     "small1": {"class": "nixos", "roles": [], "systemd": True, "nixSize": "64m"},
+    "sid1": {"class": "nixos", "roles": [], "nix": "sid"},
+    "home1": {"class": "home", "roles": [], "user": "deploy", "nix": "trixie"},
 }
 MACHINES = list(ROSTER)
 DEADLINE = 120.0  # seconds to wait for any one event (a boot, a unit, a reboot)
@@ -161,9 +165,7 @@ def test_fleet_file_asks_systemd_to_reboot(testbed: Fleet) -> None:
         assert machines[systemd]["data"] == {"reboot_command": "systemctl reboot"}
     assert "data" not in machines["web2"]
     assert [machines[name]["port"] for name in MACHINES] == [
-        BASE_PORT + 1,
-        BASE_PORT + 2,
-        BASE_PORT + 3,
+        BASE_PORT + 1 + index for index in range(len(MACHINES))
     ]
     config = (testbed.state / "ssh_config").read_text()
     assert config.count("StrictHostKeyChecking yes") == len(MACHINES)
@@ -197,6 +199,38 @@ def test_current_nix_beside_debians(testbed: Fleet) -> None:
     info = testbed.output("deploy@web1", "nix store info 2>&1")
     assert "Store URL: daemon" in info and "Trusted: 1" in info
     assert testbed.output("deploy@web1", "sudo -n id -un") == "root"
+
+
+def test_ssh_sessions_are_counted_from_the_console(testbed: Fleet) -> None:
+    """A systemd machine's sshd logs to its journal, which its console log gets too: bench/
+    and the tests count sessions there, as on a namespace machine."""
+    for name in ("web1", "web2"):
+        paths = StatePaths(testbed.state).machine(name)
+        expected = paths.ssh_sessions() + 3
+        for _ in range(3):
+            testbed.output(name, "true")
+        _wait_for(f"{name}'s console to show 3 more sessions", partial(_at_least, paths, expected))
+        assert paths.ssh_sessions() == expected
+
+
+def _at_least(paths: MachinePaths, sessions: int) -> bool:
+    return paths.ssh_sessions() >= sessions
+
+
+def test_the_nix_knob_gives_sids_nix(testbed: Fleet) -> None:
+    assert testbed.output("sid1", "nix --version").startswith("nix (Nix) 2.34.")
+    assert testbed.output("sid1", "cat /proc/1/comm") == "systemd"
+    assert "sid" in testbed.output("sid1", "cat /etc/debian_version")
+
+
+def test_a_home_machine_has_its_users_own_systemd_manager(testbed: Fleet) -> None:
+    """Lingering on, as home-manager's user units need: logind starts user@UID at boot."""
+    uid = testbed.output("home1", "id -u deploy")
+    assert testbed.output("home1", f"systemctl is-active user@{uid}.service") == "active"
+    assert testbed.output("home1", "loginctl show-user deploy -P Linger") == "yes"
+    state = testbed.ssh("deploy@home1", "systemctl --user is-system-running --wait").stdout
+    assert state.strip() in ("running", "degraded")
+    assert testbed.output("home1", "nix --version").startswith("nix (Nix) 2.26.")
 
 
 def test_the_root_is_an_overlay_that_never_shows_here(testbed: Fleet) -> None:

@@ -89,6 +89,15 @@ def test_the_state_directory_must_be_the_users_own(tmp_path):
     assert refused.rstrip().endswith("and be writable by nobody else")
 
 
+def test_the_state_directory_is_private_whatever_the_login_umask(tmp_path):
+    """Debian and Fedora give a user with a group of its own umask 002 (pam_umask's
+    usergroups): the directory flakefleet makes must still be the user's alone."""
+    made = tmp_path / "made"
+    assert sh(f"umask 002; {state_dir_command(str(made))}").stdout == ""
+    assert made.stat().st_mode & 0o777 == 0o700
+    assert (made / "activation").stat().st_mode & 0o777 == 0o700
+
+
 def test_a_holder_names_who_holds_it():
     holder = Holder.parse("laptop:4242:1234:1700000000")
     assert holder is not None and holder.name == "laptop:4242" and not holder.unknown
