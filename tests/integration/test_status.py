@@ -16,12 +16,20 @@ def status(fleet, flake, *args: str):
 
 def test_a_converged_machine_is_up_to_date_with_its_deploy_record(fleet, flake):
     before = remote_state(fleet, "web2")
-    result = status(fleet, flake, "--limit", "web2")
+    # A unit that failed (web2 runs systemd; vpn1 has none to ask).
+    fleet.ssh("web2", "systemd-run --unit=status-probe --quiet false; sleep 1")
+    try:
+        result = status(fleet, flake, "--limit", "web2", "--limit", "vpn1")
+    finally:
+        fleet.ssh("web2", "systemctl reset-failed status-probe.service")
     assert result.returncode == 0, result.output
     row = result.report["web2"]["state"]
     assert (row["verdict"], row["system"], row["reboot_pending"]) == (
         "up to date", before["current"], False,
     )  # fmt: skip
+    assert row["failed_units"] == ["status-probe.service"]
+    assert result.report["vpn1"]["state"]["failed_units"] is None
+    assert "failed units: status-probe.service" in result.output
     assert row["deployed_by"] and "@" in row["deployed_by"]
     assert row["revision"] is None  # the test's flake is a copy outside git
     assert row["generation"] >= 1 and row["since"]
