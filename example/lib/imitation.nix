@@ -89,7 +89,10 @@ in
     { system = toplevel; };
 
   # home-manager's homeConfigurations."<user>@<host>".activationPackage: a
-  # home-manager-generation with `activate` (run as the user), `home-files` and `home-path`.
+  # home-manager-generation with `activate` (run as the user), `home-files`, `home-path` and
+  # `gen-version` (1: its activate leaves the profile to a caller that passes
+  # `--driver-version 1`). `legacyHomeManager` makes one as home-manager made them before 25.11:
+  # no `gen-version`, and an activate that always sets the profile itself.
   homeConfiguration = host:
     let
       version = host.version or "1";
@@ -104,13 +107,16 @@ in
         inherit files;
         home = homePath;
         blob = if host ? blobSize then blob host.blobSize else "";
+        legacy = flag (host.legacyHomeManager or false);
         activate = template ./home-activate.sh {
           out = builtins.placeholder "out";
           user = host.user;
           failActivation = flag (host.failActivation or false);
+          legacy = flag (host.legacyHomeManager or false);
         };
       } ''
         mkdir -p $out
+        [ -n "$legacy" ] || echo 1 > $out/gen-version
         ln -s $files $out/home-files
         ln -s $home $out/home-path
         [ -z "$blob" ] || ln -s $blob $out/blob
