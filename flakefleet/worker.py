@@ -19,7 +19,6 @@ machine back by itself.
 from __future__ import annotations
 
 import contextlib
-import shlex
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from enum import StrEnum
 from typing import Any
 
 from flakefleet.models import Goal, MachineClass
-from flakefleet.target import Target, Unreachable
+from flakefleet.target import Target, Unreachable, shell_path
 
 # How long a launched worker may take to write its PID before it is taken for never started.
 START_SECONDS = 30
@@ -178,7 +177,7 @@ class Activation:
         that ignores the session's hangup.
         """
         directory = self.directory
-        arguments = shlex.join(self.arguments())
+        arguments = " ".join(map(shell_path, self.arguments()))  # a user's profile expands
         unit = f"flakefleet-activation-{self.id}"
         detach = (
             "detach() { if command -v setsid >/dev/null; then "
@@ -279,7 +278,7 @@ def systems(target: Target) -> tuple[str, str]:
     raises Unreachable."""
     script = "; ".join(
         f"if [ -e {link} ]; then readlink -f {link}; else echo nothing; fi"
-        for link in (target.running_link, target.profile)
+        for link in map(shell_path, (target.running_link, target.profile))
     )
     running, selected = target.run(script, timeout=30).stdout.split()[:2]
     return running, selected

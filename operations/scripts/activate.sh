@@ -62,12 +62,14 @@ running() {
   if [ -e "$running_link" ]; then readlink -f "$running_link"; fi
 }
 
-# Make a system live the way its class does.
+# Make a system live the way its class does. home-manager's as its own tool does it
+# (home-manager/home-manager, doSwitch): the profile set first, then `activate --driver-version
+# 1`, which leaves the profile alone (without it, the activation sets the profile itself).
 activate() {  # SYSTEM GOAL
   case $class in
     nixos) "$1/bin/switch-to-configuration" "$2" ;;
     darwin) HOME=/var/root "$1/activate" ;;  # nix-darwin activates as root
-    home) "$1/activate" ;;                   # home-manager activates as the user
+    home) "$1/activate" --driver-version 1 ;;  # as the user, the profile already set
     *) echo "unknown machine class $class"; return 1 ;;
   esac
 }
@@ -111,13 +113,15 @@ roll_back() {  # REASON [PROFILE_ONLY]
       phase failed "$1; no previous generation to roll back to"
       exit 1
     fi
-    if [ -n "$generation" ]; then
-      number=${previous_generation%-link}
-      nix-env -p "$profile" --switch-generation "${number##*-}"
-    else
-      number=${new_generation%-link}
-      nix-env -p "$profile" --rollback && nix-env -p "$profile" --delete-generations "${number##*-}"
-    fi
+    # Back to the generation selected before (not `--rollback`: after an earlier rollback, the
+    # one below the new generation is not it), then the new one is deleted (unless it was an
+    # existing one: --generation).
+    number=${previous_generation%-link}
+    new_number=${new_generation%-link}
+    nix-env -p "$profile" --switch-generation "${number##*-}" &&
+      if [ -z "$generation" ]; then
+        nix-env -p "$profile" --delete-generations "${new_number##*-}"
+      fi
     if [ $? -ne 0 ]; then
       phase rollback-failed "$1; could not restore $profile to $previous_generation"
       exit 1
@@ -164,7 +168,37 @@ make_boot_default() {
   activate "$system" boot || roll_back "making $system the boot default failed"
 }
 
+# A home-manager generation from before home-manager 25.11 (no gen-version) sets the profile
+# itself whatever it is told: `home-manager switch` only activates it, and so does this.
+self_profiled() {
+  [ "$class" = home ] && [ -z "$generation" ] && [ ! -e "$system/gen-version" ]
+}
+
+# A home-manager profile left where Nix before 2.14 kept it moves into the directory the profile
+# is in now (~/.local/state/nix/profiles), as home-manager's activation moves it
+# (modules/lib-bash/activation-init.sh, migrateProfile), but before the profile is set: the
+# activation would find the new profile already set and only delete the old links, and with
+# them the generations to roll back to.
+migrate_home_profile() {
+  new=$(dirname "$profile")
+  old=/nix/var/nix/profiles/per-user/$(id -un)
+  [ -e "$old/home-manager" ] || old=${XDG_STATE_HOME:-$HOME/.local/state}/home-manager/profiles
+  [ "$old" != "$new" ] && [ -e "$old/home-manager" ] && [ -d "$new" ] || return 0
+  if [ ! -e "$new/home-manager" ]; then
+    echo "moving the home-manager profile from $old to $new"
+    for p in "$old"/home-manager-*; do
+      nix-store --realise "$p" --add-root "$new/${p##*/}" >/dev/null || return 1
+    done
+    cp -P "$old/home-manager" "$new/" || return 1
+  fi
+  rm -f "$old/home-manager" "$old"/home-manager-*
+}
+
 echo $$ >"$dir/pid"  # before the first phase: the deployer tells a live worker from a dead one
+if [ "$class" = home ] && ! migrate_home_profile; then
+  phase failed "could not move the old home-manager profile into $(dirname "$profile")"
+  exit 1
+fi
 previously_running=$(running)
 previous_generation=$(readlink "$profile" 2>/dev/null || true)
 phase running "activating $system ($goal)"
@@ -175,11 +209,16 @@ fi
 
 case $goal in
   switch | boot)
-    [ -n "$deferred" ] || set_profile || { phase failed "could not set $profile to $system"; exit 1; } ;;
+    [ -n "$deferred" ] || self_profiled || set_profile ||
+      { phase failed "could not set $profile to $system"; exit 1; } ;;
 esac
 
 if [ -n "$deferred" ]; then activate "$system" test; else activate "$system" "$goal"; fi
 status=$?
+# What such a generation made of the profile is undone like ours.
+if self_profiled && [ "$(readlink "$profile" 2>/dev/null)" != "$previous_generation" ]; then
+  profile_set=1
+fi
 [ "$goal" = dry-activate ] && { phase succeeded "dry activation (exit $status)"; exit 0; }
 # Taken between our check and the switch: only our profile change is undone.
 if [ $status -eq 11 ] && grep -q "Could not acquire lock" "$dir/log"; then
