@@ -55,7 +55,9 @@ in
 {
   # nix-darwin's darwinConfigurations.<host>.system: a toplevel with `activate` (run as root
   # by darwin-rebuild; it links /run/current-system), `activate-user`, `sw`, `etc`,
-  # `darwin-version` and `systemConfig`.
+  # `darwin-version` and `systemConfig`. Since nix-darwin 25.05 `activate-user` is a stub marked
+  # `# nix-darwin: deprecated`; `legacyActivateUser` makes a generation from before, whose
+  # `activate-user` holds the checks and the user's part, run as the user.
   darwinSystem = host:
     let
       version = host.version or "1";
@@ -72,15 +74,20 @@ in
           out = builtins.placeholder "out";
           name = host.name;
           failActivation = flag (host.failActivation or false);
+          legacy = flag (host.legacyActivateUser or false);
         };
+        activateUser =
+          if host.legacyActivateUser or false then
+            template ./darwin-activate-user.sh { out = builtins.placeholder "out"; }
+          else
+            "#!/bin/sh\n# nix-darwin: deprecated\n";
       } ''
         mkdir -p $out
         ln -s $etc/etc $out/etc
         ln -s $sw $out/sw
         [ -z "$blob" ] || ln -s $blob $out/blob
         printf '%s' "$activate" > $out/activate
-        printf '#!/bin/sh\n# nix-darwin keeps this for older generations; it does nothing now.\n' \
-          > $out/activate-user
+        printf '%s' "$activateUser" > $out/activate-user
         chmod +x $out/activate $out/activate-user
         printf '%s' "${host.name}-$version" > $out/darwin-version
         printf '%s' "$out" > $out/systemConfig
