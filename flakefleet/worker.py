@@ -124,6 +124,7 @@ class Activation:
     running: str  # what links to the system the machine runs (Target.running_link)
     confirm_timeout: float
     state_dir: str  # flakefleet's runtime directory on the machine (Target.state_dir)
+    user: str = "root"  # the SSH user (nix-darwin's legacy activate-user runs as them)
     generation: int | None = None  # switch the profile to this existing generation (rollback)
     sources_undo: str | None = None  # what this run's sync replaced in /var/src (to put back)
 
@@ -142,6 +143,7 @@ class Activation:
             running=target.running_link,
             confirm_timeout=confirm_timeout,
             state_dir=target.state_dir,
+            user=target.user,
             **more,
         )
 
@@ -160,6 +162,7 @@ class Activation:
             "--profile", self.profile,
             "--running", self.running,
             "--confirm-timeout", str(int(self.confirm_timeout)),
+            "--user", self.user,
         ]  # fmt: skip
         if self.generation is not None:
             arguments += ["--generation", str(self.generation)]

@@ -3,8 +3,10 @@
 # its files are described once, in flakefleet/worker.py):
 #
 #   sh activate.sh --dir DIR --class CLASS --goal GOAL --system SYSTEM --profile PROFILE
-#                  --running LINK --confirm-timeout SECONDS [--generation N]
+#                  --running LINK --confirm-timeout SECONDS [--user USER] [--generation N]
 #                  [--sources-undo FILE]
+#
+# USER is the SSH user, as whom a nix-darwin generation's legacy `activate-user` runs.
 #
 # LINK links to what the machine runs (/run/current-system; a home-manager machine runs what
 # its profile selects). FILE is what this deploy's sync replaced in /var/src ("NAME TREE" per
@@ -25,11 +27,12 @@
 set -u
 usage() {
   echo "usage: activate.sh --dir DIR --class CLASS --goal GOAL --system SYSTEM" \
-    "--profile PROFILE --running LINK --confirm-timeout SECONDS [--generation N]" \
+    "--profile PROFILE --running LINK --confirm-timeout SECONDS [--user USER] [--generation N]" \
     "[--sources-undo FILE]" >&2
   exit 2
 }
-dir='' class='' goal='' system='' profile='' running_link='' confirm_timeout='' generation='' sources_undo=''
+dir='' class='' goal='' system='' profile='' running_link='' confirm_timeout='' user=''
+generation='' sources_undo=''
 while [ $# -gt 0 ]; do
   [ $# -ge 2 ] || usage
   case $1 in
@@ -40,6 +43,7 @@ while [ $# -gt 0 ]; do
     --profile) profile=$2 ;;
     --running) running_link=$2 ;;
     --confirm-timeout) confirm_timeout=$2 ;;
+    --user) user=$2 ;;
     --generation) generation=$2 ;;
     --sources-undo) sources_undo=$2 ;;
     *) usage ;;
@@ -68,10 +72,29 @@ running() {
 activate() {  # SYSTEM GOAL
   case $class in
     nixos) "$1/bin/switch-to-configuration" "$2" ;;
-    darwin) HOME=/var/root "$1/activate" ;;  # nix-darwin activates as root
+    darwin) darwin_activate "$1" "$2" ;;
     home) "$1/activate" --driver-version 1 ;;  # as the user, the profile already set
     *) echo "unknown machine class $class"; return 1 ;;
   esac
+}
+
+# nix-darwin as darwin-rebuild does it (pkgs/nix-tools/darwin-rebuild.sh): `activate` as root
+# with HOME=/var/root, after a legacy `activate-user` as the user (a generation from before
+# nix-darwin 25.05: its activate-user is not marked `# nix-darwin: deprecated`). nix-darwin has no
+# dry-activate: as `darwin-rebuild check`, it exports checkActivation=1, with which either
+# script stops after its checks, and runs only activate-user where there is one (before 25.05
+# the checks were there, and `activate` knew no checkActivation).
+darwin_activate() {  # SYSTEM GOAL
+  check=0
+  [ "$2" = dry-activate ] && check=1
+  if [ -x "$1/activate-user" ] && ! grep -q '^# nix-darwin: deprecated$' "$1/activate-user"; then
+    as_user env checkActivation=$check "$1/activate-user" || return
+    [ $check = 0 ] || return 0
+  fi
+  checkActivation=$check HOME=/var/root "$1/activate"
+}
+as_user() {
+  if [ -z "$user" ] || [ "$(id -un)" = "$user" ]; then "$@"; else sudo -u "$user" -H -- "$@"; fi
 }
 
 # switch-to-configuration's own lock (nixpkgs' switch-to-configuration-ng takes it with a
