@@ -5,13 +5,15 @@ directory under flakefleet's state directory (`WorkerDir`). It writes its progre
 `Phase` and a one-line message; the deployer reads them over any connection, and answers by
 creating ``confirm`` (the checks passed, over a new SSH login) or ``abort`` (they failed; its
 content is the reason). Without either within the confirmation timeout, the worker rolls the
-machine back by itself.
+machine back by itself. ``hold`` (over a new SSH login too) starts that timeout again: the
+deployer makes it while the machine's checks cannot begin yet (see `operations.activation`).
 
     deployer                                   worker (on the machine)
     launch ───────────────────────────────────▶ running
                                                  ├─ failed / rolled-back / rollback-failed
                                                  ├─ succeeded            (no confirmation)
                                                  └─ awaiting-confirmation
+    hold (new SSH login) ─────────────────────▶    │  (the timeout starts again)
     confirm (new SSH login) ──────────────────▶    ├─ succeeded
     abort (reason) ───────────────────────────▶    └─ rolled-back / rollback-failed
 """
@@ -81,6 +83,7 @@ class WorkerDir:
     log = _File("log")  # everything the worker and the activation printed
     confirm = _File("confirm")  # made by the deployer: keep the new system
     abort = _File("abort")  # made by the deployer: roll back; holds the reason
+    hold = _File("hold")  # made by the deployer: the confirmation timeout starts again
     pid = _File("pid")  # the worker's process, written before its first phase
 
 
@@ -221,6 +224,9 @@ class Activation:
 
     def confirm_command(self) -> str:
         return f"touch {self.directory.confirm}"
+
+    def hold_command(self) -> str:
+        return f"touch {self.directory.hold}"
 
     def abort_command(self) -> str:
         """Ask the worker to roll back; the reason comes on standard input."""

@@ -18,7 +18,7 @@
 #
 # It sets the profile (switch, boot), activates SYSTEM the way its class does, and then, when
 # the confirmation timeout is > 0, waits that long for DIR/confirm, made by the deployer over a
-# new SSH connection after its checks pass. Without it (the machine became unreachable), or
+# new SSH connection after its checks pass (DIR/hold, made the same way, starts the wait again). Without it (the machine became unreachable), or
 # with DIR/abort (the checks failed), and whenever activation fails, it puts the machine back
 # on what it ran before: profile and activation both, deleting the new generation.
 #
@@ -261,6 +261,9 @@ if [ "$confirm_timeout" -gt 0 ]; then
   ticks=0
   while [ ! -e "$dir/confirm" ] && [ ! -e "$dir/abort" ] && [ $ticks -lt $((confirm_timeout * 10)) ]
   do
+    # DIR/hold, made over a new SSH login while the deployer waits on slower machines before
+    # its checks can begin: the window starts again now.
+    if [ -e "$dir/hold" ]; then rm -f "$dir/hold"; ticks=0; fi
     sleep 0.1
     ticks=$((ticks + 1))
   done
