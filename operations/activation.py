@@ -151,7 +151,9 @@ def _activate(state: Any, host: Any, activation: Activation) -> bool:
 # its window is held open: its timeout starts again (the worker's `hold`) every third of it,
 # and once more when the last activation ends if it waited longer than HOLD_SLACK. Each hold is
 # a new SSH login, as a confirmation is: a machine that no new login reaches (its new system
-# cut it off) is held no longer, and rolls itself back within its window as before.
+# cut it off) is held no longer, and rolls itself back within its window as before. (A window
+# that only starts when the deployer says so would never start, and never roll back, when the
+# deployer dies or the new system cuts it off first: a hold renews a window, it never opens one.)
 HOLD_SLACK = 1.0  # seconds: a machine that waited less needs no last hold (one SSH command)
 
 
