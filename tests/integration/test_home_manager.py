@@ -103,6 +103,10 @@ def test_a_switch_then_a_rollback(fleet, flake):
     assert generations(fleet)["current"] == first
     assert as_user(fleet, "cat ~/.config/fleet/version") == "1"
     assert last_activation(fleet).endswith(f"activated {first} (driver version 1)")
+    # The plan reads the same profile: rolled back from the newest generation.
+    plan = fleet.deploy(flake, deploy_file="deploy/plan.py").report["home1"]["plan"]
+    drift = [line.strip() for line in plan if "drift:" in line]
+    assert "drift: its profile selects generation 1, not the newest (2): rolled back" in drift, plan
 
 
 def test_a_failed_activation_rolls_the_profile_back(fleet, flake):
