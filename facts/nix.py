@@ -12,6 +12,7 @@ import time
 from pyinfra.api import FactBase
 
 from flakefleet.models import BOOTED_SYSTEM, RUNNING_SYSTEM, SYSTEM_PROFILE, Generation
+from flakefleet.target import shell_path
 
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 # What identifies the current boot: Linux's boot id; a Mac has none, so its boot time
@@ -55,6 +56,7 @@ class CurrentSystem(FactBase[str | None]):
 
     def command(self, link: str = RUNNING_SYSTEM) -> str:
         # readlink -f alone prints a link that does not exist as if it did
+        link = shell_path(link)
         return f"if [ -e {link} ]; then readlink -f {link}; fi"
 
     def process(self, output: list[str]) -> str | None:
@@ -95,6 +97,7 @@ class SystemGenerations(FactBase[list[Generation]]):
 
     def command(self, profile: str = SYSTEM_PROFILE) -> str:
         # The link's own time (stat without -L), GNU stat or BSD stat (macOS).
+        profile = shell_path(profile)
         return (
             f'for l in {profile}-*-link; do [ -L "$l" ] || continue; n=${{l%-link}}; '
             'printf "generation %s %s %s\\n" "${n##*-}" '

@@ -94,12 +94,12 @@ ORPHAN_SECONDS = 60
 def state_dir_command(directory: str) -> str:
     """Make flakefleet's state directory on the machine, or print `lock failed: ...` when it
     is not safe: it must belong to the user the deploy runs as and be writable by nobody
-    else (another user could otherwise plant a confirmation). Made under umask 077: `mkdir
-    -m` sets only the last directory's mode, and a login's umask may be 002 (pam_umask's
-    usergroups on Debian and Fedora). `ls -ldn` reads the same on Linux and macOS."""
+    else (another user could otherwise plant a confirmation). `ls -ldn` reads the same on
+    Linux and macOS. Made under umask 077: `mkdir -m` sets only the last directory's mode, and
+    a user's umask may be 002 (Debian's pam_umask, for a user with a group of their own)."""
     quoted = shlex.quote(directory)
     return (
-        f"(umask 077; mkdir -p {quoted}/activation) 2>/dev/null; set -- $(ls -ldn {quoted}); "
+        f"(umask 077 && mkdir -p {quoted}/activation) 2>/dev/null; set -- $(ls -ldn {quoted}); "
         f'case "$1:$3" in d????-??-*:"$(id -u)") ;; *) '
         f"echo 'lock failed: {directory} must belong to '\"$(id -un)\"' and be writable by "
         "nobody else'; exit 0 ;; esac"

@@ -88,9 +88,10 @@ def parse_history(text: str) -> list[Entry]:
 
 
 def deployed(entries: list[Entry], system: str) -> Entry | None:
-    """The newest entry that left `system` running (or set for the next boot)."""
+    """The newest entry that left `system` running (or set for the next boot); a dry
+    activation changed nothing."""
     for entry in reversed(entries):
-        if entry.system == system and entry.outcome == "succeeded":
+        if entry.system == system and entry.outcome == "succeeded" and entry.goal != "dry-activate":
             return entry
     return None
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from flakefleet.models import MachineClass
 from flakefleet.nix import FEATURES
-from flakefleet.target import Target
+from flakefleet.target import Target, shell_path
 
 
 def realise_command(drvs: Sequence[str], target: Target) -> str:
@@ -59,13 +59,13 @@ def prune_command(target: Target, keep: int, profile: str | None = None) -> str:
     the target's own, for tests.)
     """
     profile = profile or target.profile
-    link = shlex.quote(profile)
+    link = shell_path(profile)
     numbers = (
         f'for l in {link}-*-link; do [ -L "$l" ] || continue; n=${{l%-link}}; '
         'echo "${n##*-}"; done | grep -x "[0-9][0-9]*" | sort -rn'
     )
     selected = f"s=$(readlink {link}); s=${{s%-link}}; s=${{s##*-}}"
-    delete = shlex.join([target.nix("nix-env"), "--profile", profile])
+    delete = f"{shlex.quote(target.nix('nix-env'))} --profile {link}"
     # As the NixOS manual says after deleting generations: install the bootloader again, so
     # no boot entry names a generation whose closure the collection below deletes.
     nixos = target.machine_class is MachineClass.NIXOS

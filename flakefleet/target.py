@@ -17,6 +17,7 @@ travels one of three ways, all here:
 from __future__ import annotations
 
 import contextlib
+import re
 import shlex
 import subprocess
 import sys
@@ -47,11 +48,25 @@ KEEPALIVE = [
     "ConnectTimeout=10",
 ]
 
+# Where a home-manager user's profiles are, found on the machine as home-manager's own tool
+# finds them (home-manager/home-manager, setHomeManagerPathVariables): after `nix-env -q`, which
+# makes ~/.local/state/nix/profiles on Nix 2.14 and later (earlier, the daemon makes the per-user
+# directory), in that directory when it exists, else in /nix/var/nix/profiles/per-user/<user>.
+# `nix-env -q` only runs while the first does not exist: once it does, it is the answer. Every
+# command to a home-manager machine sets it (`Target.invocation`), so its paths expand there.
+HOME_PROFILES = "$FLAKEFLEET_PROFILES"
+HOME_PROFILES_COMMAND = (
+    'FLAKEFLEET_PROFILES="${XDG_STATE_HOME:-$HOME/.local/state}/nix/profiles"; '
+    '[ -d "$FLAKEFLEET_PROFILES" ] || { nix-env -q >/dev/null 2>&1; '
+    'o="/nix/var/nix/profiles/per-user/$(id -un)"; '
+    '[ -d "$FLAKEFLEET_PROFILES" ] || [ ! -d "$o" ] || FLAKEFLEET_PROFILES=$o; }'
+)
+
 # The Nix profile holding each class's generations (home-manager's is the SSH user's own).
 PROFILES = {
     MachineClass.NIXOS: SYSTEM_PROFILE,
     MachineClass.DARWIN: SYSTEM_PROFILE,
-    MachineClass.HOME: "/nix/var/nix/profiles/per-user/{user}/home-manager",
+    MachineClass.HOME: f"{HOME_PROFILES}/home-manager",
 }
 
 T = TypeVar("T")
@@ -142,8 +157,8 @@ class Target:
     @property
     def profile(self) -> str:
         """The profile holding the machine's generations: the system's, or a home-manager
-        user's own."""
-        return PROFILES[self.machine_class].format(user=self.user)
+        user's own (a path that expands on the machine: use it through `shell_path`)."""
+        return PROFILES[self.machine_class]
 
     @property
     def running_link(self) -> str:
@@ -213,6 +228,8 @@ class Target:
         `gate`: if sudo would refuse, print `sudo.REFUSED` and its reason instead (the
         preflight's way to learn that it needs a password without failing the connection).
         """
+        if self.machine_class is MachineClass.HOME:
+            script = f"{HOME_PROFILES_COMMAND}; {script}"
         script = sudo.nix_on_path(self.nix_dir, script)
         become = self.become if as_root else sudo.Become.ROOT
         command = sudo.gate(become, script) if gate else sudo.wrap(become, script)
@@ -364,7 +381,9 @@ class Target:
 
 
 def shell_path(path: str) -> str:
-    """A path as one shell word; a leading ``$HOME/`` stays expandable (a user's sources)."""
-    if path.startswith("$HOME/"):
-        return '"$HOME"/' + shlex.quote(path.removeprefix("$HOME/"))
+    """A path as one shell word; a leading variable (``$HOME/``: a user's sources,
+    ``$FLAKEFLEET_PROFILES/``: a home-manager profile) stays expandable."""
+    match = re.match(r"\$([A-Za-z_][A-Za-z0-9_]*)/", path)
+    if match:
+        return f'"${match.group(1)}"/' + shlex.quote(path[match.end() :])
     return shlex.quote(path)

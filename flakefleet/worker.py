@@ -5,13 +5,15 @@ directory under flakefleet's state directory (`WorkerDir`). It writes its progre
 `Phase` and a one-line message; the deployer reads them over any connection, and answers by
 creating ``confirm`` (the checks passed, over a new SSH login) or ``abort`` (they failed; its
 content is the reason). Without either within the confirmation timeout, the worker rolls the
-machine back by itself.
+machine back by itself. ``hold`` (over a new SSH login too) starts that timeout again: the
+deployer makes it while the machine's checks cannot begin yet (see `operations.activation`).
 
     deployer                                   worker (on the machine)
     launch ───────────────────────────────────▶ running
                                                  ├─ failed / rolled-back / rollback-failed
                                                  ├─ succeeded            (no confirmation)
                                                  └─ awaiting-confirmation
+    hold (new SSH login) ─────────────────────▶    │  (the timeout starts again)
     confirm (new SSH login) ──────────────────▶    ├─ succeeded
     abort (reason) ───────────────────────────▶    └─ rolled-back / rollback-failed
 """
@@ -19,7 +21,6 @@ machine back by itself.
 from __future__ import annotations
 
 import contextlib
-import shlex
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from enum import StrEnum
 from typing import Any
 
 from flakefleet.models import Goal, MachineClass
-from flakefleet.target import Target, Unreachable
+from flakefleet.target import Target, Unreachable, shell_path
 
 # How long a launched worker may take to write its PID before it is taken for never started.
 START_SECONDS = 30
@@ -82,6 +83,7 @@ class WorkerDir:
     log = _File("log")  # everything the worker and the activation printed
     confirm = _File("confirm")  # made by the deployer: keep the new system
     abort = _File("abort")  # made by the deployer: roll back; holds the reason
+    hold = _File("hold")  # made by the deployer: the confirmation timeout starts again
     pid = _File("pid")  # the worker's process, written before its first phase
 
 
@@ -125,6 +127,7 @@ class Activation:
     running: str  # what links to the system the machine runs (Target.running_link)
     confirm_timeout: float
     state_dir: str  # flakefleet's runtime directory on the machine (Target.state_dir)
+    user: str = "root"  # the SSH user (nix-darwin's legacy activate-user runs as them)
     generation: int | None = None  # switch the profile to this existing generation (rollback)
     sources_undo: str | None = None  # what this run's sync replaced in /var/src (to put back)
     sources_root: str | None = None  # /var/src: a kept generation remembers its trees there
@@ -147,6 +150,7 @@ class Activation:
             confirm_timeout=confirm_timeout,
             state_dir=target.state_dir,
             record=target.history,
+            user=target.user,
             **more,
         )
 
@@ -165,6 +169,7 @@ class Activation:
             "--profile", self.profile,
             "--running", self.running,
             "--confirm-timeout", str(int(self.confirm_timeout)),
+            "--user", self.user,
         ]  # fmt: skip
         if self.generation is not None:
             arguments += ["--generation", str(self.generation)]
@@ -186,7 +191,7 @@ class Activation:
         that ignores the session's hangup.
         """
         directory = self.directory
-        arguments = shlex.join(self.arguments())
+        arguments = " ".join(map(shell_path, self.arguments()))  # a user's profile expands
         unit = f"flakefleet-activation-{self.id}"
         detach = (
             "detach() { if command -v setsid >/dev/null; then "
@@ -227,6 +232,9 @@ class Activation:
 
     def confirm_command(self) -> str:
         return f"touch {self.directory.confirm}"
+
+    def hold_command(self) -> str:
+        return f"touch {self.directory.hold}"
 
     def abort_command(self) -> str:
         """Ask the worker to roll back; the reason comes on standard input."""
@@ -287,7 +295,7 @@ def systems(target: Target) -> tuple[str, str]:
     raises Unreachable."""
     script = "; ".join(
         f"if [ -e {link} ]; then readlink -f {link}; else echo nothing; fi"
-        for link in (target.running_link, target.profile)
+        for link in map(shell_path, (target.running_link, target.profile))
     )
     running, selected = target.run(script, timeout=30).stdout.split()[:2]
     return running, selected

@@ -10,6 +10,7 @@ confirmation made over a *new* SSH connection once the health checks pass
 
 from __future__ import annotations
 
+import time
 from importlib.resources import files
 from typing import Any
 
@@ -19,7 +20,7 @@ from pyinfra.api import FunctionCommand, operation
 from flakefleet import nix, worker
 from flakefleet.models import Goal, MachineState, sources_undo_file
 from flakefleet.run import Run, fail
-from flakefleet.target import Unreachable
+from flakefleet.target import Target, Unreachable
 from flakefleet.worker import BUSY, Activation, Phase, Unanswered
 from operations.refuse import refuse
 
@@ -136,6 +137,7 @@ def _activate(state: Any, host: Any, activation: Activation) -> bool:
     phase = answer[0]
     if phase is Phase.AWAITING_CONFIRMATION:
         run.pending[host.name] = activation  # changed once confirmed
+        hold(run, host.name, activation)
         return True
     del run.launched[host.name]
     if phase is Unanswered.NOT_STARTED:
@@ -150,6 +152,42 @@ def _activate(state: Any, host: Any, activation: Activation) -> bool:
     if activation.goal is not Goal.DRY_ACTIVATE:
         outcome.changed_by(activation.goal)
     return True
+
+
+# Each machine's confirmation window starts when its own checks can begin. pyinfra runs a step
+# on every machine before the next: the health gate starts once the slowest activation is over,
+# and a machine that activated in a second would wait on one that takes a minute past its
+# `confirm_timeout` and roll back. So while any other machine of the run is still activating,
+# its window is held open: its timeout starts again (the worker's `hold`) every third of it,
+# and once more when the last activation ends if it waited longer than HOLD_SLACK. Each hold is
+# a new SSH login, as a confirmation is: a machine that no new login reaches (its new system
+# cut it off) is held no longer, and rolls itself back within its window as before. (A window
+# that only starts when the deployer says so would never start, and never roll back, when the
+# deployer dies or the new system cuts it off first: a hold renews a window, it never opens one.)
+HOLD_SLACK = 1.0  # seconds: a machine that waited less needs no last hold (one SSH command)
+
+
+def hold(run: Run, name: str, activation: Activation) -> None:
+    """Keep the machine's confirmation window open while other machines still activate; return
+    when none does (its checks can then begin), or when it cannot be reached."""
+    target = run.target(name)
+    every = max(activation.confirm_timeout / 3, 1.0)
+    started = last = time.monotonic()
+    while set(run.launched) - set(run.pending):
+        time.sleep(0.5)
+        if time.monotonic() - last >= every:
+            if not _hold(target, activation):
+                return
+            last = time.monotonic()
+    if time.monotonic() - started > HOLD_SLACK:
+        _hold(target, activation)
+
+
+def _hold(target: Target, activation: Activation) -> bool:
+    try:
+        return target.run(activation.hold_command(), timeout=30).returncode == 0
+    except Unreachable:
+        return False
 
 
 def confirm(run: Run, name: str) -> tuple[bool, str]:

@@ -395,14 +395,19 @@ def status(roster: Path) -> list[MachineStatus]:
         root = _inside(state, machine.name)
         system = None
         if root is not None:
-            # A home-manager machine runs what its user's profile selects.
-            link = (
-                f"nix/var/nix/profiles/per-user/{machine.user}/home-manager"
+            # A home-manager machine runs what its user's profile selects: in its home since
+            # Nix 2.14, else in the per-user directory.
+            links = (
+                [
+                    f"var/lib/{machine.user}/.local/state/nix/profiles/home-manager",
+                    f"nix/var/nix/profiles/per-user/{machine.user}/home-manager",
+                ]
                 if machine.klass == "home"
-                else "run/current-system"
+                else ["run/current-system"]
             )
-            with contextlib.suppress(OSError):
-                system = _store_path_inside(root, "/" + link)
+            for link in links:
+                with contextlib.suppress(OSError):
+                    system = system or _store_path_inside(root, "/" + link)
         result.append(MachineStatus(machine, root is not None, system))
     return result
 

@@ -41,6 +41,9 @@ VERDICTS = "tests/integration/test_verdicts.py"
 INTERRUPTS = "tests/integration/test_interrupts.py"
 DEPLOY = "tests/integration/test_deploy.py"
 SYSTEMD = "tests/integration/test_systemd_machines.py"
+HOME = "tests/integration/test_home_manager.py"
+DARWIN = "tests/integration/test_darwin_activation.py"
+WINDOWS = "tests/integration/test_confirmation_windows.py"
 
 
 @dataclass(frozen=True)
@@ -223,6 +226,34 @@ MUTATIONS = [
         'if [ -n {expected} ] && [ "$i" != {expected} ]; then',
         "if false; then",
         (INTERRUPTS, "-k", "known_host_key"),
+    ),
+    Mutation(
+        "home-manager's activation is called without --driver-version",
+        "operations/scripts/activate.sh",
+        '    home) "$1/activate" --driver-version 1 ;;',
+        '    home) "$1/activate" ;;',
+        (HOME, "-k", "fresh_user"),
+    ),
+    Mutation(
+        "an old per-user home-manager profile is not moved with its generations",
+        "operations/scripts/activate.sh",
+        'if [ "$class" = home ] && ! migrate_home_profile; then',
+        "if false; then",
+        (HOME, "-k", "fresh_user or old_nix"),
+    ),
+    Mutation(
+        "darwin dry-activate activates",
+        "operations/scripts/activate.sh",
+        '  [ "$2" = dry-activate ] && check=1\n',
+        "",
+        (DARWIN, "-k", "changes_nothing"),
+    ),
+    Mutation(
+        "the worker ignores a hold",
+        "operations/scripts/activate.sh",
+        'if [ -e "$dir/hold" ]; then rm -f "$dir/hold"; ticks=0; fi',
+        ":",
+        (WINDOWS, "-k", "fast_machine"),
     ),
 ]
 

@@ -61,16 +61,16 @@ ln -sfn "$system" /run/current-system.new && mv -T /run/current-system.new /run/
 ln -sfn "$system/etc" /etc/static.new && mv -T /etc/static.new /etc/static
 for f in fleet-release motd; do ln -sfn "/etc/static/$f" "/etc/$f"; done
 
-# sshd is part of the system: a generation with breakSsh moves it off its port (fault tests);
-# any other generation puts the testbed's own configuration back.
+# sshd is part of the system: a generation with breakSsh makes it refuse every new login (fault
+# tests; not by moving it to another port, which another fleet on this computer may use); any
+# other generation puts the testbed's own configuration back.
 sshd_config=/etc/ssh/testbed/sshd_config
 if [ -f "$sshd_config" ]; then
   if [ -n "@breakSsh@" ] && [ ! -e "$sshd_config.orig" ]; then
     cp "$sshd_config" "$sshd_config.orig"
-    port=$(sed -n 's/^Port //p' "$sshd_config")
-    sed -i "s/^Port .*/Port $((port + 1000))/" "$sshd_config"
+    echo 'DenyUsers *' >> "$sshd_config"
     kill -HUP "$(cat /run/sshd.pid)"
-    say "sshd moved to port $((port + 1000))"
+    say "sshd refuses new logins"
   elif [ -z "@breakSsh@" ] && [ -e "$sshd_config.orig" ]; then
     mv "$sshd_config.orig" "$sshd_config"
     kill -HUP "$(cat /run/sshd.pid)"

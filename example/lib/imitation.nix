@@ -73,7 +73,9 @@ in
 {
   # nix-darwin's darwinConfigurations.<host>.system: a toplevel with `activate` (run as root
   # by darwin-rebuild; it links /run/current-system), `activate-user`, `sw`, `etc`,
-  # `darwin-version` and `systemConfig`.
+  # `darwin-version` and `systemConfig`. Since nix-darwin 25.05 `activate-user` is a stub marked
+  # `# nix-darwin: deprecated`; `legacyActivateUser` makes a generation from before, whose
+  # `activate-user` holds the checks and the user's part, run as the user.
   darwinSystem = host:
     let
       version = host.version or "1";
@@ -90,15 +92,20 @@ in
           out = builtins.placeholder "out";
           name = host.name;
           failActivation = flag (host.failActivation or false);
+          legacy = flag (host.legacyActivateUser or false);
         };
+        activateUser =
+          if host.legacyActivateUser or false then
+            template ./darwin-activate-user.sh { out = builtins.placeholder "out"; }
+          else
+            "#!/bin/sh\n# nix-darwin: deprecated\n";
       } ''
         mkdir -p $out
         ln -s $etc/etc $out/etc
         ln -s $sw $out/sw
         [ -z "$blob" ] || ln -s $blob $out/blob
         printf '%s' "$activate" > $out/activate
-        printf '#!/bin/sh\n# nix-darwin keeps this for older generations; it does nothing now.\n' \
-          > $out/activate-user
+        printf '%s' "$activateUser" > $out/activate-user
         chmod +x $out/activate $out/activate-user
         printf '%s' "${host.name}-$version" > $out/darwin-version
         printf '%s' "$out" > $out/systemConfig
@@ -107,7 +114,10 @@ in
     { system = toplevel; };
 
   # home-manager's homeConfigurations."<user>@<host>".activationPackage: a
-  # home-manager-generation with `activate` (run as the user), `home-files` and `home-path`.
+  # home-manager-generation with `activate` (run as the user), `home-files`, `home-path` and
+  # `gen-version` (1: its activate leaves the profile to a caller that passes
+  # `--driver-version 1`). `legacyHomeManager` makes one as home-manager made them before 25.11:
+  # no `gen-version`, and an activate that always sets the profile itself.
   homeConfiguration = host:
     let
       version = host.version or "1";
@@ -122,13 +132,16 @@ in
         inherit files;
         home = homePath;
         blob = if host ? blobSize then blob host.blobSize else "";
+        legacy = flag (host.legacyHomeManager or false);
         activate = template ./home-activate.sh {
           out = builtins.placeholder "out";
           user = host.user;
           failActivation = flag (host.failActivation or false);
+          legacy = flag (host.legacyHomeManager or false);
         };
       } ''
         mkdir -p $out
+        [ -n "$legacy" ] || echo 1 > $out/gen-version
         ln -s $files $out/home-files
         ln -s $home $out/home-path
         [ -z "$blob" ] || ln -s $blob $out/blob

@@ -3,8 +3,10 @@
 # its files are described once, in flakefleet/worker.py):
 #
 #   sh activate.sh --dir DIR --class CLASS --goal GOAL --system SYSTEM --profile PROFILE
-#                  --running LINK --confirm-timeout SECONDS [--generation N]
+#                  --running LINK --confirm-timeout SECONDS [--user USER] [--generation N]
 #                  [--sources ROOT] [--sources-undo FILE] [--record FILE --record-base JSON]
+#
+# USER is the SSH user, as whom a nix-darwin generation's legacy `activate-user` runs.
 #
 # LINK links to what the machine runs (/run/current-system; a home-manager machine runs what
 # its profile selects). ROOT is the sources root (/var/src): a generation this worker makes
@@ -23,7 +25,8 @@
 #
 # It sets the profile (switch, boot), activates SYSTEM the way its class does, and then, when
 # the confirmation timeout is > 0, waits that long for DIR/confirm, made by the deployer over a
-# new SSH connection after its checks pass. Without it (the machine became unreachable), or
+# new SSH connection after its checks pass (DIR/hold, made the same way, starts the wait
+# again). Without it (the machine became unreachable), or
 # with DIR/abort (the checks failed), and whenever activation fails, it puts the machine back
 # on what it ran before: profile and activation both, deleting the new generation.
 #
@@ -32,12 +35,12 @@
 set -u
 usage() {
   echo "usage: activate.sh --dir DIR --class CLASS --goal GOAL --system SYSTEM" \
-    "--profile PROFILE --running LINK --confirm-timeout SECONDS [--generation N]" \
-    "[--sources-undo FILE]" >&2
+    "--profile PROFILE --running LINK --confirm-timeout SECONDS [--user USER] [--generation N]" \
+    "[--sources ROOT] [--sources-undo FILE] [--record FILE --record-base JSON]" >&2
   exit 2
 }
-dir='' class='' goal='' system='' profile='' running_link='' confirm_timeout='' generation=''
-sources_root='' sources_undo='' record='' record_base=''
+dir='' class='' goal='' system='' profile='' running_link='' confirm_timeout='' user=''
+generation='' sources_root='' sources_undo='' record='' record_base=''
 while [ $# -gt 0 ]; do
   [ $# -ge 2 ] || usage
   case $1 in
@@ -48,6 +51,7 @@ while [ $# -gt 0 ]; do
     --profile) profile=$2 ;;
     --running) running_link=$2 ;;
     --confirm-timeout) confirm_timeout=$2 ;;
+    --user) user=$2 ;;
     --generation) generation=$2 ;;
     --sources) sources_root=$2 ;;
     --sources-undo) sources_undo=$2 ;;
@@ -132,14 +136,35 @@ running() {
   if [ -e "$running_link" ]; then readlink -f "$running_link"; fi
 }
 
-# Make a system live the way its class does.
+# Make a system live the way its class does. home-manager's as its own tool does it
+# (home-manager/home-manager, doSwitch): the profile set first, then `activate --driver-version
+# 1`, which leaves the profile alone (without it, the activation sets the profile itself).
 activate() {  # SYSTEM GOAL
   case $class in
     nixos) "$1/bin/switch-to-configuration" "$2" ;;
-    darwin) HOME=/var/root "$1/activate" ;;  # nix-darwin activates as root
-    home) "$1/activate" ;;                   # home-manager activates as the user
+    darwin) darwin_activate "$1" "$2" ;;
+    home) "$1/activate" --driver-version 1 ;;  # as the user, the profile already set
     *) echo "unknown machine class $class"; return 1 ;;
   esac
+}
+
+# nix-darwin as darwin-rebuild does it (pkgs/nix-tools/darwin-rebuild.sh): `activate` as root
+# with HOME=/var/root, after a legacy `activate-user` as the user (a generation from before
+# nix-darwin 25.05: its activate-user is not marked `# nix-darwin: deprecated`). nix-darwin has no
+# dry-activate: as `darwin-rebuild check`, it exports checkActivation=1, with which either
+# script stops after its checks, and runs only activate-user where there is one (before 25.05
+# the checks were there, and `activate` knew no checkActivation).
+darwin_activate() {  # SYSTEM GOAL
+  check=0
+  [ "$2" = dry-activate ] && check=1
+  if [ -x "$1/activate-user" ] && ! grep -q '^# nix-darwin: deprecated$' "$1/activate-user"; then
+    as_user env checkActivation=$check "$1/activate-user" || return
+    [ $check = 0 ] || return 0
+  fi
+  checkActivation=$check HOME=/var/root "$1/activate"
+}
+as_user() {
+  if [ -z "$user" ] || [ "$(id -un)" = "$user" ]; then "$@"; else sudo -u "$user" -H -- "$@"; fi
 }
 
 # switch-to-configuration's own lock (nixpkgs' switch-to-configuration-ng takes it with a
@@ -181,13 +206,15 @@ roll_back() {  # REASON [PROFILE_ONLY]
       phase failed "$1; no previous generation to roll back to"
       exit 1
     fi
-    if [ -n "$generation" ]; then
-      number=${previous_generation%-link}
-      nix-env -p "$profile" --switch-generation "${number##*-}"
-    else
-      number=${new_generation%-link}
-      nix-env -p "$profile" --rollback && nix-env -p "$profile" --delete-generations "${number##*-}"
-    fi
+    # Back to the generation selected before (not `--rollback`: after an earlier rollback, the
+    # one below the new generation is not it), then the new one is deleted (unless it was an
+    # existing one: --generation).
+    number=${previous_generation%-link}
+    new_number=${new_generation%-link}
+    nix-env -p "$profile" --switch-generation "${number##*-}" &&
+      if [ -z "$generation" ]; then
+        nix-env -p "$profile" --delete-generations "${new_number##*-}"
+      fi
     if [ $? -ne 0 ]; then
       phase rollback-failed "$1; could not restore $profile to $previous_generation"
       exit 1
@@ -265,7 +292,37 @@ make_boot_default() {
   activate "$system" boot || roll_back "making $system the boot default failed"
 }
 
+# A home-manager generation from before home-manager 25.11 (no gen-version) sets the profile
+# itself whatever it is told: `home-manager switch` only activates it, and so does this.
+self_profiled() {
+  [ "$class" = home ] && [ -z "$generation" ] && [ ! -e "$system/gen-version" ]
+}
+
+# A home-manager profile left where Nix before 2.14 kept it moves into the directory the profile
+# is in now (~/.local/state/nix/profiles), as home-manager's activation moves it
+# (modules/lib-bash/activation-init.sh, migrateProfile), but before the profile is set: the
+# activation would find the new profile already set and only delete the old links, and with
+# them the generations to roll back to.
+migrate_home_profile() {
+  new=$(dirname "$profile")
+  old=/nix/var/nix/profiles/per-user/$(id -un)
+  [ -e "$old/home-manager" ] || old=${XDG_STATE_HOME:-$HOME/.local/state}/home-manager/profiles
+  [ "$old" != "$new" ] && [ -e "$old/home-manager" ] && [ -d "$new" ] || return 0
+  if [ ! -e "$new/home-manager" ]; then
+    echo "moving the home-manager profile from $old to $new"
+    for p in "$old"/home-manager-*; do
+      nix-store --realise "$p" --add-root "$new/${p##*/}" >/dev/null || return 1
+    done
+    cp -P "$old/home-manager" "$new/" || return 1
+  fi
+  rm -f "$old/home-manager" "$old"/home-manager-*
+}
+
 echo $$ >"$dir/pid"  # before the first phase: the deployer tells a live worker from a dead one
+if [ "$class" = home ] && ! migrate_home_profile; then
+  phase failed "could not move the old home-manager profile into $(dirname "$profile")"
+  exit 1
+fi
 previously_running=$(running)
 previous_generation=$(readlink "$profile" 2>/dev/null || true)
 phase running "activating $system ($goal)"
@@ -276,12 +333,17 @@ fi
 
 case $goal in
   switch | boot)
-    [ -n "$deferred" ] || set_profile || { phase failed "could not set $profile to $system"; exit 1; } ;;
+    [ -n "$deferred" ] || self_profiled || set_profile ||
+      { phase failed "could not set $profile to $system"; exit 1; } ;;
 esac
 
 sources_of_generation
 if [ -n "$deferred" ]; then activate "$system" test; else activate "$system" "$goal"; fi
 status=$?
+# What such a generation made of the profile is undone like ours.
+if self_profiled && [ "$(readlink "$profile" 2>/dev/null)" != "$previous_generation" ]; then
+  profile_set=1
+fi
 [ "$goal" = dry-activate ] && { phase succeeded "dry activation (exit $status)"; exit 0; }
 # Taken between our check and the switch: only our profile change is undone.
 if [ $status -eq 11 ] && grep -q "Could not acquire lock" "$dir/log"; then
@@ -301,6 +363,9 @@ if [ "$confirm_timeout" -gt 0 ]; then
   ticks=0
   while [ ! -e "$dir/confirm" ] && [ ! -e "$dir/abort" ] && [ $ticks -lt $((confirm_timeout * 10)) ]
   do
+    # DIR/hold, made over a new SSH login while the deployer waits on slower machines before
+    # its checks can begin: the window starts again now.
+    if [ -e "$dir/hold" ]; then rm -f "$dir/hold"; ticks=0; fi
     sleep 0.1
     ticks=$((ticks + 1))
   done

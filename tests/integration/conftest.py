@@ -229,8 +229,14 @@ def profile_of(fleet: Fleet, name: str) -> tuple[str, str]:
     """The profile holding a machine's generations, and what links to the system it runs."""
     machine = next(m for m in load_fleet(fleet.fleet_file).machines if m.name == name)
     if machine.machine_class == "home":
-        profile = f"/nix/var/nix/profiles/per-user/{machine.user}/home-manager"
-        return profile, profile
+        # Where home-manager's tool finds it: ~/.local/state/nix/profiles (Nix 2.14 and later),
+        # else the per-user directory; a shell word, for scripts run as root.
+        user = machine.user
+        found = (
+            f"$(d=~{user}/.local/state/nix/profiles; "
+            f"[ -d $d ] || d=/nix/var/nix/profiles/per-user/{user}; echo $d)"
+        )
+        return f"{found}/home-manager", f"{found}/home-manager"
     return "/nix/var/nix/profiles/system", "/run/current-system"
 
 

@@ -150,13 +150,13 @@ def test_config_that_breaks_sshd_rolls_itself_back(fleet, flake):
     assert result.returncode != 0
     assert result.status("web2") == "failed"
     assert "rolled back to " + before["current"] in result.report["web2"]["error"]
-    # Reachable on its own port again, on its previous generation, the broken one deleted.
+    # Reachable again, on its previous generation, the broken one deleted.
     assert same_system(remote_state(fleet, "web2"), before)
     set_host(flake, "web2", version="1", breakSsh=None)
 
 
 def test_confirmation_needs_a_new_login_not_the_open_connection(fleet, flake):
-    """breakSsh moves sshd off its port: sessions already open survive, new logins fail.
+    """breakSsh makes sshd refuse new logins: sessions already open survive, new ones fail.
     With on_check_failure=keep the deployer still tries to confirm the new system after its
     smoke checks failed; only a new login may confirm it, so the machine rolls itself back."""
     before = remote_state(fleet, "web2")

@@ -266,7 +266,7 @@ def test_a_deploy_run_from_another_directory_finds_the_repositorys_flake(
 
 
 def test_without_confirmation_a_broken_system_is_said_to_stay(fleet, flake, converged):
-    """Last: web1 is left unreachable (its sshd moved) for the rest of this module."""
+    """Last: web1 is left unreachable (its sshd refuses logins) for the rest of this module."""
     set_host(flake, "web1", version="nossh-unconfirmed", breakSsh=True)
     result = fleet.deploy(flake, "--limit", "web1", "--data", "confirm_timeout=0")
     assert result.status("web1") == "failed", result.output

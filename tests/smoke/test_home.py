@@ -8,10 +8,21 @@ from flakefleet.target import Target
 classes = {"home"}
 
 
+# Where home-manager's own tool finds the profile (home-manager/home-manager,
+# setHomeManagerPathVariables): after `nix-env -q`, ~/.local/state/nix/profiles if it exists
+# (Nix 2.14 and later), else the per-user directory of older Nix.
+PROFILES = (
+    "nix-env -q >/dev/null 2>&1 || true; "
+    'd="${XDG_STATE_HOME:-$HOME/.local/state}/nix/profiles"; '
+    '[ -d "$d" ] || d=/nix/var/nix/profiles/per-user/$(id -un)'
+)
+
+
 @pytest.fixture(scope="module")
-def generation(host):
-    user = host.check_output("id -un")
-    return host.check_output(f"readlink -f /nix/var/nix/profiles/per-user/{user}/home-manager")
+def generation(host, machine):
+    nix = Target.from_data(machine["name"], machine).nix("nix-env").removesuffix("nix-env")
+    path = f'PATH="{nix}:$PATH"; ' if nix else ""
+    return host.check_output(f'{path}{PROFILES}; readlink -f "$d/home-manager"')
 
 
 def test_profile_selects_the_expected_generation(generation, expected_system):

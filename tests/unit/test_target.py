@@ -58,7 +58,7 @@ def test_store_urls():
 
 def test_profiles_and_state_directories():
     home = Target.from_data("home1", {"ssh_user": "deploy", "machine_class": "home"})
-    assert home.profile == "/nix/var/nix/profiles/per-user/deploy/home-manager"
+    assert home.profile == "$FLAKEFLEET_PROFILES/home-manager"  # found on the machine
     assert home.running_link == home.profile  # a home-manager machine runs what it selects
     assert home.state_dir == "/tmp/flakefleet-deploy"
     mac1 = Target.from_data("mac1", {"ssh_user": "deploy", "machine_class": "darwin"})
@@ -76,3 +76,25 @@ def test_remote_paths_are_quoted_for_the_remote_shell():
             env={"HOME": "/home/x"}, capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
         assert echoed == seen
+
+
+def test_a_home_manager_profile_is_found_as_home_managers_tool_finds_it(tmp_path):
+    """~/.local/state/nix/profiles when it exists, or once `nix-env -q` made it (Nix 2.14 and
+    later); `nix-env -q` is not run when it exists already. (The per-user fallback needs the
+    real /nix: the Nix 2.8 test machine holds it, tests/integration/test_home_manager.py.)"""
+    home = Target.from_data("home1", {"ssh_user": "deploy", "machine_class": "home"})
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    nix_env = bin_dir / "nix-env"  # as Nix 2.14 and later: makes the user's profiles directory
+    nix_env.write_text(
+        '#!/bin/sh\necho ran >> "$HOME/ran"; mkdir -p "$HOME/.local/state/nix/profiles"\n'
+    )
+    nix_env.chmod(0o755)
+    script = home.invocation(f"printf %s {shell_path(home.profile)}").command
+    env = {"HOME": str(tmp_path), "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    for _ in range(2):
+        found = subprocess.run(
+            ["sh", "-c", script], env=env, capture_output=True, text=True, check=True
+        ).stdout
+        assert found == f"{tmp_path}/.local/state/nix/profiles/home-manager"
+    assert (tmp_path / "ran").read_text() == "ran\n"  # once: the second found the directory
