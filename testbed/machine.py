@@ -74,6 +74,18 @@ SSHD_STOP_TIMEOUT = 2.0
 # reboot_command): every process dies, /run and /tmp start empty, and the system boots again.
 INIT_SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
 KERNEL_BOOT_ID = "/proc/sys/kernel/random/boot_id"
+KERNEL_RANDOM = "/proc/sys/kernel/random"  # hidden on a darwin machine: a Mac has no boot id
+MAC_BOOT_TIME = "/run/testbed-boottime"
+DARWIN_PROFILE = "/nix/var/nix/profiles/system"
+MAC_SYSCTL = "/run/testbed-sysctl"
+# A Mac's `sysctl` for what flakefleet asks of it (`-n kern.boottime`, as macOS prints it).
+MAC_SYSCTL_SCRIPT = f"""#!/bin/sh
+case "$*" in
+  "-n kern.boottime") cat {MAC_BOOT_TIME} ;;
+  "kern.boottime") printf 'kern.boottime: '; cat {MAC_BOOT_TIME} ;;
+  *) echo "sysctl: unknown oid '$*'" >&2; exit 1 ;;
+esac
+"""
 MNT_DETACH = 2
 
 MS_RDONLY = 0x1
@@ -250,14 +262,28 @@ def seal_shared_mounts(private: list[str]) -> None:
 # -- boot --------------------------------------------------------------------------------------
 
 
-def set_identity(name: str) -> str:
-    """Hostname, a fresh boot id and the directories sshd needs; returns the boot id."""
+def set_identity(name: str, mac: bool = False) -> str:
+    """Hostname, a fresh boot id and the directories sshd needs; returns the boot id.
+
+    A Mac (`mac`) has no boot id: its boot identity is its boot time, `sysctl -n
+    kern.boottime`. Its /proc/sys/kernel/random is hidden, and its `sysctl` answers
+    kern.boottime from this boot's time, in macOS's words.
+    """
     socket.sethostname(name)
     boot_id = str(uuid.uuid4())
     Path(BOOT_ID_FILE).write_text(boot_id + "\n")
-    # The kernel's boot id is shared by every machine: show this machine's own in its place,
-    # so tools read boot ids where they always do.
-    mount(BOOT_ID_FILE, KERNEL_BOOT_ID, None, MS_BIND)
+    if mac:
+        mount("tmpfs", KERNEL_RANDOM, "tmpfs", MS_NOSUID | MS_NODEV, "mode=555")
+        now = time.time()
+        boot_time = f"{{ sec = {int(now)}, usec = {int(now % 1 * 1e6)} }} {time.ctime(now)}"
+        Path(MAC_BOOT_TIME).write_text(boot_time + "\n")
+        Path(MAC_SYSCTL).write_text(MAC_SYSCTL_SCRIPT)
+        os.chmod(MAC_SYSCTL, 0o755)
+        mount(MAC_SYSCTL, "/usr/sbin/sysctl", None, MS_BIND)
+    else:
+        # The kernel's boot id is shared by every machine: show this machine's own in its
+        # place, so tools read boot ids where they always do.
+        mount(BOOT_ID_FILE, KERNEL_BOOT_ID, None, MS_BIND)
     for directory, mode in (("/run/sshd", 0o755), ("/run/lock", 0o1777)):
         os.mkdir(directory)
         os.chmod(directory, mode)
@@ -280,7 +306,11 @@ def ensure_deploy_user(password_hash: str | None) -> None:
 
 
 def boot_system() -> None:
-    """Stage 2: activate the system the bootloader selected, if there is one."""
+    """Stage 2: activate the system the bootloader selected, if there is one. A Mac has no
+    bootloader entry: nix-darwin's activate-system daemon links what its profile selects."""
+    if os.path.ismount(KERNEL_RANDOM):  # a darwin machine (see set_identity)
+        link_darwin_system()
+        return
     selected = Path(BOOTLOADER_DEFAULT)
     if not selected.is_symlink() and not selected.exists():
         log("no system selected by the bootloader yet")
@@ -313,6 +343,18 @@ def stop(sshd: int | None) -> None:
         time.sleep(0.01)
 
 
+def link_darwin_system() -> None:
+    """As nix-darwin's activate-system launchd daemon does at every boot (RunAtLoad, in
+    modules/services/activate-system): /run/current-system becomes the profile's systemConfig
+    (macOS empties /run at boot). Its checks and /etc links are the system's own business."""
+    config = Path(DARWIN_PROFILE) / "systemConfig"
+    if not config.exists():
+        log("no nix-darwin system in the profile yet")
+        return
+    os.symlink(config.read_text().strip(), "/run/current-system")
+    log(f"linked /run/current-system to {config.read_text().strip()}")
+
+
 def start_services(nix_bin: str) -> int:
     """What a boot starts after the mounts: nix-daemon, the selected system, then sshd."""
     spawn([f"{nix_bin}/nix-daemon"], output="/var/log/nix-daemon.log", new_session=True)
@@ -331,11 +373,13 @@ def reboot_in_place(name: str, nix_bin: str, sshd: int | None) -> int:
             os.wait()
         except ChildProcessError:
             break
-    for target in (KERNEL_BOOT_ID, "/run", "/tmp"):
+    mac = os.path.ismount(KERNEL_RANDOM)
+    for target in (KERNEL_RANDOM if mac else KERNEL_BOOT_ID, *(["/usr/sbin/sysctl"] if mac else []),
+                   "/run", "/tmp"):  # fmt: skip
         umount(target)
     mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-    log(f"{name} booting, boot id {set_identity(name)}")
+    log(f"{name} booting, boot id {set_identity(name, mac)}")
     return start_services(nix_bin)
 
 
@@ -389,7 +433,7 @@ def main(argv: list[str]) -> int:
     except (MachineError, OSError) as error:
         print(f"testbed.machine: refusing to boot {name}: {error}", file=sys.stderr)
         return 1
-    boot_id = set_identity(name)
+    boot_id = set_identity(name, mac=nix_off_path)
     log(f"{name} booting, boot id {boot_id}")
     ensure_deploy_user(password_hash)
     return supervise(name, nix_bin, start_services(nix_bin))

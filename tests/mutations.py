@@ -41,6 +41,7 @@ VERDICTS = "tests/integration/test_verdicts.py"
 INTERRUPTS = "tests/integration/test_interrupts.py"
 DEPLOY = "tests/integration/test_deploy.py"
 SYSTEMD = "tests/integration/test_systemd_machines.py"
+UPSTREAM = "tests/integration/test_upstream.py"
 HOME = "tests/integration/test_home_manager.py"
 DARWIN = "tests/integration/test_darwin_activation.py"
 WINDOWS = "tests/integration/test_confirmation_windows.py"
@@ -392,7 +393,14 @@ def main() -> int:
         run_baseline(arguments.rev, {m.tests for m in mutations})
     if arguments.tests:
         mutations = [replace(m, tests=tuple(shlex.split(arguments.tests))) for m in mutations]
-    rows = []
+    rows = [    Mutation(
+        "a Mac's boot identity read the Linux way only",
+        "facts/nix.py",
+        "2>/dev/null || sysctl -n kern.boottime | ",
+        "2>/dev/null || echo no-boot-id | ",
+        (UPSTREAM, "-k", "converge_first or mac_is_seen"),
+    ),
+]
     for mutation in mutations:
         outcome = run_mutation(mutation, arguments.rev, arguments.full)
         rows.append((mutation, outcome))
