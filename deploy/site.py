@@ -9,13 +9,17 @@ changes nothing.
 
 from pyinfra import host, state
 
+from flakefleet.keys import Upload
 from flakefleet.run import Run
-from operations import activation, closure, generations, preflight, reboot, sources, verify
+from operations import activation, closure, generations, keys, preflight, reboot, sources, verify
 
 run = Run.of(state)  # what this run knows; closed once at exit (locks, servers, summary)
 run.check_settings()  # every selected machine's settings, before any machine is contacted
 settings = run.settings(host.name)
 goal = settings.goal
+# Secrets, decrypted on the controller; the first call reads every selected machine's, so a
+# bad one stops the run before any machine is contacted.
+secrets = keys.declared()
 
 # The deploy lock, systems, generations and /var/src: one round trip; none for a machine
 # whose class has no such goal (nix-darwin and home-manager machines only switch).
@@ -30,6 +34,13 @@ if target is not None:
     )
     closure.build(name="Build the system", system=target, machine=machine)
     closure.copy(name="Copy the closure", system=target, machine=machine)
+    if goal.sets_profile or goal.runs_new_system:  # the keys the new system will read
+        keys.upload(
+            name="Upload keys (pre-activation)",
+            wanted=secrets,
+            on_machine=machine.keys,
+            stage=Upload.PRE_ACTIVATION,
+        )
     activation.activate(
         name=f"Activate ({goal})",
         system=target,
@@ -37,7 +48,13 @@ if target is not None:
         goal=goal,
         confirm_timeout=settings.confirm_timeout,
     )
-    if goal.runs_new_system:  # the new system runs: check it, then confirm or roll back
+    if goal.runs_new_system:  # the new system runs: keys for its users, checks, confirm
+        keys.upload(
+            name="Upload keys (post-activation)",
+            wanted=secrets,
+            on_machine=machine.keys,
+            stage=Upload.POST_ACTIVATION,
+        )
         verify.health_gate(name="Health checks", on_failure=settings.on_check_failure)
     reboot.reboot(
         name="Reboot if needed",
@@ -47,6 +64,7 @@ if target is not None:
         timeout=settings.reboot_timeout,
         command=settings.reboot_command,
     )
+    keys.restore(name="Upload keys again after a reboot", wanted=secrets)
     generations.prune(
         name="Prune old generations",
         system=target,

@@ -6,6 +6,7 @@ from typing import Any
 
 from pyinfra.api import FactBase
 
+from facts.keys import Keys
 from facts.nix import (
     BootedSystem,
     CurrentSystem,
@@ -28,6 +29,7 @@ PARTS: dict[str, type[FactBase[Any]]] = {
     "generations": SystemGenerations,
     "nix_version": NixVersion,
     "var_src": Sources,
+    "keys": Keys,
 }
 
 
@@ -52,6 +54,7 @@ class MachineSnapshot(RemoteFact[MachineState]):
             "generations": SystemGenerations().command(profile),
             "nix_version": NixVersion().command(),
             "var_src": Sources().command(),
+            "keys": Keys().command(),
         }
         return "; ".join(f"echo '{SECTION}{name}'; {{ {commands[name]}; }}" for name in PARTS)
 

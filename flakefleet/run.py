@@ -2,7 +2,7 @@
 
 pyinfra runs a deploy file once per machine (each in its own greenlet) and operations' commands
 later; all of them find the same `Run` with `Run.of(state)`. It holds how each machine is
-reached (`Target`) and its checked settings, the run's builds, sources and sudo passwords,
+reached (`Target`) and its checked settings, the run's builds, sources, keys and sudo passwords,
 the locks it holds, the activations waiting for confirmation, the smoke-check verdicts, the
 cache servers it started, every machine's outcome, and whether the rollout stopped. When the
 process exits it is closed once: servers stopped, locks released, summary printed.
@@ -32,6 +32,7 @@ from flakefleet.target import Target, Unreachable
 from flakefleet.worker import Activation, Phase
 
 if TYPE_CHECKING:
+    from flakefleet.keys import KeysInvalid, RunKeys
     from flakefleet.sources import RunSources, SourcesInvalid
 
 ATTRIBUTE = "flakefleet_run"  # where a State keeps its Run
@@ -64,6 +65,7 @@ class Run:
         self.stopped: list[str] = []  # why the rollout stopped (on_check_failure = stop)
         self.verdicts: dict[tuple[str, str], Any] = {}  # (health gate, machine) -> Verdict
         self.sources: RunSources | SourcesInvalid | None = None  # checked at the first use
+        self.keys: RunKeys | KeysInvalid | None = None  # checked and read at the first use
         self.build_slots = threading.BoundedSemaphore(os.cpu_count() or 2)  # local builds
         self.lock = threading.RLock()
         self._settings: dict[str, MachineSettings] = {}

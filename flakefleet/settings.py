@@ -140,9 +140,10 @@ SETTINGS: dict[str, Check] = {
     "sources_force": _boolean,
     "sources_resync": _boolean,
     "sources_rsync_options": _text_list,
+    "age_identity": _text(optional=True),
 }
-# Settings whose checks need the fleet (build_on, cache) or are their own (sources).
-OTHER_NAMES = {"build_on", "cache", "sources", REPOSITORY_KEY}
+# Settings whose checks need the fleet (build_on, cache) or are their own (sources, keys).
+OTHER_NAMES = {"build_on", "cache", "sources", "keys", REPOSITORY_KEY}
 
 
 Layers = list[tuple[str, Mapping[str, Any]]]
@@ -249,6 +250,7 @@ class MachineSettings:
     sources_force: bool = False
     sources_resync: bool = False
     sources_rsync_options: tuple[str, ...] = ()
+    age_identity: str | None = None  # the operator's age identity file, for `keys`
 
     @classmethod
     def from_data(

@@ -90,3 +90,17 @@ flake = "example"
 # sources_resync = False
 # Extra rsync options for the sources' transfers, e.g. ["--compress", "--bwlimit=5000"].
 # sources_rsync_options = []
+
+# Keys: secrets uploaded out of band (never through a Nix store), colmena's deployment.keys:
+# name -> key, e.g.
+#   keys = {
+#       "db-password": {"age_file": "secrets/db-password.age", "owner": "postgres"},
+#       "api-token": {"command": "pass show fleet/api-token", "mode": "0440", "group": "web"},
+#   }
+# Fields: age_file or command (the content), destination (/run/keys/<name>), owner (root),
+# group (root; wheel on darwin), mode ("0400"), upload ("pre-activation" or "post-activation").
+# Merged by name like sources; README.md "Keys" says more.
+# keys = {}
+# The operator's age identity file that decrypts the keys' age files (relative to the
+# repository; ~ is the home directory).
+# age_identity = None

@@ -145,6 +145,8 @@ in
         failActivation = flag (host.failActivation or false);
         breakSsh = flag (host.breakSsh or false);
         activationDelay = toString (host.activationDelay or "");
+        # users.users: accounts the activation creates (NixOS's update-users-groups.pl).
+        users = builtins.concatStringsSep " " (host.users or [ ]);
       };
       toplevel = shell "nixos-system-${host.name}-${version}" ({
         inherit etc sw version;

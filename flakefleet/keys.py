@@ -1,0 +1,482 @@
+"""Keys: secrets uploaded to machines out of band, never through a Nix store (colmena's
+`deployment.keys`).
+
+A machine's keys come from pyinfra data, key ``keys``, a mapping of names to keys::
+
+    keys = {
+        "db-password": {"age_file": "secrets/db-password.age", "owner": "postgres"},
+        "api-token": {"command": "pass show fleet/api-token", "mode": "0440", "group": "web"},
+        "wg-private": {"age_file": "secrets/{machine}/wg.age",
+                       "destination": "/var/lib/wireguard/private", "upload": "post-activation"},
+    }
+
+The layers merge as `sources` do (``group_data/all.py``, the machine's groups, the fleet file,
+``--data``): field by field into the same name, except that a layer giving a content field
+(`age_file` or `command`) replaces the other one; ``None`` removes a key. ``{machine}`` in any
+string is the machine's name.
+
+Every selected machine's keys are read on the controller before any machine is contacted: an
+age file is decrypted with the operator's identity (setting `age_identity`), a command run.
+The plaintext stays in this process's memory: it goes to `age` or comes from it over pipes,
+and to the machine on the standard input of the upload command (see `upload_script`).
+
+Whether a key on a machine is the one declared is decided from a keyed digest (HMAC-SHA256
+with a key only the controller has, `.flakefleet/keys/digest.key`) of its content, destination,
+owner, group and mode, which the machine keeps in its manifest (`MANIFEST`) and the preflight
+reads: a low-entropy secret cannot be guessed back from it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import shlex
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from flakefleet.models import KeyOnMachine
+from flakefleet.sources.model import NAME_PATTERN, STATE_DIR
+
+DEFAULT_DIRECTORY = "/run/keys"
+DEFAULT_MODE = 0o400
+# Where a machine keeps, per key, the digest and destination of what was uploaded (root only).
+MANIFEST = "/var/lib/flakefleet/keys"
+DIGEST_KEY = f"{STATE_DIR}/keys/digest.key"
+CONTENT_FIELDS = ("age_file", "command")
+FIELDS = (*CONTENT_FIELDS, "destination", "owner", "group", "mode", "upload")
+# The line the upload command prints when a key cannot be written, before anything changes.
+REFUSED = "@@flakefleet-key "
+# A user or group name chown accepts (what useradd allows, with a leading digit for ids).
+ACCOUNT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?\Z")
+
+
+class Upload(StrEnum):
+    """When a key is uploaded: before the new system is activated, or after (for an owner the
+    new system creates)."""
+
+    PRE_ACTIVATION = "pre-activation"
+    POST_ACTIVATION = "post-activation"
+
+
+class KeyProblem(ValueError):
+    """A key that cannot be deployed; the message is one line naming machine, key, where it
+    was declared and the field."""
+
+    def __init__(
+        self, machine: str, name: str | None, origin: str, problem: str, field_name: str | None
+    ) -> None:
+        self.machine = machine
+        where = f"{origin}, field {field_name!r}" if field_name else origin
+        what = f"key {name!r}" if name is not None else "keys"
+        self.detail = f"{what} ({where}): {problem}"
+        super().__init__(f"{machine}: {self.detail}")
+
+
+class KeysInvalid(ValueError):
+    """Bad keys on one or more machines; `lines` has one line per problem."""
+
+    def __init__(self, errors: Sequence[KeyProblem]) -> None:
+        self.errors = list(errors)
+        machines: dict[str, list[str]] = {}
+        for error in errors:
+            machines.setdefault(error.detail, []).append(error.machine)
+        self.lines = sorted(f"{', '.join(sorted(names))}: {d}" for d, names in machines.items())
+        super().__init__("; ".join(self.lines))
+
+
+@dataclass(frozen=True)
+class Key:
+    """One machine's key, checked, with its content read."""
+
+    name: str
+    destination: str
+    owner: str
+    group: str
+    mode: int
+    upload: Upload
+    origin: str
+    content: bytes = field(repr=False)
+    digest: str = ""  # keyed: see `digest`
+
+    @property
+    def permissions(self) -> str:
+        """The mode as `ls -l` shows it, e.g. ``-r--------``."""
+        bits = "".join(
+            letter if self.mode & (1 << (8 - index)) else "-"
+            for index, letter in enumerate("rwxrwxrwx")
+        )
+        return "-" + bits
+
+
+@dataclass(frozen=True)
+class Declared:
+    spec: dict[str, Any]
+    origins: dict[str, str]
+
+    def origin(self, field_name: str | None = None) -> str:
+        return self.origins.get(field_name or "*", self.origins.get("*", "?"))
+
+
+def merge(machine: str, found: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Declared]:
+    """Merge the layers' `keys` mappings, lowest first (see the module docstring)."""
+    merged: dict[str, Declared] = {}
+    for label, data in found:
+        declared = data.get("keys")
+        if declared is None:
+            continue
+        if not isinstance(declared, Mapping):
+            raise KeyProblem(machine, None, label, "expected a mapping of names to keys", None)
+        for name, spec in declared.items():
+            if spec is None:
+                merged.pop(name, None)
+                continue
+            if not isinstance(spec, Mapping):
+                raise KeyProblem(machine, str(name), label, "expected a mapping of fields", None)
+            earlier = merged.setdefault(name, Declared({}, {}))
+            if any(key in spec for key in CONTENT_FIELDS):  # another content replaces it
+                for key in CONTENT_FIELDS:
+                    earlier.spec.pop(key, None)
+            earlier.spec.update(spec)
+            earlier.origins.update({key: label for key in spec} | {"*": label})
+    return merged
+
+
+def parse(
+    machine: str, name: Any, declared: Declared, *, root_group: str = "root"
+) -> tuple[dict[str, Any], str]:
+    """Check one merged declaration; its fields (with `{machine}` filled in and defaults) and
+    which content field it has. Raises KeyProblem naming the field."""
+
+    def fail(key: str | None, problem: str) -> None:
+        raise KeyProblem(machine, str(name), declared.origin(key), problem, key)
+
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+        fail(None, f"{name!r} is not a plain file name (letters, digits, '.', '_', '+', '-')")
+    spec = {
+        key: value.replace("{machine}", machine) if isinstance(value, str) else value
+        for key, value in declared.spec.items()
+    }
+    for key in spec:
+        if key not in FIELDS:
+            fail(key, f"unknown field {key!r} (expected one of: {', '.join(FIELDS)})")
+    given = [key for key in CONTENT_FIELDS if key in spec]
+    if len(given) != 1:
+        fail(None, f"give exactly one of {', '.join(CONTENT_FIELDS)}")
+    content = given[0]
+    if not isinstance(spec[content], str) or not spec[content].strip():
+        fail(content, f"expected a string, not {spec[content]!r}")
+    destination = spec.setdefault("destination", f"{DEFAULT_DIRECTORY}/{name}")
+    if (
+        not isinstance(destination, str)
+        or not destination.startswith("/")
+        or destination.endswith("/")
+        or "/../" in destination + "/"
+        or "\n" in destination
+    ):
+        fail("destination", f"expected an absolute file path, not {destination!r}")
+    for key, default in (("owner", "root"), ("group", root_group)):
+        value = spec.setdefault(key, default)
+        if not isinstance(value, str) or not ACCOUNT.match(value):
+            fail(key, f"expected a user or group name, not {value!r}")
+    mode = spec.get("mode", f"{DEFAULT_MODE:04o}")
+    if not (isinstance(mode, str) and re.fullmatch(r"0?[0-7]{3}", mode)):
+        fail("mode", f"expected a file mode such as '0400', not {mode!r}")
+    spec["mode"] = int(mode, 8)
+    upload = spec.setdefault("upload", Upload.PRE_ACTIVATION)
+    if upload not in tuple(Upload):
+        fail("upload", f"expected one of {', '.join(Upload)}, not {upload!r}")
+    spec["upload"] = Upload(upload)
+    return spec, content
+
+
+# -- content, on the controller ------------------------------------------------------------------
+
+
+class ContentError(RuntimeError):
+    """A key's content could not be had; the message says why without any of the content."""
+
+
+def decrypt(path: Path, identity: Path) -> bytes:
+    """An age file's plaintext, decrypted by `age` with the identity file; only over pipes.
+
+    age authenticates every chunk: a tampered, truncated or wrongly-encrypted file fails here.
+    """
+    if not path.is_file():
+        raise ContentError(f"{path} does not exist")
+    completed = subprocess.run(  # the one secret-bearing local command: bytes, not text
+        ["age", "--decrypt", "--identity", str(identity), str(path)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        check=False,
+    )
+    if completed.returncode != 0:
+        reason = completed.stderr.decode(errors="replace").strip().splitlines()
+        raise ContentError(f"{path}: cannot decrypt: {reason[-1] if reason else 'age failed'}")
+    return completed.stdout
+
+
+def command_output(command: str, machine: str, root: Path) -> bytes:
+    """A local command's standard output (run in the repository, `FLAKEFLEET_MACHINE` set).
+
+    Only its exit status is reported on failure: what it printed may be (part of) the secret.
+    """
+    completed = subprocess.run(
+        ["sh", "-c", command],
+        cwd=root,
+        env={**os.environ, "FLAKEFLEET_MACHINE": machine},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise ContentError(f"command exited {completed.returncode}")
+    return completed.stdout
+
+
+def digest_key(root: Path) -> bytes:
+    """The controller's key for the keys' digests, made on first use (git-ignored).
+
+    Another controller (another operator's checkout) has its own: its first deploy uploads
+    every key once more, and then finds them in place.
+    """
+    path = root / DIGEST_KEY
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_bytes()
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(os.urandom(32))
+    return path.read_bytes()
+
+
+def digest(secret: bytes, key: Key) -> str:
+    """What the machine keeps of a key: an HMAC of its content and where and how it lies."""
+    where = json.dumps([key.name, key.destination, key.owner, key.group, key.mode])
+    return hmac.new(secret, where.encode() + b"\0" + key.content, hashlib.sha256).hexdigest()
+
+
+# -- on the machine ------------------------------------------------------------------------------
+
+
+def manifest_script(manifest: str = MANIFEST) -> str:
+    """What the preflight reads: one line per key the machine's manifest lists,
+    ``<name> <digest> <permissions> <owner> <group> <destination>`` (``- - -`` when the file
+    is missing)."""
+    return (
+        f'm={shlex.quote(manifest)}; for f in "$m"/*; do [ -f "$f" ] || continue; '
+        'read -r d p < "$f"; '
+        'if [ -f "$p" ] && [ ! -L "$p" ]; then l=$(ls -ld -- "$p"); '
+        '(set -f; set -- $l; echo "${f##*/} $d $1 $3 $4 $p"); '
+        'else echo "${f##*/} $d - - - $p"; fi; done; true'
+    )
+
+
+def parse_manifest(lines: Sequence[str]) -> dict[str, KeyOnMachine]:
+    found = {}
+    for line in lines:
+        parts = line.rstrip("\n").split(" ", 5)
+        if len(parts) != 6 or not NAME_PATTERN.match(parts[0]):
+            continue
+        name, key_digest, permissions, owner, group, destination = parts
+        missing = permissions == "-"
+        found[name] = KeyOnMachine(
+            digest=key_digest,
+            destination=destination,
+            permissions="" if missing else permissions[:10],  # `.`, `+`, `@`: ACLs, xattrs
+            owner="" if missing else owner,
+            group="" if missing else group,
+        )
+    return found
+
+
+def in_place(key: Key, there: KeyOnMachine | None) -> bool:
+    """Whether the machine holds the key as declared (same digest, file there as it should)."""
+    return (
+        there is not None
+        and there.digest == key.digest
+        and there.destination == key.destination
+        and (there.permissions, there.owner, there.group) == (key.permissions, key.owner, key.group)
+    )
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What one upload command does: keys to write (with the destination each replaces, if it
+    moved), keys to remove (name and destination)."""
+
+    write: tuple[tuple[Key, str | None], ...] = ()
+    remove: tuple[tuple[str, str], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.write or self.remove)
+
+
+def changes_for(
+    keys: Sequence[Key],
+    on_machine: Mapping[str, KeyOnMachine],
+    stage: Upload | None,
+    declared: Sequence[str],
+    *,
+    again: bool = False,
+) -> Changes:
+    """The keys of `stage` (every stage when None) not in place (all of them with `again`),
+    and, in the pre-activation stage, the keys the manifest lists that are no longer declared."""
+    write = []
+    for key in keys:
+        if stage is not None and key.upload is not stage:
+            continue
+        there = on_machine.get(key.name)
+        if again or not in_place(key, there):
+            moved = there.destination if there and there.destination != key.destination else None
+            write.append((key, moved))
+    remove: list[tuple[str, str]] = []
+    if stage in (Upload.PRE_ACTIVATION, None):
+        remove = sorted(
+            (name, there.destination) for name, there in on_machine.items() if name not in declared
+        )
+    return Changes(tuple(write), tuple(remove))
+
+
+def upload_script(changes: Changes, manifest: str = MANIFEST) -> str:
+    """The one command (as root) that writes a stage's keys and removes undeclared ones.
+
+    Its standard input holds each key's content, base64 on one line, in order. First every
+    key's temporary file is made beside its destination, empty, with its final owner, group
+    and mode; if an owner or group does not exist, the command prints `REFUSED` and the reason,
+    removes them and exits before anything changed. Then each is filled from its line (by
+    `base64`, from a pipe: the content is never in a command line) and renamed into place.
+    """
+    lines = [
+        "set -u",
+        f"m={shlex.quote(manifest)}",
+        "made=''",
+        'clean() { for t in $made; do rm -f -- "$t"; done; }',
+        f"refuse() {{ printf '%s%s\\n' {shlex.quote(REFUSED)} \"$1\"; clean; exit 3; }}",
+        "prepare() {  # name destination owner group mode",
+        '  d=${2%/*}; [ -n "$d" ] || d=/',
+        '  (umask 022; mkdir -p -- "$d") || refuse "key $1: cannot create $d"',
+        '  t="$d/.${2##*/}.flakefleet-tmp"; rm -f -- "$t"',
+        '  (set -C; umask 777; : > "$t") || refuse "key $1: cannot create a file in $d"',
+        '  made="$made $t"',
+        '  if ! chown -- "$3:$4" "$t" 2>/dev/null; then',
+        '    id -u -- "$3" >/dev/null 2>&1 || refuse "key $1: its owner $3 does not exist (yet)"',
+        '    refuse "key $1: its group $4 does not exist (yet)"',
+        "  fi",
+        '  chmod "$5" "$t"',
+        "}",
+        "fill() {  # name destination digest [old destination]",
+        '  t="${2%/*}/.${2##*/}.flakefleet-tmp"',
+        '  IFS= read -r line || refuse "key $1: its content did not arrive"',
+        '  printf \'%s\\n\' "$line" | base64 --decode > "$t" || refuse "key $1: cannot write it"',
+        '  mv -f -- "$t" "$2"',
+        '  [ -z "${4:-}" ] || rm -f -- "$4"',
+        '  printf \'%s %s\\n\' "$3" "$2" > "$m/.$1" && mv -f -- "$m/.$1" "$m/$1"',
+        "}",
+        '(umask 077; mkdir -p -- "$m")',
+    ]
+    for key, _ in changes.write:
+        words = (key.name, key.destination, key.owner, key.group, f"{key.mode:04o}")
+        lines.append("prepare " + " ".join(map(shlex.quote, words)))
+    for key, moved in changes.write:
+        words = [key.name, key.destination, key.digest, *([moved] if moved else [])]
+        lines.append("fill " + " ".join(map(shlex.quote, words)))
+    for name, destination in changes.remove:
+        lines.append(f'rm -f -- {shlex.quote(destination)} "$m"/{shlex.quote(name)}')
+    return "\n".join(lines)
+
+
+def upload_input(changes: Changes) -> str:
+    """The upload command's standard input: each key's content, base64 on one line."""
+    return "".join(base64.b64encode(key.content).decode() + "\n" for key, _ in changes.write)
+
+
+# -- one run ---------------------------------------------------------------------------------
+
+
+class RunKeys:
+    """Every selected machine's keys, checked and read once, before any machine is contacted."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.machines: dict[str, tuple[Key, ...]] = {}
+        self._secret = digest_key(root)
+        self._contents: dict[tuple[str, ...], bytes] = {}  # an age file shared by machines
+
+    def add(
+        self,
+        machine: str,
+        found: Sequence[tuple[str, Mapping[str, Any]]],
+        identity: str | None,
+        *,
+        root_group: str = "root",
+    ) -> None:
+        """Check and read one machine's keys; raises KeyProblem on the first problem."""
+        keys = []
+        for name, declared in merge(machine, found).items():
+            spec, content_field = parse(machine, name, declared, root_group=root_group)
+            origin = declared.origin(content_field)
+            try:
+                content = self._content(machine, content_field, spec[content_field], identity)
+            except ContentError as error:
+                raise KeyProblem(machine, name, origin, str(error), content_field) from None
+            key = Key(
+                name=name,
+                destination=spec["destination"],
+                owner=spec["owner"],
+                group=spec["group"],
+                mode=spec["mode"],
+                upload=spec["upload"],
+                origin=declared.origin(),
+                content=content,
+            )
+            keys.append(replace(key, digest=digest(self._secret, key)))
+        destinations = [key.destination for key in keys]
+        for key in keys:
+            if destinations.count(key.destination) > 1:
+                raise KeyProblem(
+                    machine, key.name, key.origin, f"{key.destination} is another key's too",
+                    "destination",
+                )  # fmt: skip
+        self.machines[machine] = tuple(sorted(keys, key=lambda key: key.name))
+
+    def _content(self, machine: str, kind: str, value: str, identity: str | None) -> bytes:
+        if kind == "command":
+            return command_output(value, machine, self.root)
+        if identity is None:
+            raise ContentError(
+                "an age file needs the setting 'age_identity' (the operator's age identity file)"
+            )
+        path = self.root / value
+        identity_path = self.root / os.path.expanduser(identity)
+        cached = (str(path.resolve()), str(identity_path))
+        if cached not in self._contents:
+            self._contents[cached] = decrypt(path, identity_path)
+        return self._contents[cached]
+
+
+def check_run(
+    root: Path,
+    machines: Sequence[tuple[str, Sequence[tuple[str, Mapping[str, Any]]], str | None, str]],
+) -> RunKeys:
+    """Check and read every machine's keys (name, data layers, `age_identity`, the group
+    root's files belong to there); raises KeysInvalid with every machine's first problem."""
+    keys = RunKeys(root)
+    errors = []
+    for machine, found, identity, root_group in machines:
+        try:
+            keys.add(machine, found, identity, root_group=root_group)
+        except KeyProblem as error:
+            errors.append(error)
+    if errors:
+        raise KeysInvalid(errors)
+    return keys
