@@ -41,6 +41,7 @@ VERDICTS = "tests/integration/test_verdicts.py"
 INTERRUPTS = "tests/integration/test_interrupts.py"
 DEPLOY = "tests/integration/test_deploy.py"
 SYSTEMD = "tests/integration/test_systemd_machines.py"
+KEYS = "tests/integration/test_keys.py"
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,49 @@ MUTATIONS = [
         "    if not changes:\n        host.noop(",
         "    if False:\n        host.noop(",
         (SOURCES, "-k", "every_type or unchanged"),
+    ),
+    Mutation(
+        "keys: content on the upload's command line",
+        "operations/keys.py",
+        "script, content = keys.upload_script(changes), keys.upload_input(changes)",
+        "content = keys.upload_input(changes)\n"
+        "    script = \"k='\" + content.replace('\\n', ' ') + \"'; \" + keys.upload_script(changes)",
+        (KEYS,),
+    ),
+    Mutation(
+        "keys: digest not compared (every deploy uploads)",
+        "flakefleet/keys.py",
+        "and there.digest == key.digest",
+        "and there.digest == key.digest + 'x'",
+        (KEYS,),
+    ),
+    Mutation(
+        "keys: a missing file not noticed (reboot)",
+        "flakefleet/keys.py",
+        "and (there.permissions, there.owner, there.group)",
+        "and True or (there.permissions, there.owner, there.group)",
+        (KEYS,),
+    ),
+    Mutation(
+        "keys: undeclared keys stay",
+        "flakefleet/keys.py",
+        "if name not in declared",
+        "if False",
+        (KEYS,),
+    ),
+    Mutation(
+        "keys: a missing owner skipped (colmena's uploader)",
+        "flakefleet/keys.py",
+        'if ! chown -- "$3:$4" "$t" 2>/dev/null; then',
+        'if ! chown -- "$3:$4" "$t" 2>/dev/null && false; then',
+        (KEYS,),
+    ),
+    Mutation(
+        "keys: age's failure ignored",
+        "flakefleet/keys.py",
+        "    if completed.returncode != 0:\n        reason = completed.stderr",
+        "    if False:\n        reason = completed.stderr",
+        (KEYS,),
     ),
 ]
 
