@@ -173,7 +173,8 @@ MUTATIONS = [
         "operations/keys.py",
         "script, content = keys.upload_script(changes), keys.upload_input(changes)",
         "content = keys.upload_input(changes)\n"
-        "    script = \"k='\" + content.replace('\\n', ' ') + \"'; \" + keys.upload_script(changes)",
+        "    script = \"k='\" + content.replace('\\n', ' ') + \"'; \"\n"
+        "    script += keys.upload_script(changes)",
         (KEYS,),
     ),
     Mutation(
@@ -186,8 +187,8 @@ MUTATIONS = [
     Mutation(
         "keys: a missing file not noticed (reboot)",
         "flakefleet/keys.py",
-        "and (there.permissions, there.owner, there.group)",
-        "and True or (there.permissions, there.owner, there.group)",
+        "== (key.permissions, key.owner, key.group)",
+        "!= (None,)",
         (KEYS,),
     ),
     Mutation(
