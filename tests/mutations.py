@@ -212,6 +212,13 @@ MUTATIONS = [
         "    if False:\n        reason = completed.stderr",
         (KEYS,),
     ),
+    Mutation(
+        "keys: not uploaded again after the deploy's reboot",
+        "operations/keys.py",
+        'if "rebooted" not in Run.of(state).outcome(host.name).changed:',
+        "if True:",
+        (KEYS, "-k", "reboot"),
+    ),
 ]
 
 

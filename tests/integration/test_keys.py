@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import Fleet, running_fleet, set_host
+from conftest import ROOT, Fleet, running_fleet, set_host
 
 MACHINES = ("web1", "mac1")
 MANIFEST = "/var/lib/flakefleet/keys"
@@ -193,6 +193,15 @@ def test_keys_arrive_exact_and_never_show(fleet, flake, age):
         holding = files_holding(fleet, machine, age["secret"])
         assert holding == ["/run/keys/app-token"], (machine, holding)
     assert controller_store_holding(str(age["secret"])) == []
+    # Nor in what the controller and the test fleet keep (state, consoles, machines' logs).
+    for directory in (ROOT / ".flakefleet", fleet.state):
+        found = subprocess.run(
+            ["grep", "-rlF", "-f", "/dev/stdin", str(directory)],
+            input=str(age["secret"]) + "\n",
+            capture_output=True,
+            text=True,
+        )
+        assert found.stdout == "", found.stdout
 
 
 def files_holding(fleet: Fleet, machine: str, secret: str) -> list[str]:
@@ -273,6 +282,19 @@ def test_keys_on_tmpfs_come_back_after_a_reboot(fleet, flake, age):
     assert result.returncode == 0, result.output
     assert result.report["web1"]["changed"] == ["keys"], result.report
     assert result.status("mac1") == "unchanged", result.report
+    secret = str(age["secret"]).encode()
+    assert on_machine(fleet, "web1", "/run/keys/app-token") == ("deploy deploy 440", secret)
+
+
+def test_a_reboot_the_deploy_makes_gets_the_keys_uploaded_again(fleet, flake, age):
+    keys = standard_keys(age)
+    del keys["blob"]
+    boot = fleet.ssh("web1", "cat /proc/sys/kernel/random/boot_id")
+    result = fleet.deploy(flake, "--limit", "web1", "--data", "reboot=always",
+                          *keys_data(age, keys))  # fmt: skip
+    assert result.returncode == 0, result.output
+    assert fleet.ssh("web1", "cat /proc/sys/kernel/random/boot_id") != boot
+    assert result.report["web1"]["changed"] == ["rebooted", "keys"], result.report
     secret = str(age["secret"]).encode()
     assert on_machine(fleet, "web1", "/run/keys/app-token") == ("deploy deploy 440", secret)
 
