@@ -217,7 +217,7 @@ MUTATIONS = [
         "operations/keys.py",
         'if "rebooted" not in Run.of(state).outcome(host.name).changed:',
         "if True:",
-        (KEYS, "-k", "reboot"),
+        (KEYS,),
     ),
 ]
 
