@@ -58,6 +58,11 @@ for user in @users@; do
     --shell /usr/sbin/nologin "$user" || { say "error: cannot create user $user"; exit 4; }
 done
 
+# /run/keys: NixOS mounts a ramfs there at boot, 0750 root:keys (tasks/filesystems.nix:
+# boot.specialFileSystems and its tmpfiles rule); services read their keys through group keys.
+grep -q "^keys:" /etc/group || /usr/sbin/groupadd --system keys
+[ -d /run/keys ] || install -d -m 0750 -g keys /run/keys
+
 # /etc: /etc/static points at this generation; managed files link through it.
 ln -sfn "$system/etc" /etc/static.new && mv -T /etc/static.new /etc/static
 for f in fleet-release motd; do ln -sfn "/etc/static/$f" "/etc/$f"; done
