@@ -47,7 +47,7 @@ from flakefleet.sources.model import NAME_PATTERN, STATE_DIR
 
 DEFAULT_DIRECTORY = "/run/keys"
 DEFAULT_MODE = 0o400
-# Where a machine keeps, per key, the digest and destination of what was uploaded (root only).
+# Where a machine keeps, a line per key, the digest and destination of what was uploaded.
 MANIFEST = "/var/lib/flakefleet/keys"
 DIGEST_KEY = f"{STATE_DIR}/keys/digest.key"
 CONTENT_FIELDS = ("age_file", "command")
@@ -269,32 +269,42 @@ def digest(secret: bytes, key: Key) -> str:
 
 
 def manifest_script(manifest: str = MANIFEST) -> str:
-    """What the preflight reads: one line per key the machine's manifest lists,
-    ``<name> <digest> <permissions> <owner> <group> <destination>`` (``- - -`` when the file
-    is missing)."""
+    """What the preflight reads: the manifest (``<name> <digest> <destination>`` a line), then
+    after `LISTING` one `ls -ld` of every destination (one process, however many keys)."""
     return (
-        f'm={shlex.quote(manifest)}; for f in "$m"/*; do [ -f "$f" ] || continue; '
-        'read -r d p < "$f"; '
-        'if [ -f "$p" ] && [ ! -L "$p" ]; then l=$(ls -ld -- "$p"); '
-        '(set -f; set -- $l; echo "${f##*/} $d $1 $3 $4 $p"); '
-        'else echo "${f##*/} $d - - - $p"; fi; done; true'
+        f'm={shlex.quote(manifest)}; if [ -f "$m" ]; then cat "$m"; echo \'{LISTING}\'; '
+        '(set --; while read -r n d p; do set -- "$@" "$p"; done < "$m"; '
+        '[ "$#" = 0 ] || ls -ld -- "$@" 2>/dev/null); fi; true'
     )
 
 
+LISTING = "@@listing"
+
+
 def parse_manifest(lines: Sequence[str]) -> dict[str, KeyOnMachine]:
-    found = {}
+    entries: dict[str, tuple[str, str]] = {}
+    listing: list[list[str]] = []
+    in_listing = False
     for line in lines:
-        parts = line.rstrip("\n").split(" ", 5)
-        if len(parts) != 6 or not NAME_PATTERN.match(parts[0]):
-            continue
-        name, key_digest, permissions, owner, group, destination = parts
-        missing = permissions == "-"
+        line = line.rstrip("\n")
+        if line == LISTING:
+            in_listing = True
+        elif in_listing:
+            listing.append(line.split(maxsplit=8))
+        else:
+            parts = line.split(" ", 2)
+            if len(parts) == 3 and NAME_PATTERN.match(parts[0]):
+                entries[parts[0]] = (parts[1], parts[2])
+    files = {fields[8]: fields for fields in listing if len(fields) == 9}
+    found = {}
+    for name, (key_digest, destination) in entries.items():
+        file = files.get(destination)
         found[name] = KeyOnMachine(
             digest=key_digest,
             destination=destination,
-            permissions="" if missing else permissions[:10],  # `.`, `+`, `@`: ACLs, xattrs
-            owner="" if missing else owner,
-            group="" if missing else group,
+            permissions=file[0][:10] if file else "",  # `.`, `+`, `@`: ACLs, xattrs
+            owner=file[2] if file else "",
+            group=file[3] if file else "",
         )
     return found
 
@@ -347,6 +357,12 @@ def changes_for(
     return Changes(tuple(write), tuple(remove))
 
 
+def temporary(destination: str) -> str:
+    """Where a key is written before it is renamed over its destination (beside it)."""
+    directory, _, name = destination.rpartition("/")
+    return f"{directory}/.{name}.flakefleet-tmp"
+
+
 def upload_script(changes: Changes, manifest: str = MANIFEST) -> str:
     """The one command (as root) that writes a stage's keys and removes undeclared ones.
 
@@ -355,43 +371,69 @@ def upload_script(changes: Changes, manifest: str = MANIFEST) -> str:
     and mode; if an owner or group does not exist, the command prints `REFUSED` and the reason,
     removes them and exits before anything changed. Then each is filled from its line (by
     `base64`, from a pipe: the content is never in a command line) and renamed into place.
+    Processes are few and shared (one chown per owner, one chmod per mode): a key costs a
+    `base64` and a `mv`.
     """
+    q = shlex.quote
     lines = [
         "set -u",
-        f"m={shlex.quote(manifest)}",
+        f"m={q(manifest)}",
         "made=''",
         'clean() { for t in $made; do rm -f -- "$t"; done; }',
-        f"refuse() {{ printf '%s%s\\n' {shlex.quote(REFUSED)} \"$1\"; clean; exit 3; }}",
-        "prepare() {  # name destination owner group mode",
+        f"refuse() {{ printf '%s%s\\n' {q(REFUSED)} \"$1\"; clean; exit 3; }}",
+        "create() {  # name temporary",
         '  d=${2%/*}; [ -n "$d" ] || d=/',
-        '  (umask 022; mkdir -p -- "$d") || refuse "key $1: cannot create $d"',
-        '  t="$d/.${2##*/}.flakefleet-tmp"; rm -f -- "$t"',
-        '  (set -C; umask 777; : > "$t") || refuse "key $1: cannot create a file in $d"',
-        '  made="$made $t"',
-        '  if ! chown -- "$3:$4" "$t" 2>/dev/null; then',
-        '    id -u -- "$3" >/dev/null 2>&1 || refuse "key $1: its owner $3 does not exist (yet)"',
-        '    refuse "key $1: its group $4 does not exist (yet)"',
-        "  fi",
-        '  chmod "$5" "$t"',
+        '  [ -d "$d" ] || (umask 022; mkdir -p -- "$d") || refuse "key $1: cannot create $d"',
+        '  if [ -e "$2" ] || [ -L "$2" ]; then rm -f -- "$2"; fi',
+        '  true > "$2" || refuse "key $1: cannot create a file in $d"',
+        '  made="$made $2"',
         "}",
-        "fill() {  # name destination digest [old destination]",
-        '  t="${2%/*}/.${2##*/}.flakefleet-tmp"',
+        "owner() {  # chown's failure: name owner group",
+        '  id -u -- "$2" >/dev/null 2>&1 || refuse "key $1: its owner $2 does not exist (yet)"',
+        '  refuse "key $1: its group $3 does not exist (yet)"',
+        "}",
+        "fill() {  # name temporary destination",
         '  IFS= read -r line || refuse "key $1: its content did not arrive"',
-        '  printf \'%s\\n\' "$line" | base64 --decode > "$t" || refuse "key $1: cannot write it"',
-        '  mv -f -- "$t" "$2"',
-        '  [ -z "${4:-}" ] || rm -f -- "$4"',
-        '  printf \'%s %s\\n\' "$3" "$2" > "$m/.$1" && mv -f -- "$m/.$1" "$m/$1"',
+        '  printf \'%s\\n\' "$line" | base64 --decode > "$2" || refuse "key $1: cannot write it"',
+        '  mv -f -- "$2" "$3"',
         "}",
-        '(umask 077; mkdir -p -- "$m")',
+        '[ -d "${m%/*}" ] || (umask 077; mkdir -p -- "${m%/*}")',
+        "set -C; umask 777  # each file is made empty, readable by nobody, never replaced",
     ]
     for key, _ in changes.write:
-        words = (key.name, key.destination, key.owner, key.group, f"{key.mode:04o}")
-        lines.append("prepare " + " ".join(map(shlex.quote, words)))
+        lines.append(f"create {q(key.name)} {q(temporary(key.destination))}")
+    lines.append("set +C; umask 077")
+    groups: dict[tuple[str, str], list[Key]] = {}
+    modes: dict[int, list[Key]] = {}
+    for key, _ in changes.write:
+        groups.setdefault((key.owner, key.group), []).append(key)
+        modes.setdefault(key.mode, []).append(key)
+    for (user, group), members in groups.items():
+        files = " ".join(q(temporary(key.destination)) for key in members)
+        lines.append(
+            f"chown -- {q(f'{user}:{group}')} {files} 2>/dev/null || "
+            f"owner {q(members[0].name)} {q(user)} {q(group)}"
+        )
+    for mode, members in modes.items():
+        files = " ".join(q(temporary(key.destination)) for key in members)
+        lines.append(f"chmod {mode:04o} {files}")
     for key, moved in changes.write:
-        words = [key.name, key.destination, key.digest, *([moved] if moved else [])]
-        lines.append("fill " + " ".join(map(shlex.quote, words)))
-    for name, destination in changes.remove:
-        lines.append(f'rm -f -- {shlex.quote(destination)} "$m"/{shlex.quote(name)}')
+        lines.append(f"fill {q(key.name)} {q(temporary(key.destination))} {q(key.destination)}")
+        if moved:
+            lines.append(f"rm -f -- {q(moved)}")
+    for _, destination in changes.remove:
+        lines.append(f"rm -f -- {q(destination)}")
+    # The manifest: every other line kept, the changed keys' lines new.
+    changed = " ".join([key.name for key, _ in changes.write] + [n for n, _ in changes.remove])
+    new = "".join(f"{key.name} {key.digest} {key.destination}\n" for key, _ in changes.write)
+    lines += [
+        f"changed=' {changed} '",
+        '{ if [ -f "$m" ]; then while read -r n d p; do',
+        '    case $changed in *" $n "*) ;; *) printf \'%s %s %s\\n\' "$n" "$d" "$p" ;; esac',
+        '  done < "$m"; fi',
+        f"  printf %s {q(new)}",
+        '} > "$m.new" && mv -f -- "$m.new" "$m"',
+    ]
     return "\n".join(lines)
 
 

@@ -140,15 +140,17 @@ def test_changes_upload_what_is_not_in_place_and_remove_what_is_undeclared():
     assert keys.changes_for([moved], {"db": there}, pre, ["db"]).write == ((moved, "/run/keys/db"),)
 
 
-def test_the_manifest_lines_are_read_back():
+def test_the_manifest_and_the_listing_are_read_back():
     lines = [
-        "db 1a2b -r--r-----. postgres postgres /run/keys/db",
-        "wg 3c4d - - - /var/lib/wire guard/private",
-        "../bad 00 - - - /x",
+        "db 1a2b /run/keys/db",
+        "wg 3c4d /var/lib/wire guard/private",
+        "../bad 00 /x",
+        keys.LISTING,
+        "-r--r-----. 1 postgres postgres 12 Dec  1 04:50 /run/keys/db",
     ]
     assert keys.parse_manifest(lines) == {
         "db": KeyOnMachine("1a2b", "/run/keys/db", "-r--r-----", "postgres", "postgres"),
-        "wg": KeyOnMachine("3c4d", "/var/lib/wire guard/private"),
+        "wg": KeyOnMachine("3c4d", "/var/lib/wire guard/private"),  # missing
     }
     assert key(mode=0o640).permissions == "-rw-r-----"
 
@@ -200,4 +202,4 @@ def test_an_owner_that_does_not_exist_changes_nothing(tmp_path):
     assert completed.stdout.strip() == (
         f"{keys.REFUSED}key ghost: its owner no-such-user-xyz does not exist (yet)"
     )
-    assert sorted(os.listdir(tmp_path)) == ["manifest", "old"]
+    assert sorted(os.listdir(tmp_path)) == ["old"]  # nothing written, nothing removed
