@@ -119,8 +119,8 @@ def main() -> int:
 
             def forget() -> None:  # the machines hold no key: every one is uploaded
                 for machine in machines:
-                    run_checked("ssh", "-F", str(config), f"root@{machine}",
-                                "rm -rf /var/lib/flakefleet/keys /run/keys", env=TESTBED)  # fmt: skip
+                    forget = "rm -rf /var/lib/flakefleet/keys /run/keys"
+                    run_checked("ssh", "-F", str(config), f"root@{machine}", forget, env=TESTBED)
 
             rows[f"upload {arguments.keys} keys"] = measure(
                 machines, lambda: deploy(deploy_file, keys, identity), arguments.runs, forget
