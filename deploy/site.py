@@ -11,7 +11,17 @@ from pyinfra import host, state
 
 from flakefleet.keys import Upload
 from flakefleet.run import Run
-from operations import activation, closure, generations, keys, preflight, reboot, sources, verify
+from operations import (
+    activation,
+    closure,
+    generations,
+    keys,
+    preflight,
+    reboot,
+    recipients,
+    sources,
+    verify,
+)
 
 run = Run.of(state)  # what this run knows; closed once at exit (locks, servers, summary)
 run.check_settings()  # every selected machine's settings, before any machine is contacted
@@ -20,6 +30,7 @@ goal = settings.goal
 # Secrets, decrypted on the controller; the first call reads every selected machine's, so a
 # bad one stops the run before any machine is contacted.
 secrets = keys.declared()
+recipients.check()  # a machine whose host key changed must get its secrets re-encrypted first
 
 # The deploy lock, systems, generations and /var/src: one round trip; none for a machine
 # whose class has no such goal (nix-darwin and home-manager machines only switch).

@@ -141,6 +141,9 @@ SETTINGS: dict[str, Check] = {
     "sources_resync": _boolean,
     "sources_rsync_options": _text_list,
     "age_identity": _text(optional=True),
+    "recipients_file": _text(),
+    "secrets_rules": _text(),
+    "sops_config": _text(optional=True),
 }
 # Settings whose checks need the fleet (build_on, cache) or are their own (sources, keys).
 OTHER_NAMES = {"build_on", "cache", "sources", "keys", REPOSITORY_KEY}
@@ -251,6 +254,9 @@ class MachineSettings:
     sources_resync: bool = False
     sources_rsync_options: tuple[str, ...] = ()
     age_identity: str | None = None  # the operator's age identity file, for `keys`
+    recipients_file: str = "secrets/recipients.yaml"  # machines' host keys, admins' age keys
+    secrets_rules: str = "secrets/rules.yaml"  # which machines and roles read each age file
+    sops_config: str | None = None  # a .sops.yaml to write creation rules into
 
     @classmethod
     def from_data(

@@ -104,3 +104,10 @@ flake = "example"
 # The operator's age identity file that decrypts the keys' age files (relative to the
 # repository; ~ is the home directory).
 # age_identity = None
+
+# Machine identities (agenix, sops-nix): each machine's SSH host key and the admins' age keys,
+# which age files (relative to the rules file) which machines and roles may read, and a
+# .sops.yaml to write creation rules into (None: none). deploy/recipients.py updates them.
+# recipients_file = "secrets/recipients.yaml"
+# secrets_rules = "secrets/rules.yaml"
+# sops_config = None

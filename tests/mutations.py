@@ -42,6 +42,7 @@ INTERRUPTS = "tests/integration/test_interrupts.py"
 DEPLOY = "tests/integration/test_deploy.py"
 SYSTEMD = "tests/integration/test_systemd_machines.py"
 KEYS = "tests/integration/test_keys.py"
+RECIPIENTS = "tests/integration/test_recipients.py"
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,27 @@ MUTATIONS = [
         'if "rebooted" not in Run.of(state).outcome(host.name).changed:',
         "if True:",
         (KEYS,),
+    ),
+    Mutation(
+        "recipients: a changed host key not refused",
+        "operations/recipients.py",
+        "if listed and known and known.split()[:2] != listed.split()[:2]:",
+        "if False:",
+        (RECIPIENTS,),
+    ),
+    Mutation(
+        "recipients: every file re-encrypted (agenix -r)",
+        "flakefleet/recipients.py",
+        "        if not right:\n            try:",
+        "        if True:\n            try:",
+        (RECIPIENTS,),
+    ),
+    Mutation(
+        "recipients: host keys not read again",
+        "operations/recipients.py",
+        'if found.machines.get(each.name, "").split()[:2] != key.split()[:2]:',
+        "if each.name not in found.machines:",
+        (RECIPIENTS,),
     ),
 ]
 
