@@ -50,7 +50,7 @@ DEFAULT_MODE = 0o400
 # Where a machine keeps, a line per key, the digest and destination of what was uploaded.
 MANIFEST = "/var/lib/flakefleet/keys"
 DIGEST_KEY = f"{STATE_DIR}/keys/digest.key"
-CONTENT_FIELDS = ("age_file", "command")
+CONTENT_FIELDS = ("age_file", "command", "var")
 FIELDS = (*CONTENT_FIELDS, "destination", "owner", "group", "mode", "upload")
 # The line the upload command prints when a key cannot be written, before anything changes.
 REFUSED = "@@flakefleet-key "
@@ -71,11 +71,17 @@ class KeyProblem(ValueError):
     was declared and the field."""
 
     def __init__(
-        self, machine: str, name: str | None, origin: str, problem: str, field_name: str | None
+        self,
+        machine: str,
+        name: str | None,
+        origin: str,
+        problem: str,
+        field_name: str | None,
+        kind: str = "key",
     ) -> None:
         self.machine = machine
         where = f"{origin}, field {field_name!r}" if field_name else origin
-        what = f"key {name!r}" if name is not None else "keys"
+        what = f"{kind} {name!r}" if name is not None else f"{kind}s"
         self.detail = f"{what} ({where}): {problem}"
         super().__init__(f"{machine}: {self.detail}")
 
@@ -125,24 +131,34 @@ class Declared:
         return self.origins.get(field_name or "*", self.origins.get("*", "?"))
 
 
-def merge(machine: str, found: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Declared]:
-    """Merge the layers' `keys` mappings, lowest first (see the module docstring)."""
+def merge(
+    machine: str,
+    found: Sequence[tuple[str, Mapping[str, Any]]],
+    data_key: str = "keys",
+    exclusive: Sequence[str] = CONTENT_FIELDS,
+    kind: str = "key",
+) -> dict[str, Declared]:
+    """Merge the layers' mappings under `data_key` (`keys`, `generators`), lowest first, by
+    name and field by field; a layer giving one of the `exclusive` fields drops the others;
+    None removes a name."""
     merged: dict[str, Declared] = {}
     for label, data in found:
-        declared = data.get("keys")
+        declared = data.get(data_key)
         if declared is None:
             continue
         if not isinstance(declared, Mapping):
-            raise KeyProblem(machine, None, label, "expected a mapping of names to keys", None)
+            raise KeyProblem(machine, None, label, f"expected a mapping of names to {kind}s",
+                             None, kind)  # fmt: skip
         for name, spec in declared.items():
             if spec is None:
                 merged.pop(name, None)
                 continue
             if not isinstance(spec, Mapping):
-                raise KeyProblem(machine, str(name), label, "expected a mapping of fields", None)
+                raise KeyProblem(machine, str(name), label, "expected a mapping of fields", None,
+                                 kind)  # fmt: skip
             earlier = merged.setdefault(name, Declared({}, {}))
-            if any(key in spec for key in CONTENT_FIELDS):  # another content replaces it
-                for key in CONTENT_FIELDS:
+            if any(key in spec for key in exclusive):  # another content replaces it
+                for key in exclusive:
                     earlier.spec.pop(key, None)
             earlier.spec.update(spec)
             earlier.origins.update({key: label for key in spec} | {"*": label})
@@ -453,6 +469,7 @@ class RunKeys:
         self.machines: dict[str, tuple[Key, ...]] = {}
         self._secret = digest_key(root)
         self._contents: dict[tuple[str, ...], bytes] = {}  # an age file shared by machines
+        self._var_paths: Mapping[str, Path] = {}
 
     def add(
         self,
@@ -461,8 +478,11 @@ class RunKeys:
         identity: str | None,
         *,
         root_group: str = "root",
+        var_paths: Mapping[str, Path] | None = None,
     ) -> None:
-        """Check and read one machine's keys; raises KeyProblem on the first problem."""
+        """Check and read one machine's keys (`var_paths`: each generated secret file's
+        ``<generator>/<file>`` and where it is stored); raises KeyProblem on the first problem."""
+        self._var_paths = var_paths or {}
         keys = []
         for name, declared in merge(machine, found).items():
             spec, content_field = parse(machine, name, declared, root_group=root_group)
@@ -496,9 +516,15 @@ class RunKeys:
             return command_output(value, machine, self.root)
         if identity is None:
             raise ContentError(
-                "an age file needs the setting 'age_identity' (the operator's age identity file)"
+                f"{'a generated secret' if kind == 'var' else 'an age file'} needs the setting "
+                "'age_identity' (the operator's age identity file)"
             )
-        path = self.root / value
+        if kind == "var":
+            if value not in self._var_paths:
+                raise ContentError(f"no generator makes a secret file {value!r}")
+            path = self._var_paths[value]
+        else:
+            path = self.root / value
         identity_path = self.root / os.path.expanduser(identity)
         cached = (str(path.resolve()), str(identity_path))
         if cached not in self._contents:
@@ -509,14 +535,17 @@ class RunKeys:
 def check_run(
     root: Path,
     machines: Sequence[tuple[str, Sequence[tuple[str, Mapping[str, Any]]], str | None, str]],
+    var_paths: Mapping[str, Mapping[str, Path]] | None = None,
 ) -> RunKeys:
     """Check and read every machine's keys (name, data layers, `age_identity`, the group
-    root's files belong to there); raises KeysInvalid with every machine's first problem."""
+    root's files belong to there; `var_paths` by machine, see `RunKeys.add`); raises
+    KeysInvalid with every machine's first problem."""
     keys = RunKeys(root)
     errors = []
     for machine, found, identity, root_group in machines:
         try:
-            keys.add(machine, found, identity, root_group=root_group)
+            keys.add(machine, found, identity, root_group=root_group,
+                     var_paths=(var_paths or {}).get(machine))  # fmt: skip
         except KeyProblem as error:
             errors.append(error)
     if errors:

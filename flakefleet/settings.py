@@ -144,9 +144,11 @@ SETTINGS: dict[str, Check] = {
     "recipients_file": _text(),
     "secrets_rules": _text(),
     "sops_config": _text(optional=True),
+    "vars_dir": _text(optional=True),
+    "regenerate": _text_list,
 }
 # Settings whose checks need the fleet (build_on, cache) or are their own (sources, keys).
-OTHER_NAMES = {"build_on", "cache", "sources", "keys", REPOSITORY_KEY}
+OTHER_NAMES = {"build_on", "cache", "sources", "keys", "generators", REPOSITORY_KEY}
 
 
 Layers = list[tuple[str, Mapping[str, Any]]]
@@ -257,6 +259,8 @@ class MachineSettings:
     recipients_file: str = "secrets/recipients.yaml"  # machines' host keys, admins' age keys
     secrets_rules: str = "secrets/rules.yaml"  # which machines and roles read each age file
     sops_config: str | None = None  # a .sops.yaml to write creation rules into
+    vars_dir: str | None = None  # where generated vars are kept (None: the flake's vars/)
+    regenerate: tuple[str, ...] = ()  # generators to run again, with what depends on them
 
     @classmethod
     def from_data(
@@ -274,4 +278,5 @@ class MachineSettings:
         given["build_on"] = builds.placement(data.get("build_on"), fleet)
         given["cache"] = cache.parse(data.get("cache"), cwd, fleet)
         given["sources_rsync_options"] = tuple(map(str, given.get("sources_rsync_options", ())))
+        given["regenerate"] = tuple(map(str, given.get("regenerate", ())))
         return cls(**given)

@@ -111,3 +111,14 @@ flake = "example"
 # recipients_file = "secrets/recipients.yaml"
 # secrets_rules = "secrets/rules.yaml"
 # sops_config = None
+
+# Generated vars (clan's model): name -> generator, e.g.
+#   generators = {"api-token": {"files": {"token": {}}, "share": True,
+#                               "script": "openssl rand -hex 16 > $out/token"}}
+# Fields: files (name -> {"secret": True or False}), script, prompts, dependencies, share.
+# README.md "Generated vars" says more.
+# generators = {}
+# Where they are kept (None: the flake's vars/), and which to run again (with what depends on
+# them), e.g. --data 'regenerate=["wireguard"]'.
+# vars_dir = None
+# regenerate = []

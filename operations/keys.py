@@ -7,16 +7,20 @@ the machine's manifest, and the controller compares keyed digests.
 
 from __future__ import annotations
 
+import os
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 from pyinfra import host, state
 from pyinfra.api import FunctionCommand, operation
 
-from flakefleet import keys
+from flakefleet import keys, recipients, vars
 from flakefleet.keys import Changes, Key, KeysInvalid, RunKeys, Upload
 from flakefleet.models import KeyOnMachine, MachineClass
 from flakefleet.run import Run
 from flakefleet.settings import layers
+from operations import recipients as identities
 
 
 def declared() -> tuple[Key, ...]:
@@ -41,9 +45,12 @@ def _check_selected(session: Run) -> RunKeys | KeysInvalid:
     fleet = str(session.fleet_file)
     inventory = session.state.inventory
     machines = []
-    problems = []
+    problems: list[keys.KeyProblem] = []
+    generated, var_paths = _generate(session, problems)
     for each in inventory.get_active_hosts():
-        found = layers(each, inventory, fleet)
+        if each.name not in generated:
+            continue  # its generators are bad: said above
+        found = [generated[each.name], *layers(each, inventory, fleet)]
         machine_class = session.target(each.name).machine_class
         if machine_class is MachineClass.HOME and any(data.get("keys") for _, data in found):
             problems.append(
@@ -60,10 +67,94 @@ def _check_selected(session: Run) -> RunKeys | KeysInvalid:
         root_group = "wheel" if machine_class is MachineClass.DARWIN else "root"
         machines.append((each.name, found, session.settings(each.name).age_identity, root_group))
     try:
-        checked = keys.check_run(session.cwd, machines)
+        checked = keys.check_run(session.cwd, machines, var_paths)
     except KeysInvalid as error:
         return KeysInvalid([*problems, *error.errors])
     return KeysInvalid(problems) if problems else checked
+
+
+def _generate(
+    session: Run, problems: list[keys.KeyProblem]
+) -> tuple[dict[str, tuple[str, dict]], dict[str, dict[str, Path]]]:
+    """Run the generators every selected machine lacks (or is told to regenerate), before its
+    keys are read; each machine's generated keys as the lowest data layer, and where its
+    secret files are stored. Bad generators are added to `problems`."""
+    fleet = str(session.fleet_file)
+    inventory = session.state.inventory
+    declared_by: dict[str, dict[str, vars.Generator]] = {}
+    for each in inventory:  # all machines: a shared generator is encrypted to every reader
+        try:
+            declared_by[each.name] = vars.declared(each.name, layers(each, inventory, fleet))
+        except keys.KeyProblem as error:
+            if each in inventory.get_active_hosts():
+                problems.append(error)
+    made: set[tuple[str, str]] = set()
+    generated, var_paths = {}, {}
+    for each in inventory.get_active_hosts():
+        if each.name not in declared_by:
+            continue
+        generators = declared_by[each.name]
+        settings = session.settings(each.name)
+        store = vars.Store(_vars_root(session, each.name))
+        admins = recipients.Recipients.read(session.cwd / settings.recipients_file).admins
+
+        recipients_of = partial(_recipients_of, session, declared_by, admins, each.name)
+        identity = settings.age_identity
+        try:
+            vars.generate(
+                each.name, generators, store, recipients_of,
+                session.cwd / os.path.expanduser(identity) if identity else None,
+                settings.regenerate, done=made,
+            )  # fmt: skip
+        except keys.KeyProblem as error:
+            problems.append(error)
+            continue
+        except keys.ContentError as error:
+            problems.append(keys.KeyProblem(each.name, None, "data key 'generators'", str(error),
+                                            None, "generator"))  # fmt: skip
+            continue
+        generated[each.name] = vars.key_layer(each.name, generators)
+        var_paths[each.name] = {
+            f"{name}/{file}": store.path(each.name, generator, file)
+            for name, generator in generators.items()
+            for file, secret in generator.files.items()
+            if secret
+        }
+    return generated, var_paths
+
+
+def _recipients_of(
+    session: Run,
+    declared_by: dict[str, dict[str, vars.Generator]],
+    admins: dict[str, str],
+    machine: str,
+    generator: vars.Generator,
+) -> list[str]:
+    """Whom a generator's secret files are encrypted to: the admins, and the host key of its
+    machine (of every machine that declares it, for a shared one)."""
+    readers = (
+        sorted(name for name, declared in declared_by.items() if generator.name in declared)
+        if generator.share
+        else [machine]
+    )
+    found = {name: identities.known_key(session, name) for name in readers}
+    missing = [name for name, key in found.items() if key is None]
+    if missing or not admins:
+        problem = (
+            f"no host key in the known hosts for {', '.join(missing)}"
+            if missing
+            else "the recipients file lists no admin, who alone could deploy it"
+        )
+        raise keys.KeyProblem(machine, generator.name, generator.origin, problem, None,
+                              "generator")  # fmt: skip
+    return sorted(admins.values()) + [key for key in found.values() if key]
+
+
+def _vars_root(session: Run, machine: str) -> Path:
+    settings = session.settings(machine)
+    if settings.vars_dir:
+        return session.cwd / settings.vars_dir
+    return session.cwd / settings.flake / "vars"
 
 
 @operation()
