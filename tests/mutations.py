@@ -43,6 +43,7 @@ DEPLOY = "tests/integration/test_deploy.py"
 SYSTEMD = "tests/integration/test_systemd_machines.py"
 KEYS = "tests/integration/test_keys.py"
 RECIPIENTS = "tests/integration/test_recipients.py"
+VARS = "tests/integration/test_vars.py"
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,27 @@ MUTATIONS = [
         'if found.machines.get(each.name, "").split()[:2] != key.split()[:2]:',
         "if each.name not in found.machines:",
         (RECIPIENTS,),
+    ),
+    Mutation(
+        "vars: what depends on a regenerated generator stays",
+        "flakefleet/vars.py",
+        "stale = any(dependency in ran for dependency in generator.dependencies)",
+        "stale = False",
+        (VARS,),
+    ),
+    Mutation(
+        "vars: generators run at every deploy",
+        "flakefleet/vars.py",
+        "if store.complete(machine, generator) and name not in regenerate and not stale:",
+        "if False:",
+        (VARS,),
+    ),
+    Mutation(
+        "vars: a shared generator encrypted to its first machine only",
+        "operations/keys.py",
+        "        if generator.share\n",
+        "        if False\n",
+        (VARS,),
     ),
 ]
 
