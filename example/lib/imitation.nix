@@ -128,12 +128,14 @@ in
         release = "${host.name} ${version}\n";
         motd = "${host.name}: ${builtins.concatStringsSep ", " roles} (managed by flakefleet)\n";
         page = "<html><body><h1>${host.name}</h1><p>version ${version}</p></body></html>\n";
+        peers = host.peers or "";  # the other machines' WireGuard public keys (generated vars)
       } ''
         mkdir -p $out/www $out/vpn
         printf '%s' "$release" > $out/fleet-release
         printf '%s' "$motd" > $out/motd
         printf '%s' "$page" > $out/www/index.html
         printf 'peers: 0\n' > $out/vpn/status
+        printf '%s' "$peers" > $out/vpn/peers
       '';
       roleServices = builtins.filter (role: (services host) ? ${role}) roles;
       serviceEnv = builtins.listToAttrs (map

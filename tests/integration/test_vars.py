@@ -182,3 +182,17 @@ def test_a_prompt_is_asked_on_the_terminal(fleet, flake, repo):
         capture_output=True, check=True,
     ).stdout  # fmt: skip
     assert on_machine(fleet, "web1", "/run/secrets/root-password/hash") == expected
+
+
+def test_another_machines_config_reads_a_public_var(fleet, flake, repo):
+    """Kept in the flake's vars/ (the default), the public halves are read by the flake: each
+    machine's config lists the other's WireGuard public key."""
+    settings = list(data(repo))
+    at = settings.index(f"vars_dir={repo['vars']}")
+    del settings[at - 1 : at + 1]  # "--data", "vars_dir=..."
+    result = fleet.deploy(flake, *settings)
+    assert result.returncode == 0, result.output
+    web2_public = (flake / "vars/web2/wireguard/public").read_text()
+    assert "BEGIN PUBLIC KEY" in web2_public
+    assert fleet.ssh("web1", "cat /etc/static/vpn/peers") == web2_public.strip()
+    assert "switch" in result.report["web1"]["changed"], result.report
