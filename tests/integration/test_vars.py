@@ -19,6 +19,10 @@ from conftest import BIN, ROOT, Fleet, running_fleet
 
 MACHINES = ("web1", "web2")
 GENERATORS = {
+    "ssh-host": {
+        "files": {"key": {}, "key.pub": {"secret": False}},
+        "script": 'ssh-keygen -q -t ed25519 -N "" -C "root@$FLAKEFLEET_MACHINE" -f $out/key',
+    },
     "wireguard": {
         "files": {"private": {"secret": True}, "public": {"secret": False}},
         "script": "openssl genpkey -algorithm x25519 -out $out/private && "
@@ -94,7 +98,8 @@ def test_generators_run_in_order_are_stored_encrypted_and_deployed(fleet, flake,
     assert stored == sorted([
         "shared/api-token/token.age",
         *(f"{m}/{path}" for m in MACHINES for path in
-          ("wireguard/private.age", "wireguard/public", "app-env/env.age")),
+          ("wireguard/private.age", "wireguard/public", "app-env/env.age", "ssh-host/key.age",
+           "ssh-host/key.pub")),
     ])  # fmt: skip
     vars_dir, identity = repo["vars"], repo["identity"]
     token = plain(vars_dir / "shared/api-token/token.age", identity)
@@ -114,6 +119,10 @@ def test_generators_run_in_order_are_stored_encrypted_and_deployed(fleet, flake,
         assert on_machine(fleet, machine, "/run/secrets/api-token/token") == token
         assert fleet.ssh(machine, "stat -c '%a %U' /run/secrets/wireguard/private") == "400 root"
         assert fleet.ssh(machine, "ls /run/secrets/wireguard") == "private"  # public: no key
+        # the SSH host key pair: the deployed private half gives the stored public half
+        public_half = fleet.ssh(machine, "ssh-keygen -y -f /run/secrets/ssh-host/key")
+        stored = (vars_dir / machine / "ssh-host/key.pub").read_text().split()[:2]
+        assert public_half.split()[:2] == stored
 
 
 def test_a_second_run_generates_nothing(fleet, flake, repo):
