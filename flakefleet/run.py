@@ -95,14 +95,22 @@ class Run:
     def outcome(self, name: str) -> Outcome:
         return self.report(name)
 
-    def settings(self, name: str) -> MachineSettings:
-        """A machine's checked settings (`check_settings` ran first for selected machines)."""
+    def settings(self, name: str, *, keep: bool = True) -> MachineSettings:
+        """A machine's checked settings (`check_settings` ran first for selected machines).
+
+        `keep=False` for another machine's, read from a run-wide check at the first machine's
+        call: its deploy file has not run yet, so its data lacks what that file adds
+        (`local.include(..., data={"goal": "boot"})`), and must not be kept.
+        """
         with self.lock:
-            if name not in self._settings:
-                data = self.state.inventory.get_host(name).data.dict()
-                fleet = [host.name for host in self.state.inventory]
-                self._settings[name] = MachineSettings.from_data(data, fleet, self.cwd)
-            return self._settings[name]
+            if name in self._settings:
+                return self._settings[name]
+            data = self.state.inventory.get_host(name).data.dict()
+            fleet = [host.name for host in self.state.inventory]
+            found = MachineSettings.from_data(data, fleet, self.cwd)
+            if keep:
+                self._settings[name] = found
+            return found
 
     def check_settings(self) -> None:
         """Check every selected machine's settings, once per run (at the first machine's

@@ -65,7 +65,9 @@ def _check_selected(session: Run) -> RunKeys | KeysInvalid:
             )
             continue
         root_group = "wheel" if machine_class is MachineClass.DARWIN else "root"
-        machines.append((each.name, found, session.settings(each.name).age_identity, root_group))
+        machines.append(
+            (each.name, found, session.settings(each.name, keep=False).age_identity, root_group)
+        )
     try:
         checked = keys.check_run(session.cwd, machines, var_paths)
     except KeysInvalid as error:
@@ -94,7 +96,7 @@ def _generate(
         if each.name not in declared_by:
             continue
         generators = declared_by[each.name]
-        settings = session.settings(each.name)
+        settings = session.settings(each.name, keep=False)
         store = vars.Store(_vars_root(session, each.name))
         admins = recipients.Recipients.read(session.cwd / settings.recipients_file).admins
 
@@ -151,7 +153,7 @@ def _recipients_of(
 
 
 def _vars_root(session: Run, machine: str) -> Path:
-    settings = session.settings(machine)
+    settings = session.settings(machine, keep=False)
     if settings.vars_dir:
         return session.cwd / settings.vars_dir
     return session.cwd / settings.flake / "vars"

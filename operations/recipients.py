@@ -38,7 +38,8 @@ def check() -> None:
 def _changed(run: Run) -> list[str]:
     lines = []
     for each in run.state.inventory.get_active_hosts():
-        path = run.cwd / run.settings(each.name).recipients_file
+        named = run.settings(each.name, keep=False).recipients_file
+        path = run.cwd / named
         try:
             listed = recipients.Recipients.read(path).machines.get(each.name)
         except recipients.RecipientError as error:
@@ -47,7 +48,7 @@ def _changed(run: Run) -> list[str]:
         known = known_key(run, each.name) if listed else None
         if listed and known and known.split()[:2] != listed.split()[:2]:
             lines.append(
-                f"{each.name}: host key changed since {run.settings(each.name).recipients_file} "
+                f"{each.name}: host key changed since {named} "
                 f"was written (there {recipients.fingerprint(listed)}, known hosts now "
                 f"{recipients.fingerprint(known)}): its secrets are encrypted to the old one; "
                 "run deploy/recipients.py"
