@@ -38,7 +38,7 @@ import yaml
 
 from flakefleet.keys import ContentError, decrypt
 
-LOCK = ".recipients.lock"  # beside the rules file: each file's ciphertext and recipients digests
+LOCK = ".recipients.lock"  # beside the recipients file: each file's ciphertext and recipients
 
 # -- ssh-to-age: an Ed25519 public key as an X25519 age recipient --------------------------------
 

@@ -143,6 +143,27 @@ class Store:
     def __init__(self, root: Path) -> None:
         self.root = root
 
+    @classmethod
+    def of(cls, repository: Path, settings: Any) -> Store:
+        """A machine's store: its `vars_dir`, else its flake's ``vars/`` (the flake reads the
+        public files there)."""
+        if settings.vars_dir:
+            return cls(repository / settings.vars_dir)
+        return cls(repository / settings.flake / "vars")
+
+    def secrets(self, readers: Mapping[str, Sequence[str]]) -> dict[Path, list[str]]:
+        """Every secret file kept here, with the machines that read it: a machine's own, and
+        a shared generator's every machine that declares it (`readers`: generator -> them)."""
+        found = {}
+        for path in sorted(self.root.glob("*/*/*.age")):
+            owner, generator = path.parent.parent.name, path.parent.name
+            if owner == SHARED:
+                if readers.get(generator):
+                    found[path] = sorted(readers[generator])
+            else:
+                found[path] = [owner]
+        return found
+
     def directory(self, machine: str, generator: Generator) -> Path:
         return self.root / (SHARED if generator.share else machine) / generator.name
 

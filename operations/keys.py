@@ -97,7 +97,7 @@ def _generate(
             continue
         generators = declared_by[each.name]
         settings = session.settings(each.name, keep=False)
-        store = vars.Store(_vars_root(session, each.name))
+        store = vars.Store.of(session.cwd, settings)
         admins = recipients.Recipients.read(session.cwd / settings.recipients_file).admins
 
         recipients_of = partial(_recipients_of, session, declared_by, admins, each.name)
@@ -150,13 +150,6 @@ def _recipients_of(
         raise keys.KeyProblem(machine, generator.name, generator.origin, problem, None,
                               "generator")  # fmt: skip
     return sorted(admins.values()) + [key for key in found.values() if key]
-
-
-def _vars_root(session: Run, machine: str) -> Path:
-    settings = session.settings(machine, keep=False)
-    if settings.vars_dir:
-        return session.cwd / settings.vars_dir
-    return session.cwd / settings.flake / "vars"
 
 
 @operation()

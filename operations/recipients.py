@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from pyinfra import host, state
 
-from flakefleet import recipients
+from flakefleet import recipients, vars
+from flakefleet.keys import KeyProblem
 from flakefleet.run import Run
+from flakefleet.settings import layers
 
 
 def known_key(run: Run, name: str) -> str | None:
@@ -66,6 +69,23 @@ def update() -> list[str]:
     return run.identities
 
 
+def _generated(run: Run, settings: Any, found: recipients.Recipients) -> dict[Path, list[str]]:
+    """The generated vars' secret files (`flakefleet.vars`) with their machines: re-encrypted
+    like the rules' files when a machine's host key changes."""
+    readers: dict[str, list[str]] = {}
+    fleet = str(run.fleet_file)
+    for each in run.state.inventory:
+        try:
+            declared = vars.declared(each.name, layers(each, run.state.inventory, fleet))
+        except KeyProblem:
+            continue  # a deploy says what is wrong with it
+        for name in declared:
+            readers.setdefault(name, []).append(each.name)
+    files = vars.Store.of(run.cwd, settings).secrets(readers)
+    return {path: machines for path, machines in files.items()
+            if all(machine in found.machines for machine in machines)}  # fmt: skip
+
+
 def _update(run: Run) -> list[str]:
     settings = run.settings(host.name)  # the files are the fleet's: any machine's settings
     path = run.cwd / settings.recipients_file
@@ -88,11 +108,13 @@ def _update(run: Run) -> list[str]:
         lines.append(f"wrote {settings.recipients_file}")
     rules_path = run.cwd / settings.secrets_rules
     files = recipients.rules(rules_path, roles)
+    files.update(_generated(run, settings, found))
     if files:
         if not settings.age_identity:
             raise recipients.RecipientError("re-encrypting needs the setting 'age_identity'")
         identity = run.cwd / os.path.expanduser(settings.age_identity)
-        for done in recipients.rekey(files, found, identity, rules_path.parent / recipients.LOCK):
+        lock = path.parent / recipients.LOCK  # beside the recipients file
+        for done in recipients.rekey(files, found, identity, lock):
             if done.changed:
                 lines.append(f"re-encrypted {os.path.relpath(done.file, run.cwd)}")
     if settings.sops_config:

@@ -263,6 +263,13 @@ MUTATIONS = [
         "        if False\n",
         (VARS,),
     ),
+    Mutation(
+        "recipients: generated vars not re-encrypted",
+        "operations/recipients.py",
+        "    files.update(_generated(run, settings, found))\n",
+        "",
+        (VARS,),
+    ),
 ]
 
 

@@ -205,3 +205,29 @@ def test_another_machines_config_reads_a_public_var(fleet, flake, repo):
     assert "BEGIN PUBLIC KEY" in web2_public
     assert fleet.ssh("web1", "cat /etc/static/vpn/peers") == web2_public.strip()
     assert "switch" in result.report["web1"]["changed"], result.report
+
+
+def test_a_new_host_key_gets_the_machines_vars_reencrypted(fleet, flake, repo):
+    """web1 reinstalled (a new host key): deploy/recipients.py re-encrypts its vars and the
+    shared ones it reads to the new key; web2's own stay byte for byte."""
+    before = snapshot(repo)
+    old = host_key(fleet, "web1")
+    kept = old.with_name("old-host-key")
+    kept.write_bytes(old.read_bytes())
+    fleet.testbed("stop", "web1")
+    old.unlink()
+    fleet.testbed("up", "--roster", str(flake / "hosts.json"))
+
+    result = fleet.deploy(flake, *data(repo), deploy_file="deploy/recipients.py")
+
+    assert result.returncode == 0, result.output
+    after = snapshot(repo)
+    changed = sorted(name for name in after if after[name] != before[name])
+    assert changed == ["shared/api-token/token.age", "web1/app-env/env.age",
+                       "web1/root-password/hash.age", "web1/ssh-host/key.age",
+                       "web1/wireguard/private.age"], changed  # fmt: skip
+    for name in changed:
+        assert plain(repo["vars"] / name, host_key(fleet, "web1")) is not None
+        assert plain(repo["vars"] / name, kept) is None
+    token = repo["vars"] / "shared/api-token/token.age"
+    assert plain(token, host_key(fleet, "web2")) == plain(token, repo["identity"])
