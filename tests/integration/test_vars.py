@@ -15,7 +15,7 @@ from pathlib import Path
 import pexpect
 import pytest
 import yaml
-from conftest import BIN, ROOT, Fleet, running_fleet
+from conftest import BIN, ROOT, Fleet, Hidden, running_fleet
 
 MACHINES = ("web1", "web2")
 GENERATORS = {
@@ -68,9 +68,9 @@ def data(repo: dict, generators: dict = GENERATORS) -> tuple[str, ...]:
     )  # fmt: skip
 
 
-def plain(file: Path, identity: Path) -> bytes | None:
+def plain(file: Path, identity: Path) -> Hidden | None:
     completed = subprocess.run(["age", "-d", "-i", str(identity), str(file)], capture_output=True)
-    return completed.stdout if completed.returncode == 0 else None
+    return Hidden(completed.stdout) if completed.returncode == 0 else None
 
 
 def host_key(fleet: Fleet, machine: str) -> Path:
@@ -79,8 +79,8 @@ def host_key(fleet: Fleet, machine: str) -> Path:
     return found[0]
 
 
-def on_machine(fleet: Fleet, machine: str, path: str) -> bytes:
-    return fleet.ssh(machine, f"cat {path}").encode() + b"\n"
+def on_machine(fleet: Fleet, machine: str, path: str) -> Hidden:
+    return Hidden(fleet.ssh(machine, f"cat {path}").encode() + b"\n")
 
 
 def snapshot(repo: dict) -> dict[str, bytes]:
@@ -103,7 +103,7 @@ def test_generators_run_in_order_are_stored_encrypted_and_deployed(fleet, flake,
     ])  # fmt: skip
     vars_dir, identity = repo["vars"], repo["identity"]
     token = plain(vars_dir / "shared/api-token/token.age", identity)
-    assert token and len(token.strip()) == 32
+    assert token and len(token.content.strip()) == 32
     for machine in MACHINES:
         other = next(m for m in MACHINES if m != machine)
         private = vars_dir / machine / "wireguard/private.age"
@@ -113,7 +113,9 @@ def test_generators_run_in_order_are_stored_encrypted_and_deployed(fleet, flake,
         assert plain(vars_dir / "shared/api-token/token.age", host_key(fleet, machine)) == token
         public = (vars_dir / machine / "wireguard/public").read_text().splitlines()[1]
         env = plain(vars_dir / machine / "app-env/env.age", identity)
-        assert env == b"TOKEN=" + token.strip() + b"\nPUB=" + public.encode() + b"\n"
+        assert env == Hidden(
+            b"TOKEN=" + token.content.strip() + b"\nPUB=" + public.encode() + b"\n"
+        )
         # deployed as keys at /run/secrets/<generator>/<file>
         assert on_machine(fleet, machine, "/run/secrets/app-env/env") == env
         assert on_machine(fleet, machine, "/run/secrets/api-token/token") == token
@@ -190,7 +192,7 @@ def test_a_prompt_is_asked_on_the_terminal(fleet, flake, repo):
         ["openssl", "passwd", "-6", "-salt", "fleet", "-stdin"], input=b"correct horse",
         capture_output=True, check=True,
     ).stdout  # fmt: skip
-    assert on_machine(fleet, "web1", "/run/secrets/root-password/hash") == expected
+    assert on_machine(fleet, "web1", "/run/secrets/root-password/hash") == Hidden(expected)
 
 
 def test_another_machines_config_reads_a_public_var(fleet, flake, repo):
