@@ -9,13 +9,16 @@ changes nothing.
 
 from pyinfra import host, state
 
+from flakefleet.keys import Upload
 from flakefleet.run import Run
 from operations import (
     activation,
     closure,
     generations,
+    keys,
     preflight,
     reboot,
+    recipients,
     rollout,
     sources,
     verify,
@@ -25,6 +28,10 @@ run = Run.of(state)  # what this run knows; closed once at exit (locks, servers,
 run.check_settings()  # every selected machine's settings, before any machine is contacted
 settings = run.settings(host.name)
 goal = settings.goal
+# Secrets, decrypted on the controller; the first call reads every selected machine's, so a
+# bad one stops the run before any machine is contacted.
+secrets = keys.declared()
+recipients.check()  # a machine whose host key changed must get its secrets re-encrypted first
 
 # The deploy lock, systems, generations and /var/src: one round trip; none for a machine
 # whose class has no such goal (nix-darwin and home-manager machines only switch).
@@ -34,13 +41,20 @@ target = closure.evaluate(machine) if machine else None  # one Nix evaluation fo
 
 def wave(number: int) -> None:
     """This machine's wave of the rollout (`rollout` data; without it, every machine is in one
-    wave): its sources, its activation, its checks and confirmation. A later wave starts only
-    if the earlier ones did not fail beyond `max_failures`."""
+    wave): its sources and keys, its activation, its checks and confirmation. A later wave
+    starts only if the earlier ones did not fail beyond `max_failures`."""
     sources.sync(
         name="Sync the sources to /var/src",
         wanted=sources.declared(),  # the first call checks every selected machine's sources
         var_src=machine.var_src,
     )
+    if goal.sets_profile or goal.runs_new_system:  # the keys the new system will read
+        keys.upload(
+            name="Upload keys (pre-activation)",
+            wanted=secrets,
+            on_machine=machine.keys,
+            stage=Upload.PRE_ACTIVATION,
+        )
     activation.activate(
         name=f"Activate ({goal})",
         system=target,
@@ -48,7 +62,13 @@ def wave(number: int) -> None:
         goal=goal,
         confirm_timeout=settings.confirm_timeout,
     )
-    if goal.runs_new_system:  # the new system runs: check it, then confirm or roll back
+    if goal.runs_new_system:  # the new system runs: keys for its users, checks, confirm
+        keys.upload(
+            name="Upload keys (post-activation)",
+            wanted=secrets,
+            on_machine=machine.keys,
+            stage=Upload.POST_ACTIVATION,
+        )
         verify.health_gate(name="Health checks", on_failure=settings.on_check_failure)
 
 
@@ -65,6 +85,7 @@ if target is not None:
         timeout=settings.reboot_timeout,
         command=settings.reboot_command,
     )
+    keys.restore(name="Upload keys again after a reboot", wanted=secrets)
     generations.prune(
         name="Prune old generations",
         system=target,

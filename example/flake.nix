@@ -12,8 +12,15 @@
       hosts = builtins.fromJSON (builtins.readFile ./hosts.json);
       imitation = import ./lib/imitation.nix { system = "x86_64-linux"; };
       ofClass = class: builtins.filter (name: hosts.${name}.class == class) (builtins.attrNames hosts);
+      # Generated vars (flakefleet's `generators`, clan's model) keep public files in vars/:
+      # each machine's config lists the other machines' WireGuard public keys, as a peer list.
+      publicVar = name: file:
+        let path = ./. + "/vars/${name}/${file}"; in
+        if builtins.pathExists path then builtins.readFile path else "";
+      peers = self: builtins.concatStringsSep "" (map (name: publicVar name "wireguard/public")
+        (builtins.filter (name: name != self) (builtins.attrNames hosts)));
       configurations = class: make: builtins.listToAttrs (map
-        (name: { inherit name; value = make (hosts.${name} // { inherit name; }); })
+        (name: { inherit name; value = make (hosts.${name} // { inherit name; peers = peers name; }); })
         (ofClass class));
     in
     {

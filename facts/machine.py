@@ -8,6 +8,7 @@ from typing import Any
 
 from pyinfra.api import FactBase
 
+from facts.keys import Keys
 from facts.nix import (
     BootedSystem,
     CurrentSystem,
@@ -39,6 +40,7 @@ PARTS: dict[str, type[FactBase[Any]]] = {
     "generations": SystemGenerations,
     "nix_version": NixVersion,
     "var_src": Sources,
+    "keys": Keys,
 }
 
 
@@ -67,6 +69,7 @@ class MachineSnapshot(RemoteFact[MachineState]):
             "generations": SystemGenerations().command(profile),
             "nix_version": NixVersion().command(),
             "var_src": Sources().command(sources),
+            "keys": Keys().command(),
         }
         return "; ".join(f"echo '{SECTION}{name}'; {{ {commands[name]}; }}" for name in PARTS)
 

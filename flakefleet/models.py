@@ -127,8 +127,21 @@ class VarSrc(Shown):
 
 
 @dataclass(frozen=True)
+class KeyOnMachine(Shown):
+    """A key the machine's manifest lists (`flakefleet.keys`): the digest uploaded, where, and
+    what lies there now (`permissions`, `owner`, `group` empty when the file is missing: a
+    reboot emptied its tmpfs, or someone removed it)."""
+
+    digest: str
+    destination: str
+    permissions: str = ""
+    owner: str = ""
+    group: str = ""
+
+
+@dataclass(frozen=True)
 class MachineState(Shown):
-    """A machine's systems, generations, Nix and /var/src, as one snapshot."""
+    """A machine's systems, generations, Nix, /var/src and keys, as one snapshot."""
 
     current_system: str | None = None
     booted_system: str | None = None
@@ -136,6 +149,7 @@ class MachineState(Shown):
     generations: list[Generation] = field(default_factory=list)
     nix_version: str | None = None
     var_src: VarSrc = field(default_factory=VarSrc)
+    keys: dict[str, KeyOnMachine] = field(default_factory=dict)
 
     def has_closure(self, system: str) -> bool:
         """Whether the system's closure is surely on the machine (it runs or boots it)."""

@@ -2,7 +2,7 @@
 
 pyinfra runs a deploy file once per machine (each in its own greenlet) and operations' commands
 later; all of them find the same `Run` with `Run.of(state)`. It holds how each machine is
-reached (`Target`) and its checked settings, the run's builds, sources and sudo passwords,
+reached (`Target`) and its checked settings, the run's builds, sources, keys and sudo passwords,
 the locks it holds, the activations waiting for confirmation, the smoke-check verdicts, the
 cache servers it started, every machine's outcome, and whether the rollout stopped. When the
 process exits it is closed once: servers stopped, locks released, summary printed.
@@ -34,6 +34,7 @@ from flakefleet.target import Target, Unreachable
 from flakefleet.worker import Activation, Phase
 
 if TYPE_CHECKING:
+    from flakefleet.keys import KeysInvalid, RunKeys
     from flakefleet.sources import RunSources, SourcesInvalid
 
 ATTRIBUTE = "flakefleet_run"  # where a State keeps its Run
@@ -68,6 +69,8 @@ class Run:
         self.stopped: list[str] = []  # why the rollout stopped (on_check_failure = stop)
         self.verdicts: dict[tuple[str, str], Any] = {}  # (health gate, machine) -> Verdict
         self.sources: RunSources | SourcesInvalid | None = None  # checked at the first use
+        self.keys: RunKeys | KeysInvalid | None = None  # checked and read at the first use
+        self.identities: list[str] | None = None  # host keys unlike the recipients file's
         self.build_slots = threading.BoundedSemaphore(os.cpu_count() or 2)  # local builds
         self.lock = threading.RLock()
         self._settings: dict[str, MachineSettings] = {}
@@ -101,14 +104,22 @@ class Run:
     def outcome(self, name: str) -> Outcome:
         return self.report(name)
 
-    def settings(self, name: str) -> MachineSettings:
-        """A machine's checked settings (`check_settings` ran first for selected machines)."""
+    def settings(self, name: str, *, keep: bool = True) -> MachineSettings:
+        """A machine's checked settings (`check_settings` ran first for selected machines).
+
+        `keep=False` for another machine's, read from a run-wide check at the first machine's
+        call: its deploy file has not run yet, so its data lacks what that file adds
+        (`local.include(..., data={"goal": "boot"})`), and must not be kept.
+        """
         with self.lock:
-            if name not in self._settings:
-                data = self.state.inventory.get_host(name).data.dict()
-                fleet = [host.name for host in self.state.inventory]
-                self._settings[name] = MachineSettings.from_data(data, fleet, self.cwd)
-            return self._settings[name]
+            if name in self._settings:
+                return self._settings[name]
+            data = self.state.inventory.get_host(name).data.dict()
+            fleet = [host.name for host in self.state.inventory]
+            found = MachineSettings.from_data(data, fleet, self.cwd)
+            if keep:
+                self._settings[name] = found
+            return found
 
     def check_settings(self, locks_too: bool = True) -> None:
         """Check every selected machine's settings, once per run (at the first machine's
@@ -132,7 +143,9 @@ class Run:
                 return
             self._updated = True
             flakes = {
-                self.settings(host.name).flake_source(self.cwd): self.settings(host.name)
+                self.settings(host.name, keep=False).flake_source(self.cwd): self.settings(
+                    host.name, keep=False
+                )
                 for host in self.state.inventory.get_active_hosts()
             }
             lines = []
@@ -154,9 +167,9 @@ class Run:
         with self.lock:
             if self._flake_problems is None:
                 wanted = {
-                    self.settings(host.name).flake_source(self.cwd)
+                    self.settings(host.name, keep=False).flake_source(self.cwd)
                     for host in self.state.inventory.get_active_hosts()
-                    if self.settings(host.name).flake_check
+                    if self.settings(host.name, keep=False).flake_check
                 }
                 self._flake_problems = {
                     flake.path: problem
@@ -176,7 +189,7 @@ class Run:
                 active = {each.name: each for each in self.state.inventory.get_active_hosts()}
                 order = [m.name for m in load_fleet(self.fleet_file).machines if m.name in active]
                 hosts = [active[name] for name in [*order, *sorted(set(active) - set(order))]]
-                plans = {self.settings(each.name).rollout: each.name for each in hosts}
+                plans = {self.settings(each.name, keep=False).rollout: each.name for each in hosts}
                 if len(plans) > 1:
                     names = " and ".join(sorted(plans.values()))
                     line = (
@@ -201,7 +214,7 @@ class Run:
                 self._judged.add(before)
                 wave = self.waves()[before]
                 failed = [name for name in wave if self.outcome(name).error]
-                plan = self.settings(wave[0]).rollout if wave else rollout.Rollout()
+                plan = self.settings(wave[0], keep=False).rollout if wave else rollout.Rollout()
                 if len(failed) > rollout.allowed_failures(plan, len(wave)):
                     self.stopped.append(
                         f"rollout stopped after wave {index}: {len(failed)} of {len(wave)} "

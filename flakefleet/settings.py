@@ -181,9 +181,15 @@ SETTINGS: dict[str, Check] = {
     "sources_force": _boolean,
     "sources_resync": _boolean,
     "sources_rsync_options": _text_list,
+    "age_identity": _text(optional=True),
+    "recipients_file": _text(),
+    "secrets_rules": _text(),
+    "sops_config": _text(optional=True),
+    "vars_dir": _text(optional=True),
+    "regenerate": _text_list,
 }
-# Settings whose checks need the fleet (build_on, cache) or are their own (sources).
-OTHER_NAMES = {"build_on", "cache", "sources", REPOSITORY_KEY}
+# Settings whose checks need the fleet (build_on, cache) or are their own (sources, keys).
+OTHER_NAMES = {"build_on", "cache", "sources", "keys", "generators", REPOSITORY_KEY}
 
 
 Layers = list[tuple[str, Mapping[str, Any]]]
@@ -318,6 +324,12 @@ class MachineSettings:
     sources_force: bool = False
     sources_resync: bool = False
     sources_rsync_options: tuple[str, ...] = ()
+    age_identity: str | None = None  # the operator's age identity file, for `keys`
+    recipients_file: str = "secrets/recipients.yaml"  # machines' host keys, admins' age keys
+    secrets_rules: str = "secrets/rules.yaml"  # which machines and roles read each age file
+    sops_config: str | None = None  # a .sops.yaml to write creation rules into
+    vars_dir: str | None = None  # where generated vars are kept (None: the flake's vars/)
+    regenerate: tuple[str, ...] = ()  # generators to run again, with what depends on them
 
     @classmethod
     def from_data(
@@ -348,6 +360,7 @@ class MachineSettings:
         given["sources_rsync_options"] = tuple(map(str, given.get("sources_rsync_options", ())))
         given["rollout"] = rollout.parse(given.get("rollout"))
         given["update_inputs"] = tuple(map(str, given.get("update_inputs", ())))
+        given["regenerate"] = tuple(map(str, given.get("regenerate", ())))
         return cls(**given)
 
     def flake_source(self, cwd: Path) -> nix.Flake:

@@ -269,18 +269,23 @@ class Target:
 
     # -- over pyinfra's connection -------------------------------------------------------------
 
-    def command(self, script: str, *, as_root: bool = True) -> StringCommand:
-        """A shell script for an operation to yield: pyinfra runs it on its connection."""
-        invocation = self.invocation(script, as_root=as_root)
+    def command(
+        self, script: str, *, as_root: bool = True, stdin: str | None = None
+    ) -> StringCommand:
+        """A shell script for an operation to yield: pyinfra runs it on its connection (with
+        `stdin`, which pyinfra never prints)."""
+        invocation = self.invocation(script, as_root=as_root, stdin=stdin)
         self.tally.commands += 1
         if invocation.stdin is None:
             return StringCommand(invocation.command)
         return StringCommand(invocation.command, _stdin=invocation.stdin)  # type: ignore[arg-type]
 
-    def run_over(self, host: Any, script: str, *, as_root: bool = True) -> tuple[bool, Any]:
+    def run_over(
+        self, host: Any, script: str, *, as_root: bool = True, stdin: str | None = None
+    ) -> tuple[bool, Any]:
         """Run a shell script now over pyinfra's connection to the machine (in a
-        FunctionCommand); pyinfra's success flag and output."""
-        invocation = self.invocation(script, as_root=as_root)
+        FunctionCommand), with `stdin`; pyinfra's success flag and output."""
+        invocation = self.invocation(script, as_root=as_root, stdin=stdin)
         self.tally.commands += 1
         return host.run_shell_command(StringCommand(invocation.command), _stdin=invocation.stdin)
 

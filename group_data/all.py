@@ -114,3 +114,35 @@ flake = "example"
 # sources_resync = False
 # Extra rsync options for the sources' transfers, e.g. ["--compress", "--bwlimit=5000"].
 # sources_rsync_options = []
+
+# Keys: secrets uploaded out of band (never through a Nix store), colmena's deployment.keys:
+# name -> key, e.g.
+#   keys = {
+#       "db-password": {"age_file": "secrets/db-password.age", "owner": "postgres"},
+#       "api-token": {"command": "pass show fleet/api-token", "mode": "0440", "group": "web"},
+#   }
+# Fields: age_file or command (the content), destination (/run/keys/<name>), owner (root),
+# group (root; wheel on darwin), mode ("0400"), upload ("pre-activation" or "post-activation").
+# Merged by name like sources; README.md "Keys" says more.
+# keys = {}
+# The operator's age identity file that decrypts the keys' age files (relative to the
+# repository; ~ is the home directory).
+# age_identity = None
+
+# Machine identities (agenix, sops-nix): each machine's SSH host key and the admins' age keys,
+# which age files (relative to the rules file) which machines and roles may read, and a
+# .sops.yaml to write creation rules into (None: none). deploy/recipients.py updates them.
+# recipients_file = "secrets/recipients.yaml"
+# secrets_rules = "secrets/rules.yaml"
+# sops_config = None
+
+# Generated vars (clan's model): name -> generator, e.g.
+#   generators = {"api-token": {"files": {"token": {}}, "share": True,
+#                               "script": "openssl rand -hex 16 > $out/token"}}
+# Fields: files (name -> {"secret": True or False}), script, prompts, dependencies, share.
+# README.md "Generated vars" says more.
+# generators = {}
+# Where they are kept (None: the flake's vars/), and which to run again (with what depends on
+# them), e.g. --data 'regenerate=["wireguard"]'.
+# vars_dir = None
+# regenerate = []

@@ -305,6 +305,14 @@ def ensure_deploy_user(password_hash: str | None) -> None:
             log(f"usermod deploy failed ({code})")
 
 
+def name_root_group_wheel() -> None:
+    """On a darwin machine, group 0 is `wheel`, as on macOS (there is no group `root`)."""
+    if any(line.startswith("root:") for line in Path("/etc/group").read_text().splitlines()):
+        code = run(["/usr/sbin/groupmod", "--new-name", "wheel", "root"])
+        if code != 0:
+            log(f"groupmod root -> wheel failed ({code})")
+
+
 def boot_system() -> None:
     """Stage 2: activate the system the bootloader selected, if there is one. A Mac has no
     bootloader entry: nix-darwin's activate-system daemon links what its profile selects."""
@@ -436,6 +444,8 @@ def main(argv: list[str]) -> int:
     boot_id = set_identity(name, mac=nix_off_path)
     log(f"{name} booting, boot id {boot_id}")
     ensure_deploy_user(password_hash)
+    if nix_off_path:
+        name_root_group_wheel()
     return supervise(name, nix_bin, start_services(nix_bin))
 
 

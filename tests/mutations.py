@@ -45,6 +45,9 @@ UPSTREAM = "tests/integration/test_upstream.py"
 HOME = "tests/integration/test_home_manager.py"
 DARWIN = "tests/integration/test_darwin_activation.py"
 WINDOWS = "tests/integration/test_confirmation_windows.py"
+KEYS = "tests/integration/test_keys.py"
+RECIPIENTS = "tests/integration/test_recipients.py"
+VARS = "tests/integration/test_vars.py"
 
 
 @dataclass(frozen=True)
@@ -256,6 +259,106 @@ MUTATIONS = [
         ":",
         (WINDOWS, "-k", "fast_machine"),
     ),
+    Mutation(
+        "keys: content on the upload's command line",
+        "operations/keys.py",
+        "script, content = keys.upload_script(changes), keys.upload_input(changes)",
+        "content = keys.upload_input(changes)\n"
+        "    script = \"k='\" + content.replace('\\n', ' ') + \"'; \"\n"
+        "    script += keys.upload_script(changes)",
+        (KEYS,),
+    ),
+    Mutation(
+        "keys: digest not compared (every deploy uploads)",
+        "flakefleet/keys.py",
+        "and there.digest == key.digest",
+        "and there.digest == key.digest + 'x'",
+        (KEYS,),
+    ),
+    Mutation(
+        "keys: a missing file not noticed (reboot)",
+        "flakefleet/keys.py",
+        "== (key.permissions, key.owner, key.group)",
+        "!= (None,)",
+        (KEYS,),
+    ),
+    Mutation(
+        "keys: undeclared keys stay",
+        "flakefleet/keys.py",
+        "if name not in declared",
+        "if False",
+        (KEYS,),
+    ),
+    Mutation(
+        "keys: a missing owner skipped (colmena's uploader)",
+        "flakefleet/keys.py",
+        '{files} 2>/dev/null || "',
+        '{files} 2>/dev/null; true || "',
+        (KEYS,),
+    ),
+    Mutation(
+        "keys: age's failure ignored",
+        "flakefleet/keys.py",
+        "    if completed.returncode != 0:\n        reason = completed.stderr",
+        "    if False:\n        reason = completed.stderr",
+        (KEYS,),
+    ),
+    Mutation(
+        "keys: not uploaded again after the deploy's reboot",
+        "operations/keys.py",
+        'if "rebooted" not in Run.of(state).outcome(host.name).changed:',
+        "if True:",
+        (KEYS,),
+    ),
+    Mutation(
+        "recipients: a changed host key not refused",
+        "operations/recipients.py",
+        "if listed and known and known.split()[:2] != listed.split()[:2]:",
+        "if False:",
+        (RECIPIENTS,),
+    ),
+    Mutation(
+        "recipients: every file re-encrypted (agenix -r)",
+        "flakefleet/recipients.py",
+        "        if not right:\n            try:",
+        "        if True:\n            try:",
+        (RECIPIENTS,),
+    ),
+    Mutation(
+        "recipients: host keys not read again",
+        "operations/recipients.py",
+        'if found.machines.get(each.name, "").split()[:2] != key.split()[:2]:',
+        "if each.name not in found.machines:",
+        (RECIPIENTS,),
+    ),
+    Mutation(
+        "vars: what depends on a regenerated generator stays",
+        "flakefleet/vars.py",
+        "stale = any(dependency in ran for dependency in generator.dependencies)",
+        "stale = False",
+        (VARS,),
+    ),
+    Mutation(
+        "vars: generators run at every deploy",
+        "flakefleet/vars.py",
+        "if store.complete(machine, generator) and name not in regenerate and not stale:",
+        "if False:",
+        (VARS,),
+    ),
+    Mutation(
+        "vars: a shared generator encrypted to its first machine only",
+        "operations/keys.py",
+        "        if generator.share\n",
+        "        if False\n",
+        (VARS,),
+    ),
+    Mutation(
+        "recipients: generated vars not re-encrypted",
+        "operations/recipients.py",
+        "    files.update(_generated(run, settings, found))\n",
+        "",
+        (VARS,),
+    ),
 ]
 
 
@@ -393,14 +496,15 @@ def main() -> int:
         run_baseline(arguments.rev, {m.tests for m in mutations})
     if arguments.tests:
         mutations = [replace(m, tests=tuple(shlex.split(arguments.tests))) for m in mutations]
-    rows = [    Mutation(
-        "a Mac's boot identity read the Linux way only",
-        "facts/nix.py",
-        "2>/dev/null || sysctl -n kern.boottime | ",
-        "2>/dev/null || echo no-boot-id | ",
-        (UPSTREAM, "-k", "converge_first or mac_is_seen"),
-    ),
-]
+    rows = [
+        Mutation(
+            "a Mac's boot identity read the Linux way only",
+            "facts/nix.py",
+            "2>/dev/null || sysctl -n kern.boottime | ",
+            "2>/dev/null || echo no-boot-id | ",
+            (UPSTREAM, "-k", "converge_first or mac_is_seen"),
+        ),
+    ]
     for mutation in mutations:
         outcome = run_mutation(mutation, arguments.rev, arguments.full)
         rows.append((mutation, outcome))

@@ -57,6 +57,18 @@ fi
 mkdir -p "$run" /var/log /var/lib
 ln -sfn "$system" /run/current-system.new && mv -T /run/current-system.new /run/current-system
 
+# users.users: NixOS creates the system's accounts during activation, before its services
+# start (update-users-groups.pl, run by the activation script's `users` snippet).
+for user in @users@; do
+  grep -q "^$user:" /etc/passwd || /usr/sbin/useradd --system --no-create-home --user-group \
+    --shell /usr/sbin/nologin "$user" || { say "error: cannot create user $user"; exit 4; }
+done
+
+# /run/keys: NixOS mounts a ramfs there at boot, 0750 root:keys (tasks/filesystems.nix:
+# boot.specialFileSystems and its tmpfiles rule); services read their keys through group keys.
+grep -q "^keys:" /etc/group || /usr/sbin/groupadd --system keys
+[ -d /run/keys ] || install -d -m 0750 -g keys /run/keys
+
 # /etc: /etc/static points at this generation; managed files link through it.
 ln -sfn "$system/etc" /etc/static.new && mv -T /etc/static.new /etc/static
 for f in fleet-release motd; do ln -sfn "/etc/static/$f" "/etc/$f"; done

@@ -203,6 +203,7 @@ in
         page = "<html><body><h1>${host.name}</h1><p>version ${version}</p></body></html>\n";
         unitNames = builtins.concatStringsSep " " (map (role: "fleet_${role}") roleServices);
         sshDropIn = if withSshDropIn then sshDropIn else "";
+        peers = host.peers or "";  # the other machines' WireGuard public keys (generated vars)
       } // units) ''
         mkdir -p $out/www $out/vpn $out/systemd/system/multi-user.target.wants
         printf '%s' "$release" > $out/fleet-release
@@ -218,6 +219,7 @@ in
           mkdir -p $out/systemd/system/ssh.service.d
           printf '%s' "$sshDropIn" > $out/systemd/system/ssh.service.d/fleet.conf
         fi
+        printf '%s' "$peers" > $out/vpn/peers
       '';
       serviceEnv = builtins.listToAttrs (map
         (role: { name = "service_${role}"; value = "#!/bin/sh\n" + (services host).${role}; })
@@ -228,6 +230,8 @@ in
         failActivation = flag (host.failActivation or false);
         breakSsh = flag (host.breakSsh or false);
         activationDelay = toString (host.activationDelay or "");
+        # users.users: accounts the activation creates (NixOS's update-users-groups.pl).
+        users = builtins.concatStringsSep " " (host.users or [ ]);
       };
       # As in NixOS, the kernel, initrd and modules are store paths of their own, shared by
       # every generation with the same kernel: a switch that keeps them needs no reboot.

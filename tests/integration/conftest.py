@@ -8,6 +8,7 @@ flake.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -31,6 +32,23 @@ STATE = Path(os.environ.get("FLAKEFLEET_TEST_STATE", ROOT / ".testbed-tests"))
 PORT = os.environ.get("FLAKEFLEET_TEST_PORT", "22700")
 BIN = Path(sys.executable).parent
 DARWIN_NIX = "/nix/var/nix/profiles/default/bin"  # the only place a darwin machine has Nix
+
+
+class Hidden:
+    """A secret's bytes in a test: compared by content, shown only by length and digest, so a
+    failing assertion does not print it into the test report."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, content: bytes) -> None:
+        self.content = content
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Hidden) and other.content == self.content
+
+    def __repr__(self) -> str:
+        digest = hashlib.sha256(self.content).hexdigest()[:12]
+        return f"<secret: {len(self.content)} bytes, sha256 {digest}>"
 
 
 @dataclass
