@@ -70,7 +70,7 @@ class Run:
         self.verdicts: dict[tuple[str, str], Any] = {}  # (health gate, machine) -> Verdict
         self.sources: RunSources | SourcesInvalid | None = None  # checked at the first use
         self.keys: RunKeys | KeysInvalid | None = None  # checked and read at the first use
-        self.identities: list[str] | None = None  # host keys unlike the recipients file's
+        self.recipient_problems: list[str] | None = None  # host keys unlike the recipients file's
         self.build_slots = threading.BoundedSemaphore(os.cpu_count() or 2)  # local builds
         self.lock = threading.RLock()
         self._settings: dict[str, MachineSettings] = {}

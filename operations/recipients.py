@@ -31,11 +31,11 @@ def check() -> None:
     machine, with both fingerprints."""
     run = Run.of(state)
     with run.lock:
-        if run.identities is None:
-            run.identities = _changed(run)
-    if run.identities:
-        reasons = {line.split(":", 1)[0]: line.split(": ", 1)[1] for line in run.identities}
-        run.stop(run.identities, reasons, "not deployed: a machine's host key changed")
+        if run.recipient_problems is None:
+            run.recipient_problems = _changed(run)
+    if run.recipient_problems:
+        reasons = {line.split(":", 1)[0]: line.split(": ", 1)[1] for line in run.recipient_problems}
+        run.stop(run.recipient_problems, reasons, "not deployed: a machine's host key changed")
 
 
 def _changed(run: Run) -> list[str]:
@@ -64,9 +64,9 @@ def update() -> list[str]:
     age files the rules name, write the .sops.yaml rules; what changed, a line each."""
     run = Run.of(state)
     with run.lock:
-        if run.identities is None:
-            run.identities = _update(run)
-    return run.identities
+        if run.recipient_problems is None:
+            run.recipient_problems = _update(run)
+    return run.recipient_problems
 
 
 def _generated(run: Run, settings: Any, found: recipients.Recipients) -> dict[Path, list[str]]:
