@@ -163,9 +163,9 @@ def test_a_flake_in_git_builds_on_the_machine_as_evaluated_here(fleet, tmp_path)
     flake = tmp_path / "example"
     shutil.copytree(ROOT / "example", flake)
     text = (flake / "flake.nix").read_text()
-    plain = "make (hosts.${name} // { inherit name; })"
+    plain = "make (hosts.${name} // { inherit name; "
     assert plain in text
-    embeds = "make (hosts.${name} // { inherit name; packages = [ self ]; })"
+    embeds = "make (hosts.${name} // { inherit name; packages = [ self ]; "
     (flake / "flake.nix").write_text(text.replace(plain, embeds))
     new_version(flake, "vpn1")
     git = ["git", "-C", str(flake), "-c", "user.name=t", "-c", "user.email=t@t"]

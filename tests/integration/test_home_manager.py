@@ -25,7 +25,7 @@ from conftest import ROOT, Fleet, evaluate, running_fleet, set_host
 
 # Which kind of test machine runs which Nix (testbed: namespace machines run Debian's 2.8,
 # systemd machines trixie's 2.26).
-NIX = {"nix-2.8": False, "nix-2.26": True}
+NIX = {"nix-2.8": "2.8", "nix-2.26": "trixie"}  # the roster's `nix` knob
 USER = "deploy"
 OLD_PROFILES = f"/nix/var/nix/profiles/per-user/{USER}"
 NEW_PROFILES = f"/var/lib/{USER}/.local/state/nix/profiles"  # the test fleet's deploy's home
@@ -42,7 +42,7 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     """home1 alone, on the Nix the parameter names."""
     hosts = json.loads((ROOT / "example" / "hosts.json").read_text())
     roster = tmp_path_factory.mktemp("roster") / "hosts.json"
-    roster.write_text(json.dumps({"home1": {**hosts["home1"], "systemd": NIX[request.param]}}))
+    roster.write_text(json.dumps({"home1": {**hosts["home1"], "nix": NIX[request.param]}}))
     with running_fleet("--roster", str(roster)) as testbed:
         testbed.nix = request.param  # type: ignore[attr-defined]
         yield testbed
