@@ -57,8 +57,12 @@ def settings(repo: dict) -> tuple[str, ...]:
 
 
 def host_private_key(fleet: Fleet, machine: str) -> Path:
-    """The machine's own private host key, from the test fleet's state."""
-    found = list(fleet.state.glob(f"machines/{machine}/**/ssh/testbed/ssh_host_ed25519_key"))
+    """The machine's own private host key, from the test fleet's state (a namespace machine's
+    sshd has its own directory; a systemd machine's is /etc/ssh, in its root's layer)."""
+    found = [
+        *fleet.state.glob(f"machines/{machine}/**/ssh/testbed/ssh_host_ed25519_key"),
+        *fleet.state.glob(f"machines/{machine}/**/etc/ssh/ssh_host_ed25519_key"),
+    ]
     assert len(found) == 1, found
     return found[0]
 
