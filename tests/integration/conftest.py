@@ -274,3 +274,15 @@ def real_nix(directory: Path) -> Path:
     with tarfile.open(REAL_NIX) as archive:
         archive.extractall(directory, filter="data")
     return directory / "real-nix-2020"
+
+
+def host_private_key(fleet: Fleet, machine: str) -> Path:
+    """A test machine's own private SSH host key, from the test fleet's state: a namespace
+    machine's sshd has a directory of its own, a systemd machine's is /etc/ssh in its root's
+    layer."""
+    found = [
+        *fleet.state.glob(f"machines/{machine}/**/ssh/testbed/ssh_host_ed25519_key"),
+        *fleet.state.glob(f"machines/{machine}/**/etc/ssh/ssh_host_ed25519_key"),
+    ]
+    assert len(found) == 1, found
+    return found[0]

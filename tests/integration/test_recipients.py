@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Fleet, running_fleet
+from conftest import Fleet, host_private_key, running_fleet
 
 from flakefleet.recipients import fingerprint, ssh_to_age
 
@@ -54,17 +54,6 @@ def settings(repo: dict) -> tuple[str, ...]:
         "--data", f"sops_config={directory}/.sops.yaml",
         "--data", f"age_identity={repo['identity']}",
     )  # fmt: skip
-
-
-def host_private_key(fleet: Fleet, machine: str) -> Path:
-    """The machine's own private host key, from the test fleet's state (a namespace machine's
-    sshd has its own directory; a systemd machine's is /etc/ssh, in its root's layer)."""
-    found = [
-        *fleet.state.glob(f"machines/{machine}/**/ssh/testbed/ssh_host_ed25519_key"),
-        *fleet.state.glob(f"machines/{machine}/**/etc/ssh/ssh_host_ed25519_key"),
-    ]
-    assert len(found) == 1, found
-    return found[0]
 
 
 def host_public_key(fleet: Fleet, machine: str) -> str:

@@ -104,22 +104,6 @@ def test_a_switch_that_keeps_the_kernel_needs_no_reboot(fleet, flake):
     assert fleet.ssh("web1", BOOT_ID) != boot_id
 
 
-def test_a_mac_is_seen_back_after_a_reboot_by_its_boot_time(fleet, flake):
-    """A Mac has no boot id (the darwin test machine neither): the deployer tells the reboot
-    by `sysctl -n kern.boottime`, as macOS prints it."""
-    assert fleet.ssh("mac1", f"{BOOT_ID} 2>/dev/null; echo $?") == "1"
-    before = fleet.ssh("mac1", "sysctl -n kern.boottime")
-    assert re.fullmatch(r"\{ sec = \d+, usec = \d+ \} .+", before), before
-    set_host(flake, "mac1", version="rebooted")
-    try:
-        result = fleet.deploy(flake, "--limit", "mac1", "--data", "reboot=always")
-    finally:
-        set_host(flake, "mac1", version="1")
-    assert result.returncode == 0, result.output
-    assert "rebooted" in result.report["mac1"]["changed"], result.report["mac1"]
-    assert fleet.ssh("mac1", "sysctl -n kern.boottime") != before
-
-
 def test_a_container_system_needs_no_reboot(fleet, flake):
     """A toplevel without kernel, initrd and modules (boot.isContainer) on both sides: the
     kernel did not change, so reboot=when-needed does not reboot."""
@@ -243,3 +227,19 @@ def test_a_real_nix_darwin_evaluates_to_a_darwin_system(tmp_path):
         [*NIX, "show-derivation", system.drv], check=True, capture_output=True, text=True
     )
     assert [d["system"] for d in json.loads(shown.stdout).values()] == ["x86_64-darwin"]
+
+
+def test_a_mac_is_seen_back_after_a_reboot_by_its_boot_time(fleet, flake):
+    """A Mac has no boot id (the darwin test machine neither): the deployer tells the reboot
+    by `sysctl -n kern.boottime`, as macOS prints it."""
+    assert fleet.ssh("mac1", f"{BOOT_ID} 2>/dev/null; echo $?") == "1"
+    before = fleet.ssh("mac1", "sysctl -n kern.boottime")
+    assert re.fullmatch(r"\{ sec = \d+, usec = \d+ \} .+", before), before
+    set_host(flake, "mac1", version="rebooted")
+    try:
+        result = fleet.deploy(flake, "--limit", "mac1", "--data", "reboot=always")
+    finally:
+        set_host(flake, "mac1", version="1")
+    assert result.returncode == 0, result.output
+    assert "rebooted" in result.report["mac1"]["changed"], result.report["mac1"]
+    assert fleet.ssh("mac1", "sysctl -n kern.boottime") != before

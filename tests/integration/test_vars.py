@@ -15,7 +15,7 @@ from pathlib import Path
 import pexpect
 import pytest
 import yaml
-from conftest import BIN, ROOT, Fleet, Hidden, running_fleet
+from conftest import BIN, ROOT, Fleet, Hidden, host_private_key, running_fleet
 
 MACHINES = ("web1", "web2")
 GENERATORS = {
@@ -73,12 +73,6 @@ def plain(file: Path, identity: Path) -> Hidden | None:
     return Hidden(completed.stdout) if completed.returncode == 0 else None
 
 
-def host_key(fleet: Fleet, machine: str) -> Path:
-    found = list(fleet.state.glob(f"machines/{machine}/**/ssh/testbed/ssh_host_ed25519_key"))
-    assert len(found) == 1, found
-    return found[0]
-
-
 def on_machine(fleet: Fleet, machine: str, path: str) -> Hidden:
     return Hidden(fleet.ssh(machine, f"cat {path}").encode() + b"\n")
 
@@ -108,9 +102,12 @@ def test_generators_run_in_order_are_stored_encrypted_and_deployed(fleet, flake,
         other = next(m for m in MACHINES if m != machine)
         private = vars_dir / machine / "wireguard/private.age"
         # each machine's real host key reads its own secrets and the shared one, not another's
-        assert plain(private, host_key(fleet, machine)) == plain(private, identity)
-        assert plain(private, host_key(fleet, other)) is None
-        assert plain(vars_dir / "shared/api-token/token.age", host_key(fleet, machine)) == token
+        assert plain(private, host_private_key(fleet, machine)) == plain(private, identity)
+        assert plain(private, host_private_key(fleet, other)) is None
+        assert (
+            plain(vars_dir / "shared/api-token/token.age", host_private_key(fleet, machine))
+            == token
+        )
         public = (vars_dir / machine / "wireguard/public").read_text().splitlines()[1]
         env = plain(vars_dir / machine / "app-env/env.age", identity)
         assert env == Hidden(
@@ -213,7 +210,7 @@ def test_a_new_host_key_gets_the_machines_vars_reencrypted(fleet, flake, repo):
     """web1 reinstalled (a new host key): deploy/recipients.py re-encrypts its vars and the
     shared ones it reads to the new key; web2's own stay byte for byte."""
     before = snapshot(repo)
-    old = host_key(fleet, "web1")
+    old = host_private_key(fleet, "web1")
     kept = old.with_name("old-host-key")
     kept.write_bytes(old.read_bytes())
     fleet.testbed("stop", "web1")
@@ -229,7 +226,7 @@ def test_a_new_host_key_gets_the_machines_vars_reencrypted(fleet, flake, repo):
                        "web1/root-password/hash.age", "web1/ssh-host/key.age",
                        "web1/wireguard/private.age"], changed  # fmt: skip
     for name in changed:
-        assert plain(repo["vars"] / name, host_key(fleet, "web1")) is not None
+        assert plain(repo["vars"] / name, host_private_key(fleet, "web1")) is not None
         assert plain(repo["vars"] / name, kept) is None
     token = repo["vars"] / "shared/api-token/token.age"
-    assert plain(token, host_key(fleet, "web2")) == plain(token, repo["identity"])
+    assert plain(token, host_private_key(fleet, "web2")) == plain(token, repo["identity"])
