@@ -286,3 +286,12 @@ def host_private_key(fleet: Fleet, machine: str) -> Path:
     ]
     assert len(found) == 1, found
     return found[0]
+
+
+@contextlib.contextmanager
+def fleet_of(flake: Path, *machines: str) -> Iterator[Fleet]:
+    """A test fleet of only these machines of the flake (its hosts.json keeps only them)."""
+    hosts = json.loads((flake / "hosts.json").read_text())
+    (flake / "hosts.json").write_text(json.dumps({name: hosts[name] for name in machines}))
+    with running_fleet("--roster", str(flake / "hosts.json")) as testbed:
+        yield testbed

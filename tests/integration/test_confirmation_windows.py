@@ -7,13 +7,11 @@ web2 activates at once, web1 takes longer than the confirmation timeout.
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Fleet, evaluate, running_fleet, set_host
+from conftest import Fleet, evaluate, fleet_of, set_host
 from test_deploy import remote_state
 
 CONFIRM = 20  # seconds: time enough for the smoke checks on a busy machine
@@ -21,19 +19,9 @@ MACHINES = ("web1", "web2")
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    hosts = json.loads((ROOT / "example" / "hosts.json").read_text())
-    roster = tmp_path_factory.mktemp("roster") / "hosts.json"
-    roster.write_text(json.dumps({name: hosts[name] for name in MACHINES}))
-    with running_fleet("--roster", str(roster)) as testbed:
+def fleet(flake: Path) -> Iterator[Fleet]:
+    with fleet_of(flake, *MACHINES) as testbed:
         yield testbed
-
-
-@pytest.fixture(scope="module")
-def flake(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    copy = tmp_path_factory.mktemp("flake") / "example"
-    shutil.copytree(ROOT / "example", copy)
-    return copy
 
 
 def test_a_fast_machine_is_not_rolled_back_for_waiting_on_a_slow_one(fleet, flake):

@@ -12,13 +12,11 @@ mac1 logs in as `deploy`, whose sudo asks for a password, as in the default flee
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Fleet, evaluate, running_fleet, set_host
+from conftest import Fleet, evaluate, fleet_of, set_host
 
 STATE = (
     "readlink -f /run/current-system; readlink -f /nix/var/nix/profiles/system; "
@@ -28,19 +26,9 @@ STATE = (
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    hosts = json.loads((ROOT / "example" / "hosts.json").read_text())
-    roster = tmp_path_factory.mktemp("roster") / "hosts.json"
-    roster.write_text(json.dumps({"mac1": hosts["mac1"]}))
-    with running_fleet("--roster", str(roster)) as testbed:
+def fleet(flake: Path) -> Iterator[Fleet]:
+    with fleet_of(flake, "mac1") as testbed:
         yield testbed
-
-
-@pytest.fixture(scope="module")
-def flake(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    copy = tmp_path_factory.mktemp("flake") / "example"
-    shutil.copytree(ROOT / "example", copy)
-    return copy
 
 
 def state(fleet: Fleet) -> list[str]:

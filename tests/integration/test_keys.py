@@ -13,10 +13,11 @@ import os
 import re
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Fleet, Hidden, running_fleet, set_host
+from conftest import ROOT, Fleet, Hidden, fleet_of, set_host
 
 MACHINES = ("web1", "mac1")
 MANIFEST = "/var/lib/flakefleet/keys"
@@ -24,10 +25,8 @@ ROOT_GROUP = {"web1": "root", "mac1": "wheel"}  # macOS has no group root: gid 0
 
 
 @pytest.fixture(scope="module")
-def fleet(flake: Path) -> Fleet:
-    hosts = json.loads((flake / "hosts.json").read_text())
-    (flake / "hosts.json").write_text(json.dumps({name: hosts[name] for name in MACHINES}))
-    with running_fleet("--roster", str(flake / "hosts.json")) as testbed:
+def fleet(flake: Path) -> Iterator[Fleet]:
+    with fleet_of(flake, *MACHINES) as testbed:
         yield testbed
 
 

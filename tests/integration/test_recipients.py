@@ -9,13 +9,13 @@ The tests run in order on one fleet, in a scratch repository's `secrets/` (the w
 
 from __future__ import annotations
 
-import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Fleet, host_private_key, running_fleet
+from conftest import Fleet, fleet_of, host_private_key
 
 from flakefleet.recipients import fingerprint, ssh_to_age
 
@@ -23,10 +23,8 @@ MACHINES = ("web1", "web2", "db1")
 
 
 @pytest.fixture(scope="module")
-def fleet(flake: Path) -> Fleet:
-    hosts = json.loads((flake / "hosts.json").read_text())
-    (flake / "hosts.json").write_text(json.dumps({name: hosts[name] for name in MACHINES}))
-    with running_fleet("--roster", str(flake / "hosts.json")) as testbed:
+def fleet(flake: Path) -> Iterator[Fleet]:
+    with fleet_of(flake, *MACHINES) as testbed:
         yield testbed
 
 

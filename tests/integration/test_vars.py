@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
 import pytest
 import yaml
-from conftest import BIN, ROOT, Fleet, Hidden, host_private_key, running_fleet
+from conftest import BIN, ROOT, Fleet, Hidden, fleet_of, host_private_key
 
 MACHINES = ("web1", "web2")
 GENERATORS = {
@@ -40,10 +41,8 @@ GENERATORS = {
 
 
 @pytest.fixture(scope="module")
-def fleet(flake: Path) -> Fleet:
-    hosts = json.loads((flake / "hosts.json").read_text())
-    (flake / "hosts.json").write_text(json.dumps({name: hosts[name] for name in MACHINES}))
-    with running_fleet("--roster", str(flake / "hosts.json")) as testbed:
+def fleet(flake: Path) -> Iterator[Fleet]:
+    with fleet_of(flake, *MACHINES) as testbed:
         yield testbed
 
 
