@@ -18,7 +18,7 @@ from facts.nix import (
     needs_reboot_command,
 )
 from facts.sources import Sources
-from flakefleet import lock, sudo, worker
+from flakefleet import lock, services, sudo, worker
 from flakefleet.identity import MACHINE_ID_COMMAND
 from flakefleet.models import (
     BOOTED_SYSTEM,
@@ -244,3 +244,67 @@ class StatusSnapshot(RemoteFact[Standing]):
             failed_units=units,
             reboot_pending=reboot[-1:] == ["needed"],
         )
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What deploy/plan.py reads from a machine: its snapshot, and what `switch-to-configuration
+    dry-activate` of the new system says of services (None, with the reason in
+    `services_unknown`, where it was not asked)."""
+
+    machine: MachineState
+    services: dict[str, list[str]] | None = None
+    services_unknown: str | None = None
+    sudo_refusal: str | None = None  # why sudo would not run it (nothing was read)
+
+
+# Why dry-activate was not asked, by what the script printed instead.
+NOT_ASKED = {
+    "(runs it)": None,  # up to date: nothing to tell
+    "(absent)": "the new system is not on the machine yet: deploy/build.py copies it there",
+}
+
+
+class PlanSnapshot(RemoteFact[Planned]):
+    """The machine's snapshot, then, when `system` (a NixOS system's store path) is given and
+    the machine has it without running it, what its ``switch-to-configuration dry-activate``
+    prints, and ``(status N)``. Read as root: the keys' manifest is root's, and dry-activate
+    runs as root, as `nixos-rebuild dry-activate` runs it; it changes nothing."""
+
+    @staticmethod
+    def default() -> Planned:
+        return Planned(MachineState())
+
+    @staticmethod
+    def script(
+        profile: str = SYSTEM_PROFILE, running: str = RUNNING_SYSTEM, sources: str = "",
+        system: str = "",
+    ) -> str:  # fmt: skip
+        new = shlex.quote(system)
+        switch = f"{new}/bin/switch-to-configuration"
+        dry_activate = (
+            f'if [ "$(readlink -f {shlex.quote(running)})" = {new} ]; then echo "(runs it)"; '
+            f"elif [ ! -x {switch} ]; then echo '(absent)'; "
+            f'else {switch} dry-activate 2>&1; echo "(status $?)"; fi'
+        )
+        return f"{MachineSnapshot.script(profile, running, sources)}" + (
+            f"; echo '{SECTION}dry-activate'; {dry_activate}" if system else ""
+        )
+
+    def process(self, output: list[str]) -> Planned:
+        refusal = sudo_refusal(output[0].strip() if output else "")
+        if refusal:
+            return Planned(MachineState(), sudo_refusal=refusal)
+        marker = f"{SECTION}dry-activate"
+        at = next((i for i, line in enumerate(output) if line.strip() == marker), len(output))
+        machine = MachineSnapshot().process(output[:at])
+        told = [line.rstrip("\n") for line in output[at + 1 :]]
+        if at == len(output):
+            return Planned(machine)
+        last = told[-1].strip() if told else ""
+        if last in NOT_ASKED:
+            return Planned(machine, services_unknown=NOT_ASKED[last])
+        if last != "(status 0)":
+            failed = next((line for line in reversed(told[:-1]) if line.strip()), last)
+            return Planned(machine, services_unknown=f"dry-activate failed: {failed.strip()}")
+        return Planned(machine, services=services.told(told[:-1]))

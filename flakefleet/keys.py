@@ -111,6 +111,7 @@ class Key:
     origin: str
     content: bytes = field(repr=False)
     digest: str = ""  # keyed: see `digest`
+    unread: str | None = None  # why a plan did not read its content (then it has no digest)
 
     @property
     def permissions(self) -> str:
@@ -373,6 +374,23 @@ def changes_for(
     return Changes(tuple(write), tuple(remove))
 
 
+def plan(keys: Sequence[Key], on_machine: Mapping[str, KeyOnMachine]) -> list[str]:
+    """What a deploy would do to the machine's keys, by name only, as the plan says it.
+
+    Example: ``["would upload db-password", "would remove old-token",
+    "api-token: not known (its content comes from a command, which a plan does not run)"]``
+    """
+    known = [key for key in keys if key.unread is None]
+    changes = changes_for(known, on_machine, None, [key.name for key in keys])
+    said = []
+    if changes.write:
+        said.append("would upload " + ", ".join(key.name for key, _ in changes.write))
+    if changes.remove:
+        said.append("would remove " + ", ".join(name for name, _ in changes.remove))
+    said += [f"{key.name}: not known ({key.unread})" for key in keys if key.unread]
+    return said or ["all in place"]
+
+
 def temporary(destination: str) -> str:
     """Where a key is written before it is renamed over its destination (beside it)."""
     directory, _, name = destination.rpartition("/")
@@ -462,10 +480,16 @@ def upload_input(changes: Changes) -> str:
 
 
 class RunKeys:
-    """Every selected machine's keys, checked and read once, before any machine is contacted."""
+    """Every selected machine's keys, checked and read once, before any machine is contacted.
 
-    def __init__(self, root: Path) -> None:
+    For a plan (`planning`), a key's content is read only where that changes nothing: an age
+    file is decrypted, but no command runs and a generated secret not yet generated is not
+    made; such a key is kept with the reason (`Key.unread`) and no digest.
+    """
+
+    def __init__(self, root: Path, *, planning: bool = False) -> None:
         self.root = root
+        self.planning = planning
         self.machines: dict[str, tuple[Key, ...]] = {}
         self._secret = digest_key(root)
         self._contents: dict[tuple[str, ...], bytes] = {}  # an age file shared by machines
@@ -487,8 +511,13 @@ class RunKeys:
         for name, declared in merge(machine, found).items():
             spec, content_field = parse(machine, name, declared, root_group=root_group)
             origin = declared.origin(content_field)
+            unread = self._unread(content_field, spec[content_field])
             try:
-                content = self._content(machine, content_field, spec[content_field], identity)
+                content = (
+                    b""
+                    if unread
+                    else self._content(machine, content_field, spec[content_field], identity)
+                )
             except ContentError as error:
                 raise KeyProblem(machine, name, origin, str(error), content_field) from None
             key = Key(
@@ -500,8 +529,9 @@ class RunKeys:
                 upload=spec["upload"],
                 origin=declared.origin(),
                 content=content,
+                unread=unread,
             )
-            keys.append(replace(key, digest=digest(self._secret, key)))
+            keys.append(key if unread else replace(key, digest=digest(self._secret, key)))
         destinations = [key.destination for key in keys]
         for key in keys:
             if destinations.count(key.destination) > 1:
@@ -510,6 +540,16 @@ class RunKeys:
                     "destination",
                 )  # fmt: skip
         self.machines[machine] = tuple(sorted(keys, key=lambda key: key.name))
+
+    def _unread(self, kind: str, value: str) -> str | None:
+        """Why a plan leaves this content unread (None: it is read)."""
+        if not self.planning:
+            return None
+        if kind == "command":
+            return "its content comes from a command, which a plan does not run"
+        if kind == "var" and not (value in self._var_paths and self._var_paths[value].exists()):
+            return "its generated secret is not generated yet"
+        return None
 
     def _content(self, machine: str, kind: str, value: str, identity: str | None) -> bytes:
         if kind == "command":
@@ -536,11 +576,13 @@ def check_run(
     root: Path,
     machines: Sequence[tuple[str, Sequence[tuple[str, Mapping[str, Any]]], str | None, str]],
     var_paths: Mapping[str, Mapping[str, Path]] | None = None,
+    *,
+    planning: bool = False,
 ) -> RunKeys:
     """Check and read every machine's keys (name, data layers, `age_identity`, the group
-    root's files belong to there; `var_paths` by machine, see `RunKeys.add`); raises
-    KeysInvalid with every machine's first problem."""
-    keys = RunKeys(root)
+    root's files belong to there; `var_paths` by machine, see `RunKeys.add`; `planning`, see
+    `RunKeys`); raises KeysInvalid with every machine's first problem."""
+    keys = RunKeys(root, planning=planning)
     errors = []
     for machine, found, identity, root_group in machines:
         try:

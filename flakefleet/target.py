@@ -299,6 +299,20 @@ class Target:
         self.tally.commands += 1
         return host.get_fact(fact, invocation.command, _stdin=invocation.stdin)
 
+    def read_as_root(self, host: Any, fact: type[RemoteFact[T]], **arguments: Any) -> T:
+        """Read a fact as root, gated (see `invocation`): the sudo password is got first when
+        the run will need it from a command, or when sudo says it needs one (then the fact is
+        read again). Raises SudoError when no password can be had; else the fact's value says
+        why sudo refused, if it did (its `sudo_refusal`)."""
+        if self.needs_sudo and self.password_source:
+            self.obtain_password()  # on the controller: saves a round trip
+        found = self.read(host, fact, as_root=True, gate=True, **arguments)
+        refusal = getattr(found, "sudo_refusal", None)
+        if refusal and sudo.wants_password(refusal):
+            self.obtain_password()
+            found = self.read(host, fact, as_root=True, gate=True, **arguments)
+        return found
+
     # -- for other programs ------------------------------------------------------------------
 
     @property

@@ -23,17 +23,18 @@ from flakefleet.settings import layers
 from operations import recipients as identities
 
 
-def declared() -> tuple[Key, ...]:
+def declared(*, planning: bool = False) -> tuple[Key, ...]:
     """This machine's keys, checked and read on the controller.
 
     The first call of a run reads every selected machine's keys (decrypts the age files, runs
     the commands) before any machine is contacted; bad input stops the whole run with one line
-    per problem, naming the machine, the key, where it was declared and the field.
+    per problem, naming the machine, the key, where it was declared and the field. A plan
+    (`planning`) runs no command and generates nothing (see ``flakefleet.keys.RunKeys``).
     """
     session = Run.of(state)
     with session.lock:
         if session.keys is None:
-            session.keys = _check_selected(session)
+            session.keys = _check_selected(session, planning)
         checked = session.keys
     if isinstance(checked, KeysInvalid):
         reasons = {bad.machine: f"keys: {bad.detail}" for bad in checked.errors}
@@ -41,12 +42,12 @@ def declared() -> tuple[Key, ...]:
     return checked.machines[host.name]
 
 
-def _check_selected(session: Run) -> RunKeys | KeysInvalid:
+def _check_selected(session: Run, planning: bool) -> RunKeys | KeysInvalid:
     fleet = str(session.fleet_file)
     inventory = session.state.inventory
     machines = []
     problems: list[keys.KeyProblem] = []
-    generated, var_paths = _generate(session, problems)
+    generated, var_paths = _generate(session, problems, planning)
     for each in inventory.get_active_hosts():
         if each.name not in generated:
             continue  # its generators are bad: said above
@@ -69,18 +70,18 @@ def _check_selected(session: Run) -> RunKeys | KeysInvalid:
             (each.name, found, session.settings(each.name, keep=False).age_identity, root_group)
         )
     try:
-        checked = keys.check_run(session.cwd, machines, var_paths)
+        checked = keys.check_run(session.cwd, machines, var_paths, planning=planning)
     except KeysInvalid as error:
         return KeysInvalid([*problems, *error.errors])
     return KeysInvalid(problems) if problems else checked
 
 
 def _generate(
-    session: Run, problems: list[keys.KeyProblem]
+    session: Run, problems: list[keys.KeyProblem], planning: bool = False
 ) -> tuple[dict[str, tuple[str, dict]], dict[str, dict[str, Path]]]:
     """Run the generators every selected machine lacks (or is told to regenerate), before its
-    keys are read; each machine's generated keys as the lowest data layer, and where its
-    secret files are stored. Bad generators are added to `problems`."""
+    keys are read (none for a plan); each machine's generated keys as the lowest data layer,
+    and where its secret files are stored. Bad generators are added to `problems`."""
     fleet = str(session.fleet_file)
     inventory = session.state.inventory
     declared_by: dict[str, dict[str, vars.Generator]] = {}
@@ -103,11 +104,12 @@ def _generate(
         recipients_of = partial(_recipients_of, session, declared_by, admins, each.name)
         identity = settings.age_identity
         try:
-            vars.generate(
-                each.name, generators, store, recipients_of,
-                session.cwd / os.path.expanduser(identity) if identity else None,
-                settings.regenerate, done=made,
-            )  # fmt: skip
+            if not planning:
+                vars.generate(
+                    each.name, generators, store, recipients_of,
+                    session.cwd / os.path.expanduser(identity) if identity else None,
+                    settings.regenerate, done=made,
+                )  # fmt: skip
         except keys.KeyProblem as error:
             problems.append(error)
             continue

@@ -40,12 +40,15 @@ def preflight() -> MachineState | None:
         return None
     run.locks.add(host.name)  # before the preflight may take it: released at exit, whatever
     try:
-        if target.needs_sudo and target.password_source:
-            target.obtain_password()  # on the controller: saves a round trip
-        found = _read_preflight(run)
-        if found.sudo_refusal and sudo.wants_password(found.sudo_refusal):
-            target.obtain_password()
-            found = _read_preflight(run)
+        found = target.read_as_root(
+            host,
+            Preflight,
+            lock_dir=target.state_dir,
+            holder=str(run.deployer),
+            profile=target.profile,
+            running=target.running_link,
+            machine_id=_expected(run),
+        )
     except sudo.SudoError as error:
         _locked(run, str(error))
         return None
@@ -70,21 +73,6 @@ def _expected(run: Run) -> str:
     accepted = run.settings(host.name).accept_machine_id
     key = identity.host_key(host)
     return accepted or (run.identities.expected(host.name, key) if key else "")
-
-
-def _read_preflight(run: Run) -> PreflightState:
-    target = run.target(host.name)
-    return target.read(
-        host,
-        Preflight,
-        as_root=True,
-        gate=True,
-        lock_dir=target.state_dir,
-        holder=str(run.deployer),
-        profile=target.profile,
-        running=target.running_link,
-        machine_id=_expected(run),
-    )
 
 
 def hold(run: Run, found: PreflightState) -> bool:

@@ -13,41 +13,21 @@ from pyinfra import host, state
 from pyinfra.api import FunctionCommand, operation
 
 from facts.machine import Standing, StatusSnapshot
-from flakefleet import nix, sudo
+from flakefleet import nix
 from flakefleet.models import MachineClass
 from flakefleet.run import Run
 from flakefleet.status import render, status_of
 from operations.plan import WIDTH
-from operations.refuse import refuse
+from operations.refuse import read_as_root
 
 
 def read() -> Standing | None:
     """The machine's snapshot, deploy history and failed units; None when sudo refuses (the
     machine is failed with sudo's reason). A sudo password is asked for as a deploy asks."""
     target = Run.of(state).target(host.name)
-    try:
-        if target.needs_sudo and target.password_source:
-            target.obtain_password()
-        standing = _read()
-        if standing.sudo_refusal and sudo.wants_password(standing.sudo_refusal):
-            target.obtain_password()
-            standing = _read()
-    except sudo.SudoError as error:
-        refuse(name="Status", reason=str(error))
-        return None
-    if standing.sudo_refusal:
-        refuse(name="Status", reason=f"sudo refused to read the status: {standing.sudo_refusal}")
-        return None
-    return standing
-
-
-def _read() -> Standing:
-    target = Run.of(state).target(host.name)
-    return target.read(
-        host,
+    return read_as_root(
+        "Status",
         StatusSnapshot,
-        as_root=True,
-        gate=True,
         profile=target.profile,
         running=target.running_link,
         history=target.history,

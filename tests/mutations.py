@@ -176,6 +176,20 @@ MUTATIONS = [
         (SYSTEMD, "-k", "runs_as_a_unit or fails_shows"),
     ),
     Mutation(
+        "the plan never asks dry-activate",
+        "operations/plan.py",
+        "            new = run.builds.system(host.name).out",
+        '            new = ""',
+        (SYSTEMD, "-k", "runs_as_a_unit or plan_tells"),
+    ),
+    Mutation(
+        "the plan runs key commands",
+        "flakefleet/keys.py",
+        "        if not self.planning:\n            return None\n",
+        "        return None\n",
+        (KEYS, "-k", "baseline or arrive or plan_names"),
+    ),
+    Mutation(
         "a systemd machine's journal stays off its console",
         "testbed/template.py",
         "ForwardToConsole=yes",

@@ -101,12 +101,17 @@ for unit in $(unit_names); do
   fi
 done
 
+# Upstream's list: sorted case-insensitively, joined with ", " ("a.service, b.service").
+listed() {
+  printf '%s\n' $1 | sort -f | sed ':a;N;$!ba;s/\n/, /g'
+}
+
 if [ "$1" = dry-activate ]; then
-  [ -z "$stop" ] || echo "would stop the following units:$stop" >&2
+  [ -z "$stop" ] || echo "would stop the following units: $(listed "$stop")" >&2
   echo "would activate the configuration..." >&2
   "$system/activate" dry-activate || true
-  [ -z "$restart" ] || echo "would restart the following units:$restart" >&2
-  [ -z "$start" ] || echo "would start the following units:$start" >&2
+  [ -z "$restart" ] || echo "would restart the following units: $(listed "$restart")" >&2
+  [ -z "$start" ] || echo "would start the following units: $(listed "$start")" >&2
   exit 0
 fi
 

@@ -239,6 +239,35 @@ def test_a_no_op_redeploy_with_keys_costs_no_extra_ssh_command(fleet, flake, age
         assert fleet.sessions(machine) - before[machine] == age["baseline"][machine], machine
 
 
+def test_the_plan_names_the_keys_that_would_change_and_runs_no_command(fleet, flake, age):
+    """mac1's manifest is root's: the plan reads it through sudo with the password, as a
+    deploy does. A changed age file's key would be uploaded, a key no longer declared removed,
+    a command's key is not known: the plan runs no command. Nothing changes."""
+    ran = Path(age["dir"]) / "command-ran"
+    changed = encrypt(Path(age["identity"]), b"another secret", Path(age["dir"]) / "new.age")
+    keys = {
+        "app-token": {**standard_keys(age)["app-token"], "age_file": str(changed)},
+        "probe": {"command": f"touch {ran}; echo probe"},
+    }
+    before = {machine: fleet.ssh(machine, f"cat {MANIFEST}; ls -lR /run/keys /var/lib/app")
+              for machine in MACHINES}  # fmt: skip
+
+    result = fleet.deploy(flake, *keys_data(age, keys), deploy_file="deploy/plan.py")
+
+    assert result.returncode == 0, result.output
+    for machine in MACHINES:
+        said = [line.strip() for line in result.report[machine]["plan"]]
+        assert [line for line in said if line.startswith("keys: ")] == [
+            "keys: would upload app-token",
+            "keys: would remove blob",
+            "keys: probe: not known (its content comes from a command, which a plan does not run)",
+        ], said
+        after = fleet.ssh(machine, f"cat {MANIFEST}; ls -lR /run/keys /var/lib/app")
+        assert after == before[machine], machine
+    assert not ran.exists()
+    assert str(age["secret"]) not in result.output
+
+
 @pytest.mark.parametrize("damage", ["tampered", "truncated", "stranger"])
 def test_a_bad_age_file_stops_the_run_before_any_upload(fleet, flake, age, damage):
     good = Path(age["token"]).read_bytes()

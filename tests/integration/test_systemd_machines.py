@@ -117,6 +117,32 @@ def test_dry_activate_says_what_would_change_and_changes_nothing(fleet, flake):
     assert (after["current"], after["profile"]) == (state["current"], state["profile"])
 
 
+def test_the_plan_tells_what_a_switch_would_do_to_services(fleet, flake):
+    """web1 gains the vpn role. Before its new system is on web1 the plan says it cannot tell;
+    once deploy/build.py put it there, dry-activate tells: fleet-vpn.service would start. The
+    plan changes nothing (systems, units, no lock)."""
+    set_host(flake, "web1", roles=["web", "vpn"])
+    try:
+        first = fleet.deploy(flake, "--limit", "web1", deploy_file="deploy/plan.py")
+        assert first.returncode == 0, first.output
+        absent = "services: not known (the new system is not on the machine yet: "
+        assert any(line.strip().startswith(absent) for line in first.report["web1"]["plan"])
+        built = fleet.deploy(flake, "--limit", "web1", deploy_file="deploy/build.py")
+        assert built.returncode == 0, built.output
+        before, units = remote_state(fleet, "web1"), unit(fleet, "web1")
+        second = fleet.deploy(flake, "--limit", "web1", deploy_file="deploy/plan.py")
+        assert second.returncode == 0, second.output
+        said = [line.strip() for line in second.report["web1"]["plan"]]
+        told = [line for line in said if line.startswith("services: ")]
+        assert told == ["services: would start fleet-vpn.service"], said
+        assert remote_state(fleet, "web1") == before
+        assert unit(fleet, "web1") == units
+        assert unit(fleet, "web1", "fleet-vpn.service")["ActiveState"] == "inactive"
+        assert fleet.ssh("web1", "ls -d /run/flakefleet/lock 2>/dev/null || true") == ""
+    finally:
+        set_host(flake, "web1", roles=["web"])
+
+
 def test_a_unit_that_fails_shows_in_the_checks_and_rolls_back(fleet, flake):
     """The service crashes a second after the switch started it: switch-to-configuration's own
     check is over by then; the smoke check `systemctl --failed` sees it, and the deploy rolls

@@ -105,6 +105,40 @@ def test_keys_are_read_once_per_file_and_bad_files_name_file_and_machine(tmp_pat
     )
 
 
+def test_a_plan_reads_age_files_but_runs_no_command_and_generates_nothing(tmp_path, identity):
+    encrypt_to(identity, b"pw", tmp_path / "db.age")
+    ran = tmp_path / "ran"
+    found = layers(("--data", {"db": {"age_file": "db.age"},
+                               "token": {"command": f"touch {ran}; echo t"}}),
+                   ("group_data/vpn.py", {"wg": {"var": "wireguard/private"}}))  # fmt: skip
+    var_paths = {"web1": {"wireguard/private": tmp_path / "vars" / "private.age"}}
+    checked = keys.check_run(
+        tmp_path, [("web1", found, str(identity), "root")], var_paths, planning=True
+    )
+    db, token, wg = checked.machines["web1"]
+    assert db.content == b"pw" and db.unread is None and db.digest
+    assert token.unread == "its content comes from a command, which a plan does not run"
+    assert wg.unread == "its generated secret is not generated yet"
+    assert (token.digest, wg.digest) == ("", "")
+    assert not ran.exists()
+    assert keys.plan([db, token, wg], {}) == [
+        "would upload db",
+        "token: not known (its content comes from a command, which a plan does not run)",
+        "wg: not known (its generated secret is not generated yet)",
+    ]
+    keys.check_run(tmp_path, [("web1", found[:1], str(identity), "root")])
+    assert ran.exists()  # a deploy runs it
+
+
+def test_the_plan_of_keys_names_uploads_and_removals_only():
+    db = key("db")
+    there = KeyOnMachine(db.digest, db.destination, "-r--------", "root", "root")
+    old = KeyOnMachine("x", "/run/keys/old", "-r--------", "root", "root")
+    assert keys.plan([db], {"db": there}) == ["all in place"]
+    assert keys.plan([db], {"db": there, "old": old}) == ["would remove old"]
+    assert keys.plan([key("db", content=b"new")], {"db": there}) == ["would upload db"]
+
+
 def key(name: str = "db", content: bytes = b"pw", **fields) -> keys.Key:
     values = {"destination": f"/run/keys/{name}", "owner": "root", "group": "root",
               "mode": 0o400, "upload": keys.Upload.PRE_ACTIVATION, "origin": "--data"}  # fmt: skip
