@@ -9,18 +9,12 @@ Without `update_commit`, the new lock file stays in the work tree, uncommitted: 
 it is, commit it yourself, or `git checkout flake.lock` to drop it.
 """
 
-from pyinfra import state
+from pyinfra import local, state
 
 from flakefleet.run import Run
-from operations import closure, plan, sources
 
 run = Run.of(state)
 run.check_settings(locks_too=False)  # every machine's settings; the lock files come next
 run.update_inputs()  # once per flake, before anything is evaluated
-run.check_settings()  # the new lock files, before any machine is contacted
 
-machine = plan.read_state()  # systems and generations: one round trip
-target = closure.evaluate(machine)  # one Nix evaluation for all machines
-
-if target is not None:
-    plan.show(name="Plan", system=target, machine=machine, wanted=sources.declared(commands=False))
+local.include("deploy/plan.py")  # checks the new lock files, then plans with them

@@ -7,8 +7,10 @@ The tests run in order on one fleet: each starts from the state the previous one
 from __future__ import annotations
 
 import re
+import subprocess
+from xml.etree import ElementTree
 
-from conftest import evaluate, profile_of, set_host, sources_of
+from conftest import BIN, ROOT, evaluate, profile_of, set_host, sources_of
 
 
 def remote_state(fleet, machine: str) -> dict[str, str]:
@@ -56,6 +58,46 @@ def test_second_deploy_changes_nothing(fleet, flake):
     for machine in fleet.machines:
         assert result.status(machine) == "unchanged", result.report[machine]
         assert remote_state(fleet, machine) == before[machine]
+
+
+def test_smoke_checks_cost_one_round_trip_a_machine_once_recorded(fleet, tmp_path):
+    """The commands each machine's checks asked are recorded; the next run sends them in one
+    batch per machine, with the same verdicts. Each answer is this run's own: web2's service
+    stopped between runs fails its checks."""
+
+    def checks() -> tuple[int, dict[str, int], dict[str, str]]:
+        before = {machine: fleet.sessions(machine) for machine in fleet.machines}
+        junit = tmp_path / "junit.xml"
+        done = subprocess.run(
+            [str(BIN / "pytest"), "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "smoke"),
+             "--fleet", str(fleet.fleet_file), f"--junitxml={junit}"],
+            cwd=tmp_path, env=fleet.env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        spent = {machine: fleet.sessions(machine) - before[machine] for machine in fleet.machines}
+        verdicts = {
+            case.get("name", ""): next(
+                (child.tag for child in case if child.tag in ("failure", "error", "skipped")),
+                "passed",
+            )
+            for case in ElementTree.parse(junit).iter("testcase")
+        }
+        return done.returncode, spent, verdicts
+
+    status, alone, verdicts = checks()
+    assert status == 0 and all(count > 2 for count in alone.values()), alone
+    assert (tmp_path / ".flakefleet" / "checks" / "web1.json").exists()
+    status, batched, again = checks()
+    assert status == 0 and batched == dict.fromkeys(fleet.machines, 1), batched
+    assert again == verdicts
+    fleet.ssh("web2", "systemctl stop fleet-web.service")
+    try:
+        status, batched, stopped = checks()
+    finally:
+        fleet.ssh("web2", "systemctl start fleet-web.service")
+    assert status != 0
+    changed = sorted(name for name, verdict in stopped.items() if verdict != verdicts[name])
+    assert changed == ["test_page_is_this_machines[web2]", "test_service_answers[web2]"], stopped
+    assert {stopped[name] for name in changed} == {"failure"}
 
 
 def test_changing_one_machine_redeploys_only_that_machine(fleet, flake):

@@ -30,9 +30,13 @@ from pyinfra.context import ctx_state
 from pyinfra_cli.inventory import make_inventory
 
 from flakefleet.fleet import Machine, load_fleet
+from flakefleet.prefetch import Prefetch
+from flakefleet.sources.model import STATE_DIR
 from flakefleet.target import Target
 
 PROJECT = Path(__file__).resolve().parents[2]
+# Where each machine's check commands are recorded: the deploy runs the checks in the repository.
+CHECKS_RECORD = Path(STATE_DIR) / "checks"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -122,16 +126,53 @@ def _control_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def _batches() -> Iterator[dict[str, Prefetch]]:
+    """Each machine's check commands, batched (``flakefleet.prefetch``); recorded at the end
+    for the next run."""
+    batches: dict[str, Prefetch] = {}
+    yield batches
+    for name, batch in batches.items():
+        batch.record(CHECKS_RECORD, name)
+
+
 @pytest.fixture(scope="module")
-def host(machine: dict[str, Any], _control_dir: Path) -> Any:
-    """A testinfra host reached with the same address, key and known_hosts as the deploy."""
+def host(machine: dict[str, Any], _control_dir: Path, _batches: dict[str, Prefetch]) -> Any:
+    """A testinfra host reached with the same address, key and known_hosts as the deploy; its
+    commands go through the machine's batch (one round trip for those asked last run)."""
+    name = machine["name"]
     options = [
-        *Target.from_data(machine["name"], machine).ssh_options(),
+        *Target.from_data(name, machine).ssh_options(),
         "-o", "ControlMaster=auto",
-        "-o", f"ControlPath={_control_dir / machine['name']}",
+        "-o", f"ControlPath={_control_dir / name}",
         "-o", "ControlPersist=60",
     ]  # fmt: skip
-    return testinfra.get_host(
+    found = testinfra.get_host(
         f"ssh://{machine['ssh_user']}@{machine['ssh_hostname']}",
         ssh_extra_args=shlex.join(options),
     )
+    if name not in _batches:
+        _batches[name] = Prefetch(Prefetch.recorded(CHECKS_RECORD, name))
+    _through(found.backend, _batches[name])
+    return found
+
+
+def _through(backend: Any, batch: Prefetch) -> None:
+    """Send the backend's commands through `batch` (once: testinfra reuses its hosts)."""
+    if getattr(backend, "flakefleet_batch", None) is batch:
+        return
+    send_alone = backend.run_ssh
+    if hasattr(backend, "flakefleet_batch"):
+        send_alone = backend.flakefleet_send_alone
+
+    def send(script: str) -> tuple[int, bytes, bytes]:
+        result = send_alone(script)
+        return result.rc, result.stdout_bytes, result.stderr_bytes
+
+    def run_ssh(command: str) -> Any:
+        status, stdout, stderr = batch.answer(command, send)
+        return backend.result(status, backend.encode(command), stdout, stderr)
+
+    backend.flakefleet_send_alone = send_alone
+    backend.flakefleet_batch = batch
+    backend.run_ssh = run_ssh

@@ -1,0 +1,59 @@
+"""Smoke-check commands batched into one round trip (flakefleet.prefetch), with a real shell
+standing in for the machine's: each answer must be what the command alone would have said."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from flakefleet.prefetch import Prefetch, batch_script, parse_batch
+
+
+def alone(script: str) -> tuple[int, bytes, bytes]:
+    done = subprocess.run(["sh", "-c", script], capture_output=True, stdin=subprocess.DEVNULL)
+    return done.returncode, done.stdout, done.stderr
+
+
+COMMANDS = [
+    "echo one",
+    "printf 'two\\n' >&2; exit 3",
+    "cat",  # no standard input: it ends at once
+    "printf 'no newline'",
+    "head -c 300 /dev/zero",  # bytes, not lines
+    "exit 0 # a comment that would swallow a closing parenthesis",
+]
+
+
+def test_recorded_commands_are_answered_from_one_round_trip_as_alone():
+    sent: list[str] = []
+
+    def send(script: str) -> tuple[int, bytes, bytes]:
+        sent.append(script)
+        return alone(script)
+
+    batch = Prefetch(COMMANDS)
+    assert [batch.answer(command, send) for command in COMMANDS] == [alone(c) for c in COMMANDS]
+    assert len(sent) == 1 and batch.round_trips == 1
+    assert batch.answer("echo new", send) == (0, b"new\n", b"")  # not recorded: alone
+    assert batch.answer("echo one", send) == (0, b"one\n", b"")  # its batch answer is used up
+    assert len(sent) == 3
+
+
+def test_answers_come_from_this_run_and_the_record_follows_what_was_asked(tmp_path: Path):
+    state = tmp_path / "state"
+    state.write_text("old")
+    first = Prefetch(Prefetch.recorded(tmp_path, "web1"))  # nothing recorded: one by one
+    assert first.answer(f"cat {state}", alone) == (0, b"old", b"")
+    first.record(tmp_path, "web1")
+    state.write_text("new")
+    second = Prefetch(Prefetch.recorded(tmp_path, "web1"))
+    assert second.expected == [f"cat {state}"]
+    assert second.answer(f"cat {state}", alone) == (0, b"new", b"")
+
+
+def test_a_batch_cut_short_leaves_the_rest_to_run_alone():
+    status, output, _ = alone(batch_script(COMMANDS))
+    assert status == 0
+    assert len(parse_batch(output, len(COMMANDS))) == len(COMMANDS)
+    assert len(parse_batch(output[:12], len(COMMANDS))) == 1  # "0 4 0\none\n" then cut
+    assert parse_batch(b"ssh: connect refused\n", 3) == []
