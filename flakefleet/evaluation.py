@@ -93,6 +93,7 @@ class Workers:
     slots: threading.BoundedSemaphore = field(init=False)
     evaluated: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    said: set[str] = field(default_factory=set)  # Nix's warnings, each shown once
 
     def __post_init__(self) -> None:
         self.slots = threading.BoundedSemaphore(self.count)
@@ -175,8 +176,9 @@ class Evaluation:
                 traced = nix.evaluate_traced(self.flake, chunk, self.options)
             except (nix.NixError, OSError) as error:  # e.g. a Nix option's command failed
                 traced = nix.Traced(error=str(error))
-            for warning in traced.warnings:
-                _say_once(warning)
+            for warning in set(traced.warnings) - self.workers.said:
+                self.workers.said.add(warning)
+                print(warning, file=sys.stderr)
             if traced.error is None:
                 self.workers.evaluated.extend(traced.systems)
                 if self._cache and before is not None:
@@ -223,15 +225,6 @@ class Evaluation:
             f"{self.workers.chunk} a chunk), {reused} unchanged since their last evaluation",
             file=sys.stderr,
         )
-
-
-_said: set[str] = set()
-
-
-def _say_once(line: str) -> None:
-    if line not in _said:
-        _said.add(line)
-        print(line, file=sys.stderr)
 
 
 def evaluate_systems(
