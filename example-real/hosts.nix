@@ -1,6 +1,23 @@
 # The fleet: each host's class, platform, roles and meta (seed 004's `meta`: what every module
-# of the host may read). A host's own settings are in hosts/<name>/.
-{
+# of the host may read). A host's own settings are in hosts/<name>/; the generated ones (for
+# measuring evaluation at fleet scale: bench/evaluation.py) share hosts/generated/.
+let
+  # 30 NixOS machines named by their first role and number (web-01, db-02, cache-03, ...), with
+  # the roles' real services in turn: nginx, PostgreSQL, Redis, Prometheus with exporters.
+  roleSets = [ [ "web" ] [ "db" ] [ "cache" "web" ] [ "monitor" ] [ "builder" ] [ "db" "monitor" ] ];
+  pad = n: if n < 10 then "0${toString n}" else toString n;
+  generated = n:
+    let roles = builtins.elemAt roleSets (builtins.sub n 1 - 6 * ((n - 1) / 6)); in {
+      name = "${builtins.head roles}-${pad n}";
+      value = {
+        class = "nixos";
+        dir = "generated";
+        inherit roles;
+        meta = { users = [ "alice" ]; };
+      };
+    };
+in
+builtins.listToAttrs (builtins.genList (i: generated (i + 1)) 30) // {
   web1 = {
     class = "nixos";
     roles = [ "web" ];

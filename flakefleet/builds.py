@@ -1,10 +1,12 @@
 """One evaluation, one build per place, and one upload per path for all selected machines.
 
 A deploy file runs once per machine, but Nix is fastest when asked once: the first machine to
-ask for its system evaluates every selected machine that shares its flake and Nix settings;
-the first to need a build builds every machine of that batch that is built in the same place
-(`build_on`); the first to copy signs every closure of the batch, and the first to use a cache
-uploads every closure that goes through it.
+ask for its system starts the evaluation of every selected machine that shares its flake and
+Nix settings (in chunks, by the run's workers, from the cache where nothing changed: see
+`flakefleet.evaluation`), and each machine waits for its own; the first to need a build builds
+every machine of that batch that is built in the same place (`build_on`); the first to copy
+signs every closure of the batch, and the first to use a cache uploads every closure that goes
+through it.
 
 Where a system is built (`build_on`, per machine or group):
 
@@ -32,6 +34,7 @@ from urllib.parse import urlsplit
 
 from flakefleet import cache as caches
 from flakefleet import nix, remote_nix, signing
+from flakefleet.evaluation import CACHE, Evaluation, Workers, default_workers
 from flakefleet.fleet import fleet_state_name
 from flakefleet.target import Target, Unreachable
 
@@ -106,7 +109,9 @@ class _Batch:
     flake: nix.Flake
     options: dict[str, str | nix.FromCommand]
     attributes: dict[str, nix.Attributes]
-    systems: dict[str, nix.System] | None = None
+    cached: bool = True  # evaluations reuse what the cache has (`eval_cache`)
+    evaluation: Evaluation | None = None
+    systems: dict[str, nix.System] | None = None  # the evaluation's, as they arrive
     needed: set[str] = field(default_factory=set)
     attempted: set[str] = field(default_factory=set)
     build_log: str = ""
@@ -134,6 +139,7 @@ class FleetBuilds:
         self._by_machine: dict[str, _Batch] = {}
         self._pushed: dict[caches.Cache, set[str]] = {}
         self._lock = threading.Lock()
+        self.workers: Workers | None = None  # the run's evaluation workers (first machine's)
 
     def add(self, name: str) -> None:
         """Register a selected machine before any evaluation."""
@@ -144,7 +150,10 @@ class FleetBuilds:
         with self._lock:
             if name in self._by_machine:
                 return
-            batch = self._batches.setdefault(key, _Batch(flake, options, {}))
+            if self.workers is None:
+                chunk = settings.eval_chunk
+                self.workers = Workers(settings.eval_workers or default_workers(chunk), chunk)
+            batch = self._batches.setdefault(key, _Batch(flake, options, {}, settings.eval_cache))
             batch.attributes[name] = nix.configuration_attribute(
                 target.machine_class, settings.flake_attribute or name, target.user
             )
@@ -174,13 +183,14 @@ class FleetBuilds:
         """The machine's evaluated system; raises NixError if it does not evaluate."""
         batch = self._by_machine[name]
         with batch.lock:
-            if batch.systems is None:
-                batch.systems = nix.evaluate_systems(batch.flake, batch.attributes, batch.options)
-        if name not in batch.systems:
-            attribute = nix.describe_attribute(batch.attributes[name])
-            reason = nix.evaluation_error(batch.flake, batch.attributes[name], batch.options)
-            raise nix.NixError(f"evaluation of {attribute} failed: {reason}")
-        return batch.systems[name]
+            if batch.evaluation is None:
+                assert self.workers is not None
+                cache = self.cwd / CACHE if batch.cached else None
+                batch.evaluation = Evaluation(
+                    batch.flake, batch.options, batch.attributes, self.workers, cache
+                ).start()
+                batch.systems = batch.evaluation.systems
+        return batch.evaluation.result(name)
 
     def attributes(self, name: str) -> nix.Attributes:
         return self._by_machine[name].attributes[name]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,37 +148,6 @@ def describe_attribute(alternatives: Sequence[Sequence[str]]) -> str:
 Attributes = Sequence[Sequence[str]]  # alternative attribute paths of one system
 
 
-def evaluate_systems(
-    flake: Flake | Path, attributes: Mapping[str, Attributes], options: Options
-) -> dict[str, System]:
-    """Evaluate many machines' systems in one Nix evaluation.
-
-    If the batch fails, each machine is evaluated alone so the error names the machine; the
-    machines that do evaluate are returned, the others raise from `System` lookups by the caller.
-    """
-    try:
-        return _evaluate(flake, attributes, options)
-    except CommandError as error:
-        if len(attributes) == 1:
-            raise NixError(f"evaluation failed: {_nix_error(error.output)}") from error
-    systems: dict[str, System] = {}
-    for name, attribute in attributes.items():
-        try:
-            systems.update(_evaluate(flake, {name: attribute}, options))
-        except CommandError:
-            continue
-    return systems
-
-
-def evaluation_error(flake: Flake | Path, attribute: Attributes, options: Options) -> str:
-    """Why one machine's system does not evaluate (used after a failed batch)."""
-    try:
-        _evaluate(flake, {"machine": attribute}, options)
-    except CommandError as error:
-        return _nix_error(error.output)
-    return "evaluation succeeded on retry"
-
-
 def systems_expression(flake: str, attributes: Mapping[str, Attributes]) -> str:
     """A Nix expression: each machine's system from a flake, as ``{ <machine> = <drv>; }``.
 
@@ -234,6 +202,28 @@ def tracked_files(flake: Path) -> list[str] | None:
     return sorted(name for name in names if (flake / name).is_symlink() or (flake / name).exists())
 
 
+def flake_source(flake: Path) -> tuple[Path, list[str] | None]:
+    """The directory Nix copies to the store for the flake (see `flake_reference`: the top of
+    its git work tree, or the flake's directory) and, in git, the files of it Nix takes."""
+    root = _git_root(flake)
+    if root is None:
+        return flake.resolve(), None
+    return root, tracked_files(root)
+
+
+def requisites(paths: Sequence[str]) -> set[str]:
+    """Every store path the given ones need (for derivations: every derivation and source their
+    builds need)."""
+    listed = run(["nix-store", "--query", "--requisites", *paths]).stdout
+    return set(listed.split())
+
+
+def settings_text(options: Options) -> str:
+    """The controller's Nix settings as an evaluation has them (`nix show-config`), without
+    those read from commands (their values may be secrets)."""
+    return run(["nix", *FEATURES, *option_flags(options), "show-config", "--json"]).stdout
+
+
 def flake_revision(flake: Path) -> tuple[str | None, bool]:
     """The git commit a flake is evaluated from, and whether files git tracks have changes
     not in it (Nix's `rev`, or its `dirtyRev`); (None, False) outside git."""
@@ -259,40 +249,72 @@ def _git_root(flake: Path) -> Path | None:
     return Path(top.stdout.strip()).resolve()
 
 
-def _evaluate(
-    flake: Flake | Path, attributes: Mapping[str, Attributes], options: Options
-) -> dict[str, System]:
-    """Evaluate purely, as nixos-rebuild, darwin-rebuild and home-manager do (no --impure:
-    no builtins.currentSystem, environment or <nixpkgs>): `nix eval FLAKE#OUTPUT --apply`,
-    once per flake output the machines are in (nixosConfigurations, ...), with the inputs
-    its lock file pins."""
-    if isinstance(flake, Path):
-        flake = Flake(flake)
-    reference = flake.reference
-    by_output: dict[str, dict[str, Attributes]] = {}
-    for name, alternatives in attributes.items():  # a machine's alternatives share an output
-        by_output.setdefault(alternatives[0][0], {})[name] = alternatives
-    systems: dict[str, System] = {}
-    warnings: dict[str, None] = {}
-    for output, group in by_output.items():
-        selection = selection_expression(f"{{ {json.dumps(output)} = output; }}", group)
-        apply = (
-            "output: builtins.mapAttrs "
-            f"(name: system: {{ drv = system.drvPath; out = system.outPath; }}) ({selection})"
-        )
-        argv = ["nix", *FEATURES, *option_flags(options), "eval", "--json", *flake.lock_flags()]
-        completed = run(
-            [*argv, f"{reference}#{output}", "--apply", apply], env=option_environment(options)
-        )
-        # Nix's own warning that uncommitted changes are evaluated, shown once.
-        lines = completed.stderr.splitlines()
-        warnings.update(dict.fromkeys(line for line in lines if "is dirty" in line))
-        systems.update(
-            {name: System(**value) for name, value in json.loads(completed.stdout).items()}
-        )
-    for warning in warnings:
-        print(warning, file=sys.stderr)
-    return systems
+# What a traced evaluation says on stderr (Nix 2.8 at -vvv): the flake's files it reads (every
+# read of a source file passes the check pure evaluation makes), and our marker when it starts
+# on a machine's system.
+ACCESS = re.compile(r"^checking access to '(/nix/store/[^']+)'$")
+MARKER = "flakefleet evaluates "
+
+
+@dataclass
+class Traced:
+    """One `nix eval` of some machines of one flake output: their systems, or the error and the
+    machine it was evaluating then (None: before any machine, e.g. the lock file); and what each
+    machine may have read (`reads`)."""
+
+    systems: dict[str, System] = field(default_factory=dict)
+    error: str | None = None
+    failed: str | None = None
+    # The store paths Nix checked before each machine's evaluation ended, in the order it went
+    # (by name): a machine's own reads and those before it, which it may have reused.
+    reads: dict[str, list[str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def evaluate_traced(flake: Flake, attributes: Mapping[str, Attributes], options: Options) -> Traced:
+    """Evaluate machines of one flake output in one `nix eval` (`FLAKE#OUTPUT --apply`), purely,
+    as nixos-rebuild, darwin-rebuild and home-manager do (no --impure: no currentSystem,
+    environment or <nixpkgs>), with the inputs the lock file pins; logged enough (-vvv) to say
+    which of the flake's files each machine read.
+
+    Nix prints the attribute set sorted by name and forces each value whole before the next,
+    so a trace at the start of each machine divides the file checks between machines. Nix
+    checks each path once per process, so a machine may also depend on checks made before its
+    own start: `Traced.reads` gives each machine everything checked up to its end.
+    """
+    outputs = {alternatives[0][0] for alternatives in attributes.values()}
+    assert len(outputs) == 1, outputs  # a machine's alternatives share an output
+    output = outputs.pop()
+    selection = selection_expression(f"{{ {json.dumps(output)} = output; }}", attributes)
+    apply = (
+        "output: builtins.mapAttrs (name: system: builtins.trace "
+        f'"{MARKER}${{name}}" {{ drv = system.drvPath; out = system.outPath; }}) ({selection})'
+    )
+    argv = ["nix", *FEATURES, *option_flags(options), "eval", "--json", "-vvv"]
+    completed = run(
+        [*argv, *flake.lock_flags(), f"{flake.reference}#{output}", "--apply", apply],
+        env=option_environment(options),
+        check=False,
+    )
+    traced = Traced()
+    checked: list[str] = []
+    current: str | None = None
+    for line in completed.stderr.splitlines():
+        if access := ACCESS.match(line):
+            checked.append(access.group(1))
+        elif line.startswith(f"trace: {MARKER}"):
+            if current is not None:
+                traced.reads[current] = list(checked)
+            current = line.removeprefix(f"trace: {MARKER}")
+        elif "is dirty" in line and line.startswith("warning:"):
+            traced.warnings.append(line)  # Nix's own: uncommitted changes are evaluated
+    if completed.returncode != 0:
+        traced.error, traced.failed = _nix_error(completed.stderr, last=True), current
+        return traced
+    if current is not None:
+        traced.reads[current] = checked
+    traced.systems = {name: System(**value) for name, value in json.loads(completed.stdout).items()}
+    return traced
 
 
 def lock_problem(flake: Flake, options: Options) -> str | None:
@@ -542,10 +564,11 @@ def _safe_url(url: str) -> str:
     return url.split("?", 1)[0]
 
 
-def _nix_error(output: str) -> str:
-    """The first `error:` line of Nix's output, or its last line."""
+def _nix_error(output: str, *, last: bool = False) -> str:
+    """The first `error:` line of Nix's output (`last`: its last, after a verbose log), or its
+    last line."""
     lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
-    for line in lines:
-        if line.startswith("error:"):
-            return line
+    errors = [line for line in lines if line.startswith("error:")]
+    if errors:
+        return errors[-1] if last else errors[0]
     return lines[-1] if lines else "(no output)"

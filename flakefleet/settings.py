@@ -161,6 +161,9 @@ SETTINGS: dict[str, Check] = {
     "nix_options": _nix_options,
     "override_inputs": _overrides,
     "flake_attribute": _attribute_name,
+    "eval_workers": _number(1, whole=True, optional=True),
+    "eval_chunk": _number(1, whole=True),
+    "eval_cache": _boolean,
     "meta": _meta,
     "copy_protocol": _one_of(*COPY_PROTOCOLS),
     "copy_compress": _boolean,
@@ -305,6 +308,9 @@ class MachineSettings:
     nix_options: nix.Options = field(default_factory=dict)
     override_inputs: tuple[tuple[str, str], ...] = ()  # --override-input NAME REF, this run
     flake_attribute: str | None = None  # the machine's name in the flake, if not its own
+    eval_workers: int | None = None  # `nix eval`s at once (None: cores and memory decide)
+    eval_chunk: int = 1  # machines in one `nix eval`
+    eval_cache: bool = True  # reuse evaluations whose inputs did not change
     meta: Mapping[str, Any] = field(default_factory=dict)
     build_on: builds.Placement = field(default_factory=lambda: builds.Placement("local"))
     cache: cache.Cache | None = None

@@ -51,6 +51,16 @@ flake = "example"
 # file), e.g. flake_attribute = "devmac" for darwinConfigurations.devmac.
 # flake_attribute = None
 
+# Evaluation (flakefleet.evaluation): each `nix eval` takes at most eval_chunk machines, and at
+# most eval_workers run at once (default: the controller's cores, as far as its memory allows
+# about 1 GiB per machine of a chunk; a real NixOS machine takes about 600 MiB), so memory does
+# not grow with the fleet. A machine whose flake files, lock file, input overrides, Nix settings
+# and attribute are unchanged since its last evaluation reuses it (.flakefleet/evaluations/);
+# eval_cache = False evaluates every machine every time. The run takes the first machine's.
+# eval_workers = None
+# eval_chunk = 1
+# eval_cache = True
+
 # Free per-host data (e.g. {"stateVersion": "24.05", "users": ["alice"]}) for smoke checks
 # (machine["meta"]) and deploy files (host.data.meta); the flake cannot read it.
 # meta = {}

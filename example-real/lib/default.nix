@@ -23,7 +23,7 @@ let
       specialArgs = { inherit inputs meta; };
       modules = [
         ../hosts/base.nix
-        (../hosts + "/${name}")
+        (../hosts + "/${host.dir or name}")
         home-manager.nixosModules.home-manager
         ../home/users.nix
       ] ++ roleModules meta;

@@ -276,6 +276,24 @@ def real_nix(directory: Path) -> Path:
     return directory / "real-nix-2020"
 
 
+def locked_real_flake(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """example-real, locked against the fixture's trees (unpacked outside the repository), as
+    its flake.nix says; its github: inputs become the trees' path: ones in flake.lock."""
+    trees = real_nix(tmp_path_factory.mktemp("real-nix"))
+    flake = tmp_path_factory.mktemp("flake") / "example-real"
+    shutil.copytree(ROOT / "example-real", flake)
+    overrides = {"nixpkgs": "nixpkgs", "home-manager": "home-manager", "darwin": "nix-darwin"}
+    flags = [
+        f
+        for name, tree in overrides.items()
+        for f in ("--override-input", name, f"path:{trees / tree}")
+    ]
+    subprocess.run(
+        [*NIX, "flake", "lock", f"path:{flake}", *flags], check=True, capture_output=True
+    )
+    return flake
+
+
 def host_private_key(fleet: Fleet, machine: str) -> Path:
     """A test machine's own private SSH host key, from the test fleet's state: a namespace
     machine's sshd has a directory of its own, a systemd machine's is /etc/ssh in its root's

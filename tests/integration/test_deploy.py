@@ -55,6 +55,8 @@ def test_second_deploy_changes_nothing(fleet, flake):
     before = {machine: remote_state(fleet, machine) for machine in fleet.machines}
     result = fleet.deploy(flake)
     assert result.returncode == 0, result.output
+    # Nothing in the flake changed: no machine is evaluated again.
+    assert f"evaluated 0 of {len(fleet.machines)} machines" in result.output, result.output
     for machine in fleet.machines:
         assert result.status(machine) == "unchanged", result.report[machine]
         assert remote_state(fleet, machine) == before[machine]

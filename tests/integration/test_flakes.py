@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import NIX, ROOT, evaluate, needs_real_nix, real_nix
+from conftest import NIX, ROOT, evaluate, locked_real_flake, needs_real_nix
 
 from flakefleet.fleet import load_fleet
 
@@ -231,21 +231,7 @@ REAL = {
 
 @pytest.fixture(scope="module")
 def real_flake(tmp_path_factory) -> Path:
-    """example-real, locked against the fixture's trees (unpacked outside the repository), as
-    its flake.nix says; its github: inputs become the trees' path: ones in flake.lock."""
-    trees = real_nix(tmp_path_factory.mktemp("real-nix"))
-    flake = tmp_path_factory.mktemp("flake") / "example-real"
-    shutil.copytree(ROOT / "example-real", flake)
-    overrides = {"nixpkgs": "nixpkgs", "home-manager": "home-manager", "darwin": "nix-darwin"}
-    flags = [
-        f
-        for name, tree in overrides.items()
-        for f in ("--override-input", name, f"path:{trees / tree}")
-    ]
-    subprocess.run(
-        [*NIX, "flake", "lock", f"path:{flake}", *flags], check=True, capture_output=True
-    )
-    return flake
+    return locked_real_flake(tmp_path_factory)
 
 
 def real_fleet_file(fleet, tmp_path: Path) -> Path:

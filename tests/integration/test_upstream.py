@@ -17,6 +17,7 @@ from conftest import NIX, ROOT, evaluate, needs_real_nix, real_nix, set_host
 
 from facts.nix import SystemGenerations
 from flakefleet import nix
+from flakefleet.evaluation import evaluate_systems
 from flakefleet.fleet import load_fleet
 
 BOOT_ID = "cat /proc/sys/kernel/random/boot_id"
@@ -222,7 +223,7 @@ def test_a_real_nix_darwin_evaluates_to_a_darwin_system(tmp_path):
     )
     subprocess.run([*NIX, "flake", "lock", str(flake)], check=True, capture_output=True)
     attributes = {"mac1": nix.configuration_attribute("darwin", "mac1", "root")}
-    system = nix.evaluate_systems(flake, attributes, {})["mac1"]
+    system = evaluate_systems(flake, attributes, {})["mac1"]
     shown = subprocess.run(
         [*NIX, "show-derivation", system.drv], check=True, capture_output=True, text=True
     )

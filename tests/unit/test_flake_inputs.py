@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from flakefleet import nix
+from flakefleet.evaluation import evaluate_systems
 from flakefleet.settings import MachineSettings
 
 NIX = ["nix", *nix.FEATURES, "--option", "substituters", ""]
@@ -63,7 +64,7 @@ def test_an_evaluation_never_writes_nor_updates_the_lock_file(tmp_path):
     lib = library(tmp_path, "lib", "1")
     flake = make_flake(tmp_path, f"path:{lib}")
     with pytest.raises(nix.NixError, match="lock file changes"):
-        nix.evaluate_systems(flake, MACHINE, {})
+        evaluate_systems(flake, MACHINE, {})
     assert not (flake / "flake.lock").exists()  # Nix alone would have written one
 
     lock(flake)
@@ -73,7 +74,7 @@ def test_an_evaluation_never_writes_nor_updates_the_lock_file(tmp_path):
         (flake / "flake.nix").read_text().replace(str(lib), str(other))
     )
     with pytest.raises(nix.NixError, match="lock file changes"):
-        nix.evaluate_systems(flake, MACHINE, {})
+        evaluate_systems(flake, MACHINE, {})
     assert (flake / "flake.lock").read_text() == locked
     problem = nix.lock_problem(nix.Flake(flake), {})
     assert problem is not None and "input 'lib'" in problem and "nix flake lock" in problem
@@ -85,10 +86,10 @@ def test_a_locked_input_comes_from_the_store_once_fetched(tmp_path):
     lib = library(tmp_path, "lib", "1")
     flake = make_flake(tmp_path, f"path:{lib}")
     lock(flake)
-    first = nix.evaluate_systems(flake, MACHINE, {})["m"]
+    first = evaluate_systems(flake, MACHINE, {})["m"]
     shutil.rmtree(lib)
     assert nix.lock_problem(nix.Flake(flake), {}) is None
-    assert nix.evaluate_systems(flake, MACHINE, {})["m"] == first
+    assert evaluate_systems(flake, MACHINE, {})["m"] == first
     assert first.out.endswith("-system-1")
 
 
@@ -101,7 +102,7 @@ def test_an_override_evaluates_a_local_checkout_and_leaves_the_lock_file(tmp_pat
     overridden = nix.Flake(flake, (("lib", str(checkout)),))
     assert "--override-input" in overridden.lock_flags()
     assert nix.lock_problem(overridden, {}) is None
-    system = nix.evaluate_systems(overridden, MACHINE, {})["m"]
+    system = evaluate_systems(overridden, MACHINE, {})["m"]
     assert system.out.endswith("-system-2")
     assert (flake / "flake.lock").read_text() == locked
 
