@@ -9,7 +9,12 @@
 
   outputs = { self }:
     let
-      hosts = builtins.fromJSON (builtins.readFile ./hosts.json);
+      roster = {
+        hosts = builtins.fromJSON (builtins.readFile ./hosts.json);
+      };
+      # hosts.json's machines, then copies of them (web3, db2, ...) up to 60 machines, named as
+      # `python -m testbed up --machines N` names them (lib/roster.nix).
+      hosts = import ./lib/roster.nix 60 roster.hosts;
       imitation = import ./lib/imitation.nix { system = "x86_64-linux"; };
       ofClass = class: builtins.filter (name: hosts.${name}.class == class) (builtins.attrNames hosts);
       # Generated vars (flakefleet's `generators`, clan's model) keep public files in vars/:

@@ -13,10 +13,16 @@ built once (``testbed.template``). The default roster mixes both kinds.
 Usage, from the repository root::
 
     python -m testbed up [--machines N] [--roster example/hosts.json] [--systemd web1,db1]
+    python -m testbed up --machines 30 [--light] --latency 50ms  # web3.., through relays
     python -m testbed ssh web1 hostname
     python -m testbed status             # name, port, up/down, /run/current-system
     python -m testbed reboot web1        # prints the new boot id
     python -m testbed down [--purge]
+
+``--machines`` beyond the roster repeats its machines (web3, web4, db2, ..., the example
+flake has configurations for them up to 60: ``example/lib/roster.nix``). ``--latency`` puts a
+relay (``testbed.relay``) in front of each machine's sshd, on the machine's own loopback
+address: SSH through it takes the given round trip, and it counts the bytes.
 
 Machine ``i`` of the roster listens on ``$FLAKEFLEET_TESTBED_PORT + 1 + i`` (base 22400).
 Everything lives in the state directory, ``$FLAKEFLEET_TESTBED_STATE`` (default ``.testbed/``):

@@ -30,7 +30,25 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="start machines (those already running stay as they are)")
-    up.add_argument("--machines", type=int, metavar="N", help="only the first N roster machines")
+    up.add_argument(
+        "--machines",
+        type=int,
+        metavar="N",
+        help="the first N roster machines; beyond the roster its machines repeated (web3, db2,"
+        " ...; up to 60)",
+    )
+    up.add_argument(
+        "--light",
+        action="store_true",
+        help="the roster's copies are namespace machines (lighter than systemd machines)",
+    )
+    up.add_argument(
+        "--latency",
+        type=_round_trip_ms,
+        metavar="TIME",
+        help="reach every machine through a relay that adds this round trip (e.g. 50ms; 0ms"
+        " relays and counts bytes without delay)",
+    )
     up.add_argument("--roster", type=Path, default=DEFAULT_ROSTER, help="hosts.json to read")
     up.add_argument(
         "--systemd",
@@ -63,9 +81,25 @@ def _names(text: str) -> list[str]:
     return [name for name in text.split(",") if name]
 
 
+def _round_trip_ms(text: str) -> float:
+    """``50ms``, ``0.05s`` or ``50`` (milliseconds) as milliseconds."""
+    number, scale = text.strip(), 1.0
+    for suffix, factor in (("ms", 1.0), ("s", 1000.0)):
+        if number.endswith(suffix):
+            number, scale = number.removesuffix(suffix), factor
+            break
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise TestbedError(f"--latency {text!r} is not a time like 50ms") from None
+    if not 0 <= value <= 10_000:
+        raise TestbedError(f"--latency {text!r} must be between 0ms and 10s")
+    return value
+
+
 def _up(args: argparse.Namespace) -> None:
     started = time.monotonic()
-    machines = fleet.up(args.roster, args.machines, args.systemd)
+    machines = fleet.up(args.roster, args.machines, args.systemd, args.light, args.latency)
     names = ", ".join(machine.name for machine in machines) or "nothing (all running)"
     elapsed = time.monotonic() - started
     print(f"started {names} in {elapsed:.1f} s; fleet file: {StatePaths(state_dir()).fleet_file}")

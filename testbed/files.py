@@ -408,11 +408,15 @@ def host_public_key(state: StatePaths, machine: Machine) -> str:
 
 
 def render_known_hosts(machines: list[Machine], host_keys: dict[str, str]) -> str:
-    """Every host key under both spellings: ``web1,[127.0.0.1]:22401 ssh-ed25519 AAAA...``."""
-    return "".join(
-        f"{machine.name},[127.0.0.1]:{machine.port} {host_keys[machine.name]}\n"
-        for machine in machines
-    )
+    """Every host key under both spellings: ``web1,[127.0.0.1]:22401 ssh-ed25519 AAAA...``,
+    and under its relay's address too when it has one (pyinfra looks keys up by address)."""
+    lines = []
+    for machine in machines:
+        names = [machine.name, f"[127.0.0.1]:{machine.port}"]
+        if machine.ssh_address != "127.0.0.1":
+            names.append(f"[{machine.ssh_address}]:{machine.port}")
+        lines.append(f"{','.join(names)} {host_keys[machine.name]}\n")
+    return "".join(lines)
 
 
 def render_ssh_config(machines: list[Machine], state: StatePaths) -> str:
@@ -420,7 +424,7 @@ def render_ssh_config(machines: list[Machine], state: StatePaths) -> str:
     blocks = [
         f"""\
 Host {machine.name}
-  HostName 127.0.0.1
+  HostName {machine.ssh_address}
   Port {machine.port}
   User root
   IdentityFile {state.client_key}
@@ -480,7 +484,7 @@ def render_fleet_file(
         roles = ", ".join(_yaml_scalar(role) for role in machine.roles)
         lines += [
             f"  - name: {_yaml_scalar(machine.name)}",
-            "    address: 127.0.0.1",
+            f"    address: {machine.ssh_address}",
             f"    port: {machine.port}",
             f"    user: {machine.user}",
             f"    class: {_yaml_scalar(machine.klass)}",

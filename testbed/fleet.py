@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from testbed import files, processes, template
@@ -80,14 +80,25 @@ def _locked(state: StatePaths) -> Iterator[None]:
 # -- up ----------------------------------------------------------------------------------------
 
 
-def up(roster: Path, count: int | None = None, systemd: Sequence[str] = ()) -> list[Machine]:
-    """Start the first ``count`` roster machines (all by default); return those started.
+def up(
+    roster: Path,
+    count: int | None = None,
+    systemd: Sequence[str] = (),
+    light: bool = False,
+    latency_ms: float | None = None,
+) -> list[Machine]:
+    """Start the first ``count`` roster machines (all by default; more repeat the roster, see
+    ``roster.select``); return those started.
 
-    Those named in ``systemd`` are systemd machines, whatever the roster says. Machines
-    already running stay as they are. Example: ``up(Path("example/hosts.json"), 3)``.
+    Those named in ``systemd`` are systemd machines, whatever the roster says; with ``light``
+    the roster's copies are namespace machines. With ``latency_ms`` each machine is reached
+    through a relay adding that round trip (``testbed.relay``). Machines already running stay
+    as they are. Example: ``up(Path("example/hosts.json"), 30, latency_ms=50)``.
     """
     state = _state()
-    wanted = with_systemd(select(load_roster(roster, base_port()), count), list(systemd))
+    wanted = with_systemd(select(load_roster(roster, base_port()), count, light), list(systemd))
+    if latency_ms is not None:
+        wanted = [replace(machine, latency_ms=latency_ms) for machine in wanted]
     with _locked(state):
         for directory in (state.keys, state.machines, state.tmp):
             directory.mkdir(parents=True, exist_ok=True)
@@ -132,19 +143,20 @@ def _check_ports(fleet: list[Machine], to_start: list[Machine]) -> None:
     if len(set(ports)) != len(ports):
         raise TestbedError(f"two machines would share a port: {ports} (run down first)")
     for machine in to_start:
-        if _port_in_use(machine.port):
-            raise TestbedError(
-                f"port 127.0.0.1:{machine.port} for {machine.name} is used by another program"
-                f" (set $FLAKEFLEET_TESTBED_PORT to another base port)"
-            )
+        for address in {"127.0.0.1", machine.ssh_address}:
+            if _port_in_use(machine.port, address):
+                raise TestbedError(
+                    f"port {address}:{machine.port} for {machine.name} is used by another"
+                    f" program (set $FLAKEFLEET_TESTBED_PORT to another base port)"
+                )
 
 
-def _port_in_use(port: int) -> bool:
-    """True if something listens on (or holds) ``127.0.0.1:port``."""
+def _port_in_use(port: int, address: str = "127.0.0.1") -> bool:
+    """True if something listens on (or holds) ``address:port``."""
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ignore TIME_WAIT leftovers
         try:
-            probe.bind(("127.0.0.1", port))
+            probe.bind((address, port))
         except OSError:
             return True
     return False
@@ -190,6 +202,31 @@ def start_machine(state: StatePaths, machine: Machine) -> int:
             setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
         )
     files.write_file(paths.pid_file, f"{pid}\n")
+    if machine.latency_ms is not None:
+        start_relay(state, machine)
+    return pid
+
+
+def start_relay(state: StatePaths, machine: Machine) -> int:
+    """Start the relay in front of the machine's sshd (``testbed.relay``); record its PID."""
+    paths = state.machine(machine.name)
+    command = [
+        MACHINE_PYTHON, "-m", processes.RELAY_MODULE, machine.name, str(state.root),
+        machine.address, str(machine.port), f"{machine.latency_ms:g}",
+    ]  # fmt: skip
+    with open(paths.relay_log, "a") as log:
+        pid = os.posix_spawn(
+            command[0],
+            command,
+            MACHINE_ENVIRONMENT,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, log.fileno(), 1),
+                (os.POSIX_SPAWN_DUP2, log.fileno(), 2),
+            ],
+            setsid=True,
+        )
+    files.write_file(paths.relay_pid, f"{pid}\n")
     return pid
 
 
@@ -311,15 +348,19 @@ def stop_machines(state: StatePaths, names: list[str]) -> None:
     recorded: dict[str, list[int]] = {}
     systemd = [name for name in names if _is_systemd(state, name)]
     for name in names:
+        relay = processes.running_pid(state.machine(name).relay_pid, name, state.root)
+        if relay is not None:
+            processes.signal_if_alive(relay, signal.SIGTERM)
+            recorded[name] = [relay]
         pid = _pid(state, name)
         if pid is None:
             continue
         if name in systemd:
-            recorded[name] = [pid]
+            recorded.setdefault(name, []).append(pid)
             processes.signal_if_alive(pid, signal.SIGTERM)
             continue
         init = processes.namespace_init(pid, name, state.root)
-        recorded[name] = [pid] if init is None else [pid, init]
+        recorded.setdefault(name, []).extend([pid] if init is None else [pid, init])
         if init is not None:
             # unshare --fork ignores SIGTERM; its child, PID 1 of the machine, does not.
             processes.signal_if_alive(init, signal.SIGTERM)
@@ -340,6 +381,7 @@ def stop_machines(state: StatePaths, names: list[str]) -> None:
         raise TestbedError(f"machine processes {alive} did not exit")
     for name in names:
         state.machine(name).pid_file.unlink(missing_ok=True)
+        state.machine(name).relay_pid.unlink(missing_ok=True)
 
 
 def _clear_cgroups(state: StatePaths, name: str) -> list[int]:

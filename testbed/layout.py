@@ -277,6 +277,29 @@ class MachinePaths:
     def console_log(self) -> Path:
         return self.root / "console.log"
 
+    @property
+    def relay_pid(self) -> Path:
+        """The PID of the machine's relay (``testbed.relay``), when it has one."""
+        return self.root / "relay.pid"
+
+    @property
+    def relay_bytes(self) -> Path:
+        """``SENT RECEIVED OPEN``: what the machine's relay passed so far (see testbed.relay)."""
+        return self.root / "relay-bytes"
+
+    @property
+    def relay_log(self) -> Path:
+        return self.root / "relay.log"
+
+    def relayed_bytes(self) -> tuple[int, int, int]:
+        """Bytes the machine's relay passed to it and back, and connections open now
+        (zeros without a relay)."""
+        try:
+            sent, received, open_ = self.relay_bytes.read_text().split()
+        except (FileNotFoundError, ValueError):
+            return 0, 0, 0
+        return int(sent), int(received), int(open_)
+
     def ssh_sessions(self) -> int:
         """How many SSH sessions the machine's sshd has started so far: its console log has a
         line for each (a namespace machine's sshd writes there, a systemd machine's journal is

@@ -23,7 +23,8 @@ from testbed.layout import REPO_ROOT
 
 MACHINE_MODULE = "testbed.machine"
 LAUNCHER_MODULE = "testbed.nspawn"  # a systemd machine's launcher
-MACHINE_MODULES = (MACHINE_MODULE, LAUNCHER_MODULE)
+RELAY_MODULE = "testbed.relay"  # the relay in front of a machine's sshd (up --latency)
+MACHINE_MODULES = (MACHINE_MODULE, LAUNCHER_MODULE, RELAY_MODULE)
 
 
 def command_line(pid: int) -> list[str]:
@@ -52,7 +53,8 @@ def is_alive(pid: int) -> bool:
 
 
 def is_machine_process(pid: int, name: str, state: Path) -> bool:
-    """Does ``pid`` still look like this machine (its ``unshare``, its PID 1 or launcher)?"""
+    """Does ``pid`` still look like this machine (its ``unshare``, its PID 1, launcher or
+    relay)?"""
     argv = command_line(pid)
     module = next((module for module in MACHINE_MODULES if module in argv), None)
     if module is None:

@@ -40,6 +40,7 @@ class Machine:
     nix_size: str | None = None  # a size-limited /nix (tmpfs, e.g. "64m"), for disk-full tests
     systemd: bool = False  # systemd as PID 1 in a Debian root (testbed.nspawn)
     nix: str = HOST_NIX  # see NIX_VERSIONS; a systemd machine's is its root's Debian suite
+    latency_ms: float | None = None  # the round trip its relay adds (None: no relay)
 
     @property
     def suite(self) -> str | None:
@@ -53,6 +54,12 @@ class Machine:
         Services bind to it, so two test fleets (distinct ssh ports) never collide on a port.
         """
         return f"127.{(self.port >> 8) & 255}.{self.port & 255}.1"
+
+    @property
+    def ssh_address(self) -> str:
+        """Where a client reaches its sshd: its relay on its own address (``up --latency``),
+        else the sshd itself on 127.0.0.1."""
+        return self.address if self.latency_ms is not None else "127.0.0.1"
 
 
 def load_roster(path: Path, base_port: int) -> list[Machine]:
@@ -158,13 +165,47 @@ def with_systemd(machines: list[Machine], names: list[str]) -> list[Machine]:
     ]
 
 
-def select(machines: list[Machine], count: int | None) -> list[Machine]:
-    """The first ``count`` machines (all when ``count`` is None)."""
+# The example flake has configurations for this many machines (example/lib/roster.nix).
+MAX_MACHINES = 60
+
+
+def select(machines: list[Machine], count: int | None, light: bool = False) -> list[Machine]:
+    """The first ``count`` machines (all when ``count`` is None); beyond the roster, its
+    machines repeated in order, as the example flake repeats them (example/lib/roster.nix).
+
+    Round ``r``'s copy of web1 is ``web<r*S+j+1>``, S the roster's machines named web<digits>
+    and j web1's place among them in name order: web1 web2 give web3 web4, db1 gives db2.
+    A copy has its original's settings and the next port; with ``light`` it is a namespace
+    machine on this computer's Nix, whatever its original is (cheaper: see the README).
+    Example: ``[m.name for m in select(load_roster(roster, 22400), 9)][7:] == ["web3", "web4"]``.
+    """
     if count is None:
         return machines
-    if not 1 <= count <= len(machines):
-        raise TestbedError(f"--machines must be between 1 and {len(machines)}, not {count}")
-    return machines[:count]
+    if not 1 <= count <= max(len(machines), MAX_MACHINES):
+        raise TestbedError(
+            f"--machines must be between 1 and {max(len(machines), MAX_MACHINES)}, not {count}"
+        )
+    names = [machine.name for machine in machines]
+    fleet = machines[:count]
+    for index in range(len(machines), count):
+        original = machines[index % len(machines)]
+        stem = _stem(original.name)
+        same = sorted(name for name in names if _stem(name) == stem)
+        number = index // len(machines) * len(same) + same.index(original.name) + 1
+        copy = replace(original, name=f"{stem}{number}", port=machines[0].port + index)
+        if light:
+            copy = replace(copy, systemd=False, nix=HOST_NIX)
+        fleet.append(copy)
+    taken = [machine.name for machine in fleet]
+    twice = sorted({name for name in taken if taken.count(name) > 1})
+    if twice:
+        raise TestbedError(f"repeating the roster names two machines {', '.join(twice)}")
+    return fleet
+
+
+def _stem(name: str) -> str:
+    """A machine's name without its number: ``web`` for web12 (a name of digits only stays)."""
+    return name.rstrip("0123456789") or name
 
 
 def save_record(path: Path, machines: list[Machine]) -> None:
@@ -191,6 +232,7 @@ def load_record(path: Path) -> list[Machine]:
             entry.get("nix_size"),
             entry.get("systemd", False),
             entry.get("nix", HOST_NIX),
+            entry.get("latency_ms"),
         )
         for entry in entries
     ]

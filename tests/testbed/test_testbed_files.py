@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from testbed import files, layout, template
-from testbed.cli import main
+from testbed.cli import _round_trip_ms, main
 from testbed.fleet import _fleet_after_up
 from testbed.layout import REPO_ROOT, StatePaths, check_state_dir
 from testbed.roster import Machine, load_roster, select, with_systemd
@@ -28,8 +28,82 @@ def test_roster_gives_ports_in_order() -> None:
     ]
     assert machines[3] == Machine("app1", 22604, "nixos", ("app", "web"))
     assert select(machines, 2) == machines[:2]
-    with pytest.raises(layout.TestbedError, match="between 1 and 5"):
-        select(machines, 6)
+    with pytest.raises(layout.TestbedError, match="between 1 and 60"):
+        select(machines, 61)
+
+
+def test_more_machines_than_the_roster_repeat_it_in_its_proportions() -> None:
+    roster = load_roster(layout.DEFAULT_ROSTER, 22400)
+    fleet = select(roster, 16)
+    assert fleet[:7] == roster
+    assert [m.name for m in fleet[7:]] == [
+        "web3", "web4", "db2", "vpn2", "build2", "mac2", "home2", "web5", "web6",
+    ]  # fmt: skip
+    assert [m.port for m in fleet] == list(range(22401, 22417))
+    web3, mac2 = fleet[7], fleet[12]
+    assert (web3.klass, web3.roles, web3.service_port, web3.systemd, web3.nix) == (
+        "nixos", ("web",), 18081, True, "trixie",
+    )  # fmt: skip
+    assert (mac2.klass, mac2.user, mac2.sudo_password) == ("darwin", "deploy", True)
+    assert web3.address != fleet[0].address  # its services bind apart from web1's
+    light = select(roster, 16, light=True)
+    assert [m.name for m in light if m.systemd] == [m.name for m in roster if m.systemd]
+    assert {m.nix for m in light[7:]} == {"2.8"}
+
+
+def test_repeating_a_roster_refuses_names_twice(tmp_path: Path) -> None:
+    roster = tmp_path / "hosts.json"
+    roster.write_text('{"web1": {}, "web3": {}}')  # web1's first copy would be web3 again
+    with pytest.raises(layout.TestbedError, match="two machines web3"):
+        select(load_roster(roster, 22400), 3)
+
+
+@pytest.mark.skipif(not Path("/usr/bin/nix").exists(), reason="needs Nix")
+def test_the_example_flake_has_every_machine_the_testbed_can_start() -> None:
+    """The flake repeats hosts.json by the testbed's rule (example/lib/roster.nix): every
+    machine of a 60-machine test fleet has its configuration, of its class."""
+    outputs = {
+        "nixos": "nixosConfigurations",
+        "darwin": "darwinConfigurations",
+        "home": "homeConfigurations",
+    }
+    nix = ["nix", "--extra-experimental-features", "nix-command flakes", "--option",
+           "substituters", ""]  # fmt: skip
+    names = {}
+    for klass, output in outputs.items():
+        reference = f"path:{REPO_ROOT / 'example'}#{output}"
+        evaluated = subprocess.run(
+            [*nix, "eval", "--json", reference, "--apply", "builtins.attrNames"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        names[klass] = set(json.loads(evaluated.stdout))
+    fleet = select(load_roster(layout.DEFAULT_ROSTER, 22400), 60)
+    for machine in fleet:
+        name = f"{machine.user}@{machine.name}" if machine.klass == "home" else machine.name
+        assert name in names[machine.klass], machine
+    assert len(fleet) == len({m.name for m in fleet}) == 60
+    assert {name for klass in names.values() for name in klass} >= {"web18", "db9", "mac9"}
+
+
+def test_latency_is_a_round_trip_in_milliseconds() -> None:
+    assert [_round_trip_ms(text) for text in ("50ms", "0.05s", "50", "0ms")] == [50, 50, 50, 0]
+    for text in ("fast", "-1ms", "11s"):
+        with pytest.raises(layout.TestbedError, match="--latency"):
+            _round_trip_ms(text)
+
+
+def test_a_relayed_machine_is_reached_at_its_own_address() -> None:
+    """With a relay (``up --latency``) every client file points at the relay, which listens
+    on the machine's own loopback address, and its host key is known there too."""
+    machine = Machine("web1", 22401, latency_ms=50)
+    assert machine.ssh_address == machine.address == "127.87.129.1"
+    assert files.render_known_hosts([machine], {"web1": "ssh-ed25519 AAAA1"}) == (
+        "web1,[127.0.0.1]:22401,[127.87.129.1]:22401 ssh-ed25519 AAAA1\n"
+    )
+    config = files.render_ssh_config([machine], StatePaths(Path("/s")))
+    assert "Host web1\n  HostName 127.87.129.1\n  Port 22401\n" in config
+    fleet = yaml.safe_load(files.render_fleet_file([machine]))
+    assert fleet["machines"][0]["address"] == "127.87.129.1"
 
 
 @pytest.mark.parametrize(
