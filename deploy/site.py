@@ -31,6 +31,8 @@ goal = settings.goal
 # Secrets, decrypted on the controller; the first call reads every selected machine's, so a
 # bad one stops the run before any machine is contacted.
 secrets = keys.declared()
+# The sources each machine gets; the first call checks every selected machine's.
+wanted = sources.declared()
 recipients.check()  # a machine whose host key changed must get its secrets re-encrypted first
 
 # The deploy lock, systems, generations and /var/src: one round trip; none for a machine
@@ -45,7 +47,7 @@ def wave(number: int) -> None:
     starts only if the earlier ones did not fail beyond `max_failures`."""
     sources.sync(
         name="Sync the sources to /var/src",
-        wanted=sources.declared(),  # the first call checks every selected machine's sources
+        wanted=wanted,
         var_src=machine.var_src,
     )
     if goal.sets_profile or goal.runs_new_system:  # the keys the new system will read

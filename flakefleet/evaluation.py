@@ -416,6 +416,8 @@ class Tree:
             return f"L{os.readlink(full)}"
         if stat.S_ISDIR(info.st_mode):
             return "D"
+        if not stat.S_ISREG(info.st_mode):  # a socket or a pipe: not to be opened; Nix refuses it
+            return f"S{stat.S_IFMT(info.st_mode)}"
         executable = "x" if info.st_mode & 0o100 else "-"
         return f"F{executable}{file_sha256(full)}"
 

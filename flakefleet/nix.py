@@ -197,9 +197,14 @@ def tracked_files(flake: Path) -> list[str] | None:
     file (`path:`)."""
     if _git_root(flake) is None:
         return None
-    listed = run(["git", "-C", str(flake), "ls-files", "-z", "--cached"]).stdout
+    return _existing_tracked(flake)
+
+
+def _existing_tracked(directory: Path) -> list[str]:
+    """The files git tracks under a directory of a work tree that exist, relative to it."""
+    listed = run(["git", "-C", str(directory), "ls-files", "-z", "--cached"]).stdout
     names = (name for name in listed.split("\0") if name)
-    return sorted(name for name in names if (flake / name).is_symlink() or (flake / name).exists())
+    return sorted(n for n in names if (directory / n).is_symlink() or (directory / n).exists())
 
 
 def flake_source(flake: Path) -> tuple[Path, list[str] | None]:
@@ -208,7 +213,8 @@ def flake_source(flake: Path) -> tuple[Path, list[str] | None]:
     root = _git_root(flake)
     if root is None:
         return flake.resolve(), None
-    return root, tracked_files(root)
+    # The top's files, not `tracked_files(root)`: the flake.nix may be in a subdirectory.
+    return root, _existing_tracked(root)
 
 
 def requisites(paths: Sequence[str]) -> set[str]:

@@ -5,6 +5,8 @@ fresh evaluation without the cache."""
 
 from __future__ import annotations
 
+import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -108,6 +110,26 @@ def test_only_what_changed_is_evaluated_again(flake, tmp_path):
     assert deploy(flake, cache)[0] == ["m2"]
     (flake / "machines" / "m2-extra.nix").write_text('"extra, changed"\n')
     assert deploy(flake, cache)[0] == ["m2"]
+
+
+def test_a_flake_in_a_subdirectory_is_cached_by_its_repositorys_tracked_files(flake, tmp_path):
+    """As the repository's example/ is: Nix takes the work tree's tracked files, so untracked
+    ones beside the flake (a test fleet's sockets, a virtualenv) are neither read nor a change."""
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    shutil.rmtree(flake / ".git")
+    flake = flake.rename(repository / "fleet")
+    git(repository, "init", "-q")
+    git(repository, "add", "-A")
+    git(repository, "commit", "-q", "-m", "fleet")
+    with socket.socket(socket.AF_UNIX) as listening:  # what ssh's ControlPath leaves
+        listening.bind(str(repository / "control.sock"))
+        cache = tmp_path / "cache"
+        assert deploy(flake, cache)[0] == ["m1", "m2", "m3"]
+        (repository / "untracked.txt").write_text("not Nix's\n")
+        assert deploy(flake, cache)[0] == []
+        (flake / "machines" / "m3.nix").write_text('{ self }: "m3 changed"\n')
+        assert deploy(flake, cache)[0] == ["m3"]
 
 
 def test_a_changed_lock_file_evaluates_every_machine(flake, tmp_path):
