@@ -321,8 +321,8 @@ def report(results: dict[str, dict[str, dict[str, Run]]], sizes: list[int]) -> s
             "|---:|---:|---:|---:|",
         ]
         for latency, by_size in results.items():
-            if largest in by_size and smallest in by_size:
-                big, small = by_size[largest], by_size[smallest]
+            if str(largest) in by_size and str(smallest) in by_size:  # keyed as in the JSON
+                big, small = by_size[str(largest)], by_size[str(smallest)]
                 lines.append(
                     f"| {latency} "
                     + "".join(

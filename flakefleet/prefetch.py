@@ -12,7 +12,8 @@ batch saves round trips, and never answers with anything but this run's output.
 Example (how the smoke suites' conftest uses it)::
 
     batch = Prefetch(Prefetch.recorded(directory, "web1"))
-    answer = batch.answer(command, send)  # `send(script) -> (status, stdout, stderr)`
+    batch.prepare(send)  # optional: the batch now (`send(script) -> (status, stdout, stderr)`)
+    answer = batch.answer(command, send)
     ...
     batch.record(directory, "web1")
 """
@@ -98,13 +99,22 @@ class Prefetch:
         """The answer to `command`: from the batch if it ran it and that answer is unused, else
         sent on its own. `send` sends a script to the machine and returns its answer."""
         self.asked.append(command)
-        if self._answers is None:
-            self._answers = self._run_batch(send)
+        self.prepare(send)
         waiting = self._answers.get(command)
         if waiting:
             return waiting.popleft()
         self.round_trips += 1
         return send(command)
+
+    def script(self) -> str | None:
+        """The batch to send, if there is one and it has not run."""
+        return batch_script(self.expected) if self.expected and self._answers is None else None
+
+    def prepare(self, send: Send) -> None:
+        """Run the recorded batch now, if it has not run: a caller with many machines sends
+        theirs at once, so their round trips overlap instead of adding up."""
+        if self._answers is None:
+            self._answers = self._run_batch(send)
 
     def _run_batch(self, send: Send) -> dict[str, deque[Answer]]:
         answers: dict[str, deque[Answer]] = {}

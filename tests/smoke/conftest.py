@@ -136,24 +136,69 @@ def _batches() -> Iterator[dict[str, Prefetch]]:
         batch.record(CHECKS_RECORD, name)
 
 
+@pytest.fixture(scope="session")
+def _hosts(
+    request: pytest.FixtureRequest,
+    inventory: Inventory,
+    _control_dir: Path,
+    _batches: dict[str, Prefetch],
+) -> dict[str, Any]:
+    """Every selected machine's testinfra host, with the batches recorded for them sent all at
+    once before the first check: the machines' round trips overlap instead of adding up."""
+    hosts = {}
+    for selected in _selected(request.config):
+        data = {"name": selected.name, **inventory.get_host(selected.name).data.dict()}
+        hosts[selected.name] = _connect(data, _control_dir, _batches)
+
+    # Every batch's ssh started first, then each one's answer read: they all run meanwhile.
+    started = {}
+    for name, found in hosts.items():
+        script = _batches[name].script()
+        if script is not None:
+            started[name] = _start_ssh(found.backend, script)
+    for name, process in started.items():
+        stdout, stderr = process.communicate()
+        answer = (process.returncode, stdout, stderr)
+        _batches[name].prepare(lambda script, answer=answer: answer)
+    return hosts
+
+
+def _start_ssh(backend: Any, script: str) -> subprocess.Popen[bytes]:
+    """`script` sent as the testinfra backend sends a command (its ssh command line, shared
+    connection included), started and not waited for."""
+    ssh, arguments = backend._build_ssh_command(script)
+    command = backend.encode(backend.quote(" ".join(ssh), *arguments))
+    return subprocess.Popen(
+        command,
+        shell=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
 @pytest.fixture(scope="module")
-def host(machine: dict[str, Any], _control_dir: Path, _batches: dict[str, Prefetch]) -> Any:
+def host(machine: dict[str, Any], _hosts: dict[str, Any]) -> Any:
     """A testinfra host reached with the same address, key and known_hosts as the deploy; its
     commands go through the machine's batch (one round trip for those asked last run)."""
+    return _hosts[machine["name"]]
+
+
+def _connect(machine: dict[str, Any], control_dir: Path, batches: dict[str, Prefetch]) -> Any:
     name = machine["name"]
     options = [
         *Target.from_data(name, machine).ssh_options(),
         "-o", "ControlMaster=auto",
-        "-o", f"ControlPath={_control_dir / name}",
+        "-o", f"ControlPath={control_dir / name}",
         "-o", "ControlPersist=60",
     ]  # fmt: skip
     found = testinfra.get_host(
         f"ssh://{machine['ssh_user']}@{machine['ssh_hostname']}",
         ssh_extra_args=shlex.join(options),
     )
-    if name not in _batches:
-        _batches[name] = Prefetch(Prefetch.recorded(CHECKS_RECORD, name))
-    _through(found.backend, _batches[name])
+    if name not in batches:
+        batches[name] = Prefetch(Prefetch.recorded(CHECKS_RECORD, name))
+    _through(found.backend, batches[name])
     return found
 
 

@@ -57,3 +57,23 @@ def test_a_batch_cut_short_leaves_the_rest_to_run_alone():
     assert len(parse_batch(output, len(COMMANDS))) == len(COMMANDS)
     assert len(parse_batch(output[:12], len(COMMANDS))) == 1  # "0 4 0\none\n" then cut
     assert parse_batch(b"ssh: connect refused\n", 3) == []
+
+
+def test_a_batch_sent_beforehand_answers_the_checks_without_another_round_trip():
+    """As the smoke suites do for many machines: every batch started first, then answered."""
+    batch = Prefetch(COMMANDS)
+    script = batch.script()
+    assert script == batch_script(COMMANDS)
+    started = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    answer = (started.wait(), started.stdout.read(), started.stderr.read())  # small outputs
+    batch.prepare(lambda _script: answer)
+    assert batch.script() is None  # sent: not again
+
+    def unexpected(script: str) -> tuple[int, bytes, bytes]:
+        raise AssertionError(f"sent again: {script}")
+
+    assert [batch.answer(command, unexpected) for command in COMMANDS] == [
+        alone(c) for c in COMMANDS
+    ]
+    assert batch.round_trips == 1
+    assert Prefetch([]).script() is None  # nothing recorded: nothing to send
