@@ -12,8 +12,7 @@ batch saves round trips, and never answers with anything but this run's output.
 Example (how the smoke suites' conftest uses it)::
 
     batch = Prefetch(Prefetch.recorded(directory, "web1"))
-    batch.prepare(send)  # optional: the batch now (`send(script) -> (status, stdout, stderr)`)
-    answer = batch.answer(command, send)
+    answer = batch.answer(command, send)  # `send(script) -> (status, stdout, stderr)`
     ...
     batch.record(directory, "web1")
 """
@@ -99,7 +98,12 @@ class Prefetch:
         """The answer to `command`: from the batch if it ran it and that answer is unused, else
         sent on its own. `send` sends a script to the machine and returns its answer."""
         self.asked.append(command)
-        self.prepare(send)
+        if self._answers is None:
+            script = self.script()
+            if script is None:
+                self._answers = {}
+            else:
+                self.take(send(script))
         waiting = self._answers.get(command)
         if waiting:
             return waiting.popleft()
@@ -110,21 +114,14 @@ class Prefetch:
         """The batch to send, if there is one and it has not run."""
         return batch_script(self.expected) if self.expected and self._answers is None else None
 
-    def prepare(self, send: Send) -> None:
-        """Run the recorded batch now, if it has not run: a caller with many machines sends
-        theirs at once, so their round trips overlap instead of adding up."""
-        if self._answers is None:
-            self._answers = self._run_batch(send)
-
-    def _run_batch(self, send: Send) -> dict[str, deque[Answer]]:
-        answers: dict[str, deque[Answer]] = {}
-        if not self.expected:
-            return answers
+    def take(self, answer: Answer) -> None:
+        """The machine's answer to `script()`, however it was sent: a caller with many machines
+        sends theirs at once, so their round trips overlap instead of adding up."""
         self.round_trips += 1
-        status, output, _ = send(batch_script(self.expected))
+        status, output, _ = answer
+        self._answers = {}
         if status == 97:  # no temporary directory on the machine: every command on its own
-            return answers
+            return
         found = parse_batch(output, len(self.expected))  # fewer if the script was cut short
         for command, each in zip(self.expected, found, strict=False):
-            answers.setdefault(command, deque()).append(each)
-        return answers
+            self._answers.setdefault(command, deque()).append(each)

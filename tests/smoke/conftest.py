@@ -158,8 +158,7 @@ def _hosts(
             started[name] = _start_ssh(found.backend, script)
     for name, process in started.items():
         stdout, stderr = process.communicate()
-        answer = (process.returncode, stdout, stderr)
-        _batches[name].prepare(lambda script, answer=answer: answer)
+        _batches[name].take((process.returncode, stdout, stderr))
     return hosts
 
 

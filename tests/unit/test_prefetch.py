@@ -66,7 +66,7 @@ def test_a_batch_sent_beforehand_answers_the_checks_without_another_round_trip()
     assert script == batch_script(COMMANDS)
     started = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     answer = (started.wait(), started.stdout.read(), started.stderr.read())  # small outputs
-    batch.prepare(lambda _script: answer)
+    batch.take(answer)
     assert batch.script() is None  # sent: not again
 
     def unexpected(script: str) -> tuple[int, bytes, bytes]:
