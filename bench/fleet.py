@@ -16,11 +16,12 @@ test fleets of the same machines:
 - the naive way, cold: one machine after the other, rsync the flake to /var/src/config, build
   its system, `nix copy` it and switch to it (krops, deploy-rs, hand scripts).
 
-Each run gives wall time, SSH sessions per machine (counted in each sshd's log), bytes the
-controller sent (through the relays), and the controller's peak memory (the largest process of
-the run, pyinfra or a Nix it started: wait4's maxrss). It prints a Markdown table, ratios first,
-and writes bench/results/fleet-<date>.json. The fleet lives in .testbed-bench-fleet/ on
-$FLAKEFLEET_BENCH_PORT (default 22900) and is purged at the end.
+Each run gives wall time, SSH sessions per machine (counted in each sshd's log), a deploy's own
+SSH commands per machine (from its run record, `.flakefleet/runs/`: the smoke checks' are not
+among them), bytes the controller sent (through the relays), and the controller's peak memory
+(the largest process of the run, pyinfra or a Nix it started: wait4's maxrss). It prints a
+Markdown table, ratios first, and writes bench/results/fleet-<date>.json. The fleet lives in
+.testbed-bench-fleet/ on $FLAKEFLEET_BENCH_PORT (default 22900) and is purged at the end.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pathlib import Path
 from common import BIN, NIX, ROOT, fleet_env
 from common import testbed as fleet_testbed
 
+from flakefleet.records import RUNS
 from testbed.layout import StatePaths
 from testbed.roster import Machine, load_record
 
@@ -63,6 +65,7 @@ class Run:
     seconds: float
     sessions_per_machine: float  # SSH sessions the machines' sshd started, on average
     sessions_most: int  # on the machine with the most
+    commands_per_machine: float | None  # a deploy's own SSH commands (None: not a deploy)
     sent_bytes: int  # by the controller, through the relays
     received_bytes: int
     peak_rss_mib: float  # the largest process of the run
@@ -94,9 +97,25 @@ def counters(machines: list[Machine]) -> dict[str, tuple[int, int, int]]:
     return result
 
 
+def run_records() -> dict[Path, int]:
+    """The size of each of the controller's run record files."""
+    return {path: path.stat().st_size for path in (ROOT / RUNS).glob("*.jsonl")}
+
+
+def deploy_commands(before: dict[Path, int]) -> float | None:
+    """The SSH commands a machine, on average, of the deploy recorded since `before`."""
+    counts = []
+    for path in run_records():
+        with path.open() as stream:
+            stream.seek(before.get(path, 0))
+            counts += [json.loads(line)["commands"] for line in stream if line.strip()]
+    return round(sum(counts) / len(counts), 1) if counts else None
+
+
 def measure(label: str, argv: list[str], machines: list[Machine]) -> Run:
     """Run a command against the fleet and measure it; a failure ends the benchmark."""
     before = counters(machines)
+    records = run_records()
     log = WORK / "logs" / f"{label}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as output:
@@ -117,6 +136,7 @@ def measure(label: str, argv: list[str], machines: list[Machine]) -> Run:
         seconds=round(seconds, 2),
         sessions_per_machine=round(sum(sessions) / len(machines), 1),
         sessions_most=max(sessions),
+        commands_per_machine=deploy_commands(records),
         sent_bytes=sum(after[m.name][1] - before[m.name][1] for m in machines),
         received_bytes=sum(after[m.name][2] - before[m.name][2] for m in machines),
         peak_rss_mib=round(usage.ru_maxrss / 1024, 1),
@@ -337,9 +357,9 @@ def report(results: dict[str, dict[str, dict[str, Run]]], sizes: list[int]) -> s
                 )
     lines += [
         "",
-        "| machines | round trip | run | seconds | SSH sessions per machine (most) | KiB sent"
-        " | KiB received | peak MiB |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| machines | round trip | run | seconds | SSH sessions per machine (most)"
+        " | deploy's SSH commands per machine | KiB sent | KiB received | peak MiB |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for latency, by_size in results.items():
         for size, runs in by_size.items():
@@ -348,6 +368,7 @@ def report(results: dict[str, dict[str, dict[str, Run]]], sizes: list[int]) -> s
                 lines.append(
                     f"| {size} | {latency} | {name}{failed} | {run.seconds:.2f} "
                     f"| {run.sessions_per_machine:g} ({run.sessions_most}) "
+                    f"| {'' if run.commands_per_machine is None else run.commands_per_machine} "
                     f"| {run.sent_bytes / 1024:.0f} | {run.received_bytes / 1024:.0f} "
                     f"| {run.peak_rss_mib:.0f} |"
                 )

@@ -35,8 +35,9 @@ secrets = keys.declared()
 wanted = sources.declared()
 recipients.check()  # a machine whose host key changed must get its secrets re-encrypted first
 
-# The deploy lock, systems, generations and /var/src: one round trip; none for a machine
-# whose class has no such goal (nix-darwin and home-manager machines only switch).
+# Systems, generations, /var/src, keys and whether the deploy lock is free: one round trip
+# (the first step with work takes the lock); none for a machine whose class has no such goal
+# (nix-darwin and home-manager machines only switch).
 machine = preflight.preflight() if activation.supports(goal) else None
 target = closure.evaluate(machine) if machine else None  # one Nix evaluation for all machines
 
@@ -82,6 +83,7 @@ if target is not None:
     reboot.reboot(
         name="Reboot if needed",
         system=target,
+        machine=machine,
         goal=goal,
         policy=settings.reboot,
         timeout=settings.reboot_timeout,
@@ -95,4 +97,4 @@ if target is not None:
         goal=goal,
         keep=settings.keep_generations,
     )
-    preflight.release(name="Release the deploy lock")
+    preflight.release(name="Release the deploy lock")  # if a step took it

@@ -97,15 +97,17 @@ def sudo_refusal(first: str) -> str | None:
 
 
 class Preflight(RemoteFact[PreflightState]):
-    """Take the machine's deploy lock and read its state, in one round trip, as root.
+    """Read the machine's state and whether its deploy lock is free, in one round trip, as
+    root. The lock is taken later, only if the deploy has work on the machine
+    (``operations.preflight.changes_machine``).
 
-    The lock is not taken while an activation worker is busy on the machine, whoever holds
+    The lock counts as busy while an activation worker is busy on the machine, whoever holds
     the lock: the machine is in that worker's hands until it succeeds or rolls back.
 
     It first reads the machine id; when `machine_id` (the one expected, see
     ``flakefleet.identity``) is given and differs, it stops there: nothing is touched.
 
-    Output: ``identity <machine id>``, ``workers <busy> <dead>``, then ``lock acquired``,
+    Output: ``identity <machine id>``, ``workers <busy> <dead>``, then ``lock free <serial>``,
     ``lock held <holder>`` or ``lock busy <holder>``, then the ``MachineSnapshot`` sections. Or
     ``identity <machine id>`` and ``identity differs``. Or only one line: sudo's reason behind
     ``sudo.REFUSED`` when it refuses (read with ``gate``), or ``lock failed: <reason>`` when no
@@ -114,12 +116,11 @@ class Preflight(RemoteFact[PreflightState]):
 
     @staticmethod
     def default() -> PreflightState:
-        return PreflightState(lock_acquired=False, lock_holder="", machine=MachineState())
+        return PreflightState(lock_free=False, lock_holder="", machine=MachineState())
 
     @staticmethod
     def script(
         lock_dir: str = "/run/flakefleet",
-        holder: str = "",
         profile: str = SYSTEM_PROFILE,
         running: str = RUNNING_SYSTEM,
         machine_id: str = "",
@@ -128,14 +129,14 @@ class Preflight(RemoteFact[PreflightState]):
         expected = shlex.quote(machine_id)
         workers = worker.workers_command(lock_dir)
         busy = f'echo "lock busy $(cat {lock_dir}/lock/holder 2>/dev/null)"'
-        acquire = lock.acquire_command(lock_dir, holder)
+        free = lock.status_command(lock_dir)
         return (
             f'i=$({MACHINE_ID_COMMAND}); echo "identity $i"; '
             f'if [ -n {expected} ] && [ "$i" != {expected} ]; then echo "identity differs"; '
             "exit 0; fi; "
             f"{lock.state_dir_command(lock_dir)}; "
             f'w=$({workers}); echo "$w"; b=${{w#workers }}; '
-            f'if [ "${{b%% *}}" -gt 0 ]; then {busy}; else {acquire}; fi; {machine}'
+            f'if [ "${{b%% *}}" -gt 0 ]; then {busy}; else {free}; fi; {machine}'
         )
 
     def process(self, output: list[str]) -> PreflightState:
@@ -158,9 +159,13 @@ class Preflight(RemoteFact[PreflightState]):
             return PreflightState(False, "", MachineState(), lock_problem=problem)
         counts = first.split()[1:3] if first.startswith("workers ") else []
         busy, dead = (int(n) for n in counts) if len(counts) == 2 else (0, 0)
+        free = status.startswith("lock free")
         return PreflightState(
-            lock_acquired=status == "lock acquired",
-            lock_holder=status.removeprefix("lock held").removeprefix("lock busy").strip(),
+            lock_free=free,
+            lock_holder=""
+            if free
+            else status.removeprefix("lock held").removeprefix("lock busy").strip(),
+            serial=status.removeprefix("lock free").strip() if free else "",
             machine=MachineSnapshot().process(output[2:]),
             activations_in_progress=busy,
             dead_workers=dead,

@@ -1,11 +1,15 @@
 """One deploy per machine at a time: a lock directory on the machine.
 
-The lock is taken in the preflight round trip (`mkdir` is atomic) and names its holder:
-the controller's host name, the deployer's PID and that process's start time. A second deploy
-fails fast naming the holder. A holder on this controller whose process is gone (it was
-killed) is recognised, as is one the user names in `break_lock` (a deployer on another
-controller cannot be seen to die), and its lock is taken over with a compare-and-swap, so two
-deployers racing for a stale lock cannot both win.
+The lock is taken only when a deploy has work on the machine: the preflight reads whether it is
+free (a no-op redeploy costs that one round trip and never locks), and the first step that
+changes the machine takes it (`mkdir` is atomic), but only if nobody took it since the
+preflight: every deploy that takes the lock leaves its name in the state directory's `serial`,
+which the preflight read. The lock names its holder: the controller's host name, the
+deployer's PID and that process's start time. A second deploy fails fast naming the holder. A
+holder on this controller whose process is gone (it was killed) is recognised, as is one the
+user names in `break_lock` (a deployer on another controller cannot be seen to die), and its
+lock is taken over with a compare-and-swap, so two deployers racing for a stale lock cannot
+both win.
 """
 
 from __future__ import annotations
@@ -106,23 +110,50 @@ def state_dir_command(directory: str) -> str:
     )
 
 
-def acquire_command(directory: str, holder: Holder | str) -> str:
-    """Take the lock, or say why not: `lock acquired`, `lock held <holder>` (with the lock's
-    age in seconds when no holder can be read), or `lock failed: <reason>`.
+def status_command(directory: str) -> str:
+    """Whether the lock is free, without taking it: `lock free <serial>` (the name of the last
+    deploy that took it, "" if none since boot) or `lock held <holder>`."""
+    return (
+        f"if [ -d {directory}/lock ]; then {_held(directory)}; "
+        f'else echo "lock free $(cat {directory}/serial 2>/dev/null)"; fi'
+    )
 
-    All or nothing: a lock whose holder cannot be written (a full /run) is removed again.
-    """
+
+def _held(directory: str) -> str:
+    """Prints `lock held <holder>`, or the lock's age in seconds when no holder can be read."""
     lock = f"{directory}/lock"
     return (
-        f"if mkdir {lock} 2>/dev/null; then "
-        f"if printf '%s\\n' {shlex.quote(str(holder))} > {lock}/holder.new 2>/dev/null "
-        f"&& mv {lock}/holder.new {lock}/holder; then echo 'lock acquired'; "
-        f"else rm -rf {lock}; echo 'lock failed: could not write {lock}/holder (is it full?)'; "
-        f"fi; else h=$(cat {lock}/holder 2>/dev/null); "
-        f'if [ -n "$h" ]; then echo "lock held $h"; else '
+        f'h=$(cat {lock}/holder 2>/dev/null); if [ -n "$h" ]; then echo "lock held $h"; else '
         f"t=$(stat -c %Y {lock} 2>/dev/null || stat -f %m {lock}); "
-        'echo "lock held  $(( $(date +%s) - t ))"; fi; fi'
+        'echo "lock held  $(( $(date +%s) - t ))"; fi'
     )
+
+
+def acquire_command(directory: str, holder: Holder | str, serial: str | None = None) -> str:
+    """Take the lock, or say why not: `lock acquired`, `lock held <holder>` (see `_held`),
+    `lock changed` (the serial is not `serial` any more: another deploy took the lock since the
+    machine was read), or `lock failed: <reason>`.
+
+    All or nothing: a lock whose holder or serial cannot be written (a full /run) is removed
+    again.
+    """
+    lock = f"{directory}/lock"
+    name = shlex.quote(str(holder))
+    read = f'[ "$(cat {directory}/serial 2>/dev/null)" = {shlex.quote(serial or "")} ]'
+    return (
+        f"if mkdir {lock} 2>/dev/null; then "
+        f"if ! {'true' if serial is None else read}; then rmdir {lock}; echo 'lock changed'; "
+        f"elif {_write(name, f'{lock}/holder')} && {_write(name, f'{directory}/serial')}; then "
+        "echo 'lock acquired'; "
+        f"else rm -rf {lock}; echo 'lock failed: could not write {lock}/holder (is it full?)'; "
+        f"fi; elif [ -d {lock} ]; then {_held(directory)}; "
+        f"else echo 'lock failed: could not make {lock}'; fi"
+    )
+
+
+def _write(text: str, path: str) -> str:
+    """Replace the file at `path` with the line `text` (shell-quoted), whole or not at all."""
+    return f"printf '%s\\n' {text} > {path}.new 2>/dev/null && mv {path}.new {path}"
 
 
 def take_over_command(directory: str, stale: str, holder: Holder) -> str:
@@ -134,13 +165,14 @@ def take_over_command(directory: str, stale: str, holder: Holder) -> str:
     """
     lock = f"{directory}/lock"
     marker = f"{lock}/takeover"
+    name = shlex.quote(str(holder))
     old = ORPHAN_SECONDS // 60 or 1
     return (
         f"find {marker} -maxdepth 0 -mmin +{old} -exec rmdir {{}} + 2>/dev/null; "
         f"mkdir {marker} 2>/dev/null || {{ echo 'lock taken over by another deployer'; exit 1; }}; "
         f'if [ "$(cat {lock}/holder 2>/dev/null)" = {shlex.quote(stale)} ] '
-        f"&& printf '%s\\n' {shlex.quote(str(holder))} > {lock}/holder.new "
-        f"&& mv {lock}/holder.new {lock}/holder; then rmdir {marker}; echo 'lock acquired'; "
+        f"&& {_write(name, f'{lock}/holder')} && {_write(name, f'{directory}/serial')}; "
+        f"then rmdir {marker}; echo 'lock acquired'; "
         f"else rmdir {marker}; echo 'lock taken over by another deployer'; exit 1; fi"
     )
 

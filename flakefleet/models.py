@@ -158,11 +158,12 @@ class MachineState(Shown):
 
 @dataclass(frozen=True)
 class PreflightState(Shown):
-    """The machine's state, and whether this deploy now holds its lock (else who does)."""
+    """The machine's state, and whether its deploy lock is free (else who holds it)."""
 
-    lock_acquired: bool
+    lock_free: bool
     lock_holder: str
     machine: MachineState
+    serial: str = ""  # the lock's last taker when it was read free (flakefleet.lock)
     activations_in_progress: int = 0  # live workers still activating or awaiting confirmation
     dead_workers: int = 0  # workers that died in a busy phase (now marked failed)
     sudo_refusal: str | None = None  # why sudo would not run the preflight (nothing ran)

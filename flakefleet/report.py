@@ -31,6 +31,8 @@ class Outcome:
     plan: list[str] = field(default_factory=list)  # deploy/plan.py: what a deploy would do
     state: dict[str, Any] = field(default_factory=dict)  # deploy/status.py: where it stands
     skipped: bool = False  # not activated: the rollout stopped before its wave
+    ssh_logins: int = 0  # new SSH connections the deploy made to it (rsync, Nix, workers)
+    commands: int = 0  # commands it ran there, on those and on pyinfra's connection
 
     @property
     def status(self) -> str:

@@ -61,6 +61,9 @@ class Run:
             for host in state.inventory
         }
         self.locks: set[str] = set()  # machines whose deploy lock this run holds
+        # Machines whose lock was free at the preflight, with its serial then: the first step
+        # with work there takes the lock if nobody took it since (operations.preflight).
+        self.unlocked: dict[str, str] = {}
         self.launched: dict[str, Activation] = {}  # activations not yet over, as far as we know
         self.pending: dict[str, Activation] = {}  # activations awaiting their confirmation
         self.finished: set[str] = set()  # machines whose deploy file ran to its end
@@ -280,6 +283,9 @@ class Run:
                     "its deploy lock is still held (unreachable); the next deploy from this "
                     "controller takes it over"
                 )
+        for name, outcome in self.report.outcomes.items():
+            tally = self.target(name).tally
+            outcome.ssh_logins, outcome.commands = tally.logins, tally.commands
         addresses = {name: f"{t.address}:{t.port or 22}" for name, t in self.targets.items()}
         self.report.print(self.state, addresses)
         if self.state.is_executing and self.report.outcomes:
@@ -287,13 +293,8 @@ class Run:
 
     def _record(self) -> None:
         """Append this run's line per machine to the controller's run records."""
-        lines = {
-            name: {**outcome, "ssh_logins": tally.logins, "commands": tally.commands}
-            for name, outcome in self.report.as_dict().items()
-            for tally in [self.target(name).tally]
-        }
         try:
-            records.write_run(self.cwd / records.RUNS, self.id, self.started, lines)
+            records.write_run(self.cwd / records.RUNS, self.id, self.started, self.report.as_dict())
         except OSError as error:
             print(f"flakefleet: could not write the run's record: {error}", file=sys.stderr)
 
@@ -342,6 +343,11 @@ class Run:
 def fail(reason: str) -> FunctionCommand:
     """A command that fails the machine with a reason; its later steps are skipped."""
     return FunctionCommand(_fail, (reason,), {})
+
+
+def fails(command: Any) -> bool:
+    """Whether a command is one `fail` made."""
+    return isinstance(command, FunctionCommand) and command.function is _fail
 
 
 def change(what: str) -> FunctionCommand:

@@ -22,6 +22,7 @@ from flakefleet.models import Goal, MachineState, sources_undo_file
 from flakefleet.run import Run, fail
 from flakefleet.target import Target, Unreachable
 from flakefleet.worker import BUSY, Activation, Phase, Unanswered
+from operations.preflight import changes_machine
 from operations.refuse import refuse
 
 WORKER = files("operations").joinpath("scripts/activate.sh").read_text()
@@ -39,6 +40,7 @@ def supports(goal: Goal) -> bool:
 
 
 @operation()
+@changes_machine
 def activate(
     system: nix.System, machine: MachineState, goal: Goal = Goal.SWITCH, confirm_timeout: float = 30
 ):
@@ -77,6 +79,7 @@ def activate(
 
 
 @operation()
+@changes_machine
 def roll_back(machine: MachineState, generation: int | None = None, confirm_timeout: float = 30):
     """Switch the machine back one generation, or to `generation`, and activate it, with the
     same safety as a deploy (detached, confirmed after the health checks, rolled back on failure).

@@ -16,6 +16,7 @@ from pyinfra.api import FunctionCommand, operation
 from flakefleet import nix, remote_nix
 from flakefleet.models import Goal, MachineState
 from flakefleet.run import Run
+from operations.preflight import changes_machine
 
 
 def generations_after(machine: MachineState, system: str, goal: Goal) -> int:
@@ -25,6 +26,7 @@ def generations_after(machine: MachineState, system: str, goal: Goal) -> int:
 
 
 @operation()
+@changes_machine
 def prune(
     system: nix.System, machine: MachineState, goal: Goal = Goal.SWITCH, keep: int | None = None
 ):

@@ -21,6 +21,7 @@ from flakefleet.models import KeyOnMachine, MachineClass
 from flakefleet.run import Run
 from flakefleet.settings import layers
 from operations import recipients as identities
+from operations.preflight import changes_machine
 
 
 def declared(*, planning: bool = False) -> tuple[Key, ...]:
@@ -155,6 +156,7 @@ def _recipients_of(
 
 
 @operation()
+@changes_machine
 def upload(
     wanted: tuple[Key, ...],
     on_machine: dict[str, KeyOnMachine],
@@ -176,16 +178,16 @@ def upload(
 
 
 @operation(is_idempotent=False)
+@changes_machine
 def restore(wanted: tuple[Key, ...]):
     """After a reboot this deploy made, upload every key again (a tmpfs such as /run/keys
-    came back empty); nothing when the machine was not rebooted."""
-    if wanted:
+    came back empty); nothing when the machine was not rebooted (the reboot step ran before
+    this generator does)."""
+    if wanted and "rebooted" in Run.of(state).outcome(host.name).changed:
         yield FunctionCommand(_restore, (wanted,), {})
 
 
 def _restore(state: Any, host: Any, wanted: tuple[Key, ...]) -> bool:
-    if "rebooted" not in Run.of(state).outcome(host.name).changed:
-        return True
     changes = keys.changes_for(wanted, {}, None, [key.name for key in wanted], again=True)
     return _upload(state, host, changes, None)
 

@@ -1,5 +1,7 @@
-"""The preflight: take the machine's deploy lock and read its state, in one round trip; and the
-lock's release at the end of the run.
+"""The preflight: read the machine's state and whether its deploy lock is free, in one round
+trip; the lock, taken by the first step with work on the machine (``changes_machine``); and its
+release at the end of the run. A machine with nothing to do is never locked: its redeploy costs
+the preflight alone.
 
 A machine whose deploy fails keeps no lock: whatever pyinfra skipped, the locks this run
 still holds are released over new connections when the run closes.
@@ -7,7 +9,9 @@ still holds are released over new connections when the run closes.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, ParamSpec
 
 from pyinfra import host, state
 from pyinfra.api import FunctionCommand, operation
@@ -15,14 +19,16 @@ from pyinfra.api import FunctionCommand, operation
 from facts.machine import Preflight
 from flakefleet import identity, sudo
 from flakefleet.fleet import PYINFRA_PRIVILEGE_KEYS
-from flakefleet.lock import Holder, release_command, take_over_command
+from flakefleet.lock import Holder, acquire_command, release_command, take_over_command
 from flakefleet.models import MachineState, PreflightState
-from flakefleet.run import Run
+from flakefleet.run import Run, fails
 from operations.refuse import refuse
+
+P = ParamSpec("P")
 
 
 def preflight() -> MachineState | None:
-    """Take the machine's deploy lock and read its state, in one round trip.
+    """Read the machine's state, and whether its deploy lock is free, in one round trip.
 
     Returns the machine's state, or None when another deploy holds the machine or sudo
     refuses (it is then failed with the reason, and the deploy file skips its steps). When
@@ -38,13 +44,11 @@ def preflight() -> MachineState | None:
             reason=f"data {pyinfra_privilege[0]}: remove it: flakefleet runs sudo itself",
         )
         return None
-    run.locks.add(host.name)  # before the preflight may take it: released at exit, whatever
     try:
         found = target.read_as_root(
             host,
             Preflight,
             lock_dir=target.state_dir,
-            holder=str(run.deployer),
             profile=target.profile,
             running=target.running_link,
             machine_id=_expected(run),
@@ -78,10 +82,11 @@ def _expected(run: Run) -> str:
 def hold(run: Run, found: PreflightState) -> bool:
     """Decide, at prepare time, whether this run may deploy the machine.
 
-    The lock was taken by the preflight fact, or it is taken over (an operation) from a
-    deployer that died on this controller or that the user names in `break_lock` (one on
-    another controller that will not come back), or the machine is failed naming the holder.
-    While an activation worker is busy on the machine, nobody takes it, whoever holds the lock.
+    The lock is free (the first step with work on the machine takes it), or it is taken over
+    now (an operation) from a deployer that died on this controller or that the user names in
+    `break_lock` (one on another controller that will not come back), or the machine is failed
+    naming the holder. While an activation worker is busy on the machine, nobody takes it,
+    whoever holds the lock.
     """
     outcome = run.outcome(host.name)
     if found.dead_workers:
@@ -90,7 +95,8 @@ def hold(run: Run, found: PreflightState) -> bool:
             f"{found.machine.current_system or 'nothing'}"
         )
     holder = Holder.parse(found.lock_holder)
-    if found.lock_acquired:
+    if found.lock_free:
+        run.unlocked[host.name] = found.serial
         return True
     broken = holder is not None and run.settings(host.name).break_lock == holder.name
     if holder is not None and broken and holder.is_alive_here():
@@ -117,6 +123,7 @@ def hold(run: Run, found: PreflightState) -> bool:
         return _locked(run, f"locked by another deploy ({found.lock_holder or 'unknown holder'})")
     if not gone:
         return _locked(run, _held_by(holder))
+    run.locks.add(host.name)  # from here on, released at exit whatever happens
     _take_over(name="Take over a stale lock", stale=str(holder))
     how = "broke (break_lock)" if broken else "took over"
     outcome.note(f"{how} the lock of a deployer that died ({holder.describe()})")
@@ -133,7 +140,54 @@ def _held_by(holder: Holder) -> str:
 def _locked(run: Run, reason: str) -> bool:
     """Fail the machine before anything on it is touched; this run holds no lock on it."""
     refuse(name="Deploy lock", reason=reason)
+    return False
+
+
+def changes_machine(
+    operation: Callable[P, Iterator[Any]],
+) -> Callable[P, Iterator[Any]]:
+    """For an operation that changes the machine: its first command is preceded by taking the
+    deploy lock, unless this run holds it already. An operation with nothing to do takes no
+    lock, and a machine no step changes is never locked.
+
+    Decorate the operation's generator, under ``@operation()``. Its generator runs when the
+    operation runs (pyinfra 3), after the machine's earlier steps, so it sees whether one of
+    them took the lock.
+    """
+
+    @functools.wraps(operation)
+    def commands(*args: P.args, **kwargs: P.kwargs) -> Iterator[Any]:
+        found = operation(*args, **kwargs)
+        first = next(found, None)
+        if first is None:
+            return
+        if host.name not in Run.of(state).locks and not fails(first):
+            yield FunctionCommand(_take_lock, (), {})
+        yield first
+        yield from found
+
+    return commands
+
+
+def _take_lock(state: Any, host: Any) -> bool:
+    """Take the machine's lock, if nobody took it since the preflight found it free."""
+    run = Run.of(state)
+    target = run.target(host.name)
+    run.locks.add(host.name)  # released at exit, whatever happens from here on
+    script = acquire_command(target.state_dir, run.deployer, run.unlocked[host.name])
+    _, output = target.run_over(host, script)
+    answer = "\n".join(output.stdout_lines).strip()
+    if answer == "lock acquired":
+        return True
     run.locks.discard(host.name)
+    if answer.startswith("lock held"):
+        holder = Holder.parse(answer.removeprefix("lock held"))
+        reason = _held_by(holder) if holder else f"locked by another deploy ({answer})"
+    elif answer == "lock changed":
+        reason = "another deploy took the machine since this run read it: run again"
+    else:
+        reason = f"no deploy lock: {answer.removeprefix('lock failed:').strip() or 'no answer'}"
+    run.outcome(host.name).fail(reason)
     return False
 
 
@@ -146,10 +200,11 @@ def _take_over(stale: str):
 
 @operation(is_idempotent=False)
 def release():
-    """Release this run's lock on the machine."""
+    """Release this run's lock on the machine, if it took it."""
     run = Run.of(state)
     target = run.target(host.name)
-    yield target.command(release_command(target.state_dir, run.deployer))
+    if host.name in run.locks:
+        yield target.command(release_command(target.state_dir, run.deployer))
     yield FunctionCommand(_released, (), {})
 
 

@@ -12,21 +12,24 @@ import contextlib
 import time
 from typing import Any
 
-from pyinfra import host
+from pyinfra import host, state
 from pyinfra.api import FunctionCommand, operation
 
 from facts.nix import BOOT_IDENTITY, needs_reboot_command
 from flakefleet import checks, nix
-from flakefleet.models import RUNNING_SYSTEM, Goal
+from flakefleet.models import RUNNING_SYSTEM, Goal, MachineState
 from flakefleet.run import Run
 from flakefleet.settings import RebootPolicy
 from flakefleet.target import Unreachable
+from operations.preflight import changes_machine
 from operations.verify import run_smoke_checks
 
 
 @operation(is_idempotent=False)
+@changes_machine
 def reboot(
     system: nix.System,
+    machine: MachineState,
     goal: Goal,
     policy: RebootPolicy = RebootPolicy.NEVER,
     timeout: float = 300,
@@ -34,10 +37,15 @@ def reboot(
 ):
     """Reboot the machine if `policy` says so, and wait until it runs `system` again.
 
+    + machine: its state, as the preflight read it
     + command: how the machine is rebooted (`reboot_command`)
     """
     if policy is RebootPolicy.NEVER or not goal.sets_profile:
         host.noop("no reboot")
+        return
+    unchanged = not Run.of(state).outcome(host.name).changed  # by this run's earlier steps
+    if policy is RebootPolicy.WHEN_NEEDED and unchanged and machine.booted_system == system.out:
+        host.noop(f"{host.name} booted {system.out}")  # the kernel, initrd and modules it runs
         return
     yield FunctionCommand(_reboot, (system.out, policy, timeout, command), {})
 

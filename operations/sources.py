@@ -36,6 +36,7 @@ from flakefleet.sources import (
     filter_options,
 )
 from flakefleet.target import Target
+from operations.preflight import changes_machine
 
 # The remote half of a sync: shell functions the install commands below use.
 INSTALL_FUNCTIONS = files("operations").joinpath("scripts/install-sources.sh").read_text()
@@ -81,6 +82,7 @@ def _check_selected(session: Run, commands: bool) -> RunSources | SourcesInvalid
 
 
 @operation()
+@changes_machine
 def sync(wanted: MachineSources, var_src: VarSrc):
     """Make the machine's /var/src hold exactly its declared sources.
 

@@ -18,6 +18,14 @@ let
 
   flag = value: if value then "1" else "";
 
+  # `buildGate` (tests): the system's build says it started (`<gate>.waiting`), then waits
+  # for the file `<gate>`, so a test can act while a deploy is between its preflight and its
+  # first change. Absent unless given, so the other systems stay as they were.
+  gate = host: if host ? buildGate then ''
+    touch ${host.buildGate}.waiting
+    while [ ! -e ${host.buildGate} ]; do sleep 0.1; done
+  '' else "";
+
   # Shared by every machine: the same store path everywhere, like nixpkgs' packages.
   sw = shell "fleet-sw-1.0" { } ''
     mkdir -p $out/bin
@@ -258,7 +266,7 @@ in
       } // serviceEnv
       # environment.systemPackages: store paths (a flake input's, a package's) in the system's
       # closure; absent unless given, so the other systems' paths stay as they were.
-      // (if host ? packages then { packages = host.packages; } else { })) (''
+      // (if host ? packages then { packages = host.packages; } else { })) (gate host + ''
         mkdir -p $out/bin $out/services
         ln -s $etc $out/etc
         ln -s $sw $out/sw

@@ -7,8 +7,11 @@ The tests run in order on one fleet; each leaves its machines on a working gener
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from conftest import evaluate, set_host
@@ -258,9 +261,41 @@ def test_activation_survives_a_cut_connection(fleet, flake):
     assert fleet.ssh("web1", LATEST_PHASE) == "succeeded"
     assert any("connection lost during activation" in n for n in result.report["web1"]["notes"])
     # No lock is left behind.
-    assert fleet.ssh("web1", "ls /run/flakefleet") == "activation"
+    assert fleet.ssh("web1", "ls /run/flakefleet").split() == ["activation", "serial"]
     set_host(flake, "web1", activationDelay=None)
     assert fleet.deploy(flake, "--limit", "web1").returncode == 0
+
+
+def test_a_machine_another_deploy_took_after_the_preflight_is_left_alone(fleet, flake):
+    """The lock is taken at the first change, not at the preflight: a deploy that another one
+    overtook in between (its build is held back here) changes nothing and says so."""
+    before = remote_state(fleet, "web1")
+    place = Path(tempfile.mkdtemp(prefix="flakefleet-gate-"))  # in /tmp: a build user's too
+    place.chmod(0o777)
+    gate = place / "gate"
+    set_host(flake, "web1", version="overtaken", buildGate=str(gate))
+    late = fleet.start(flake, "--limit", "web1")
+    deadline = time.monotonic() + 60
+    while not gate.with_suffix(".waiting").exists():  # its preflight read the lock free
+        assert time.monotonic() < deadline and late.poll() is None, "the build never started"
+        time.sleep(0.1)
+    other = "laptop:4242:1234:1"  # another deployer takes and releases the machine
+    fleet.ssh("web1", f"mkdir /run/flakefleet/lock && echo {other} > /run/flakefleet/serial")
+    fleet.ssh("web1", "rm -r /run/flakefleet/lock")
+    gate.touch()
+    result = fleet.finish(late)
+    assert result.status("web1") == "failed", result.output
+    assert result.report["web1"]["error"] == (
+        "another deploy took the machine since this run read it: run again"
+    )
+    assert same_system(remote_state(fleet, "web1"), before)
+    assert fleet.ssh("web1", "cat /run/flakefleet/serial") == other  # the lock was not taken
+    assert fleet.ssh("web1", "ls /run/flakefleet/lock 2>/dev/null", check=False) == ""
+    again = fleet.deploy(flake, "--limit", "web1")
+    assert again.status("web1") == "changed", again.output
+    assert remote_state(fleet, "web1")["current"] == evaluate(flake, "web1")
+    set_host(flake, "web1", buildGate=None)
+    shutil.rmtree(place)
 
 
 def test_a_second_deploy_fails_fast_naming_the_holder(fleet, flake):

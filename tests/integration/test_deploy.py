@@ -60,6 +60,8 @@ def test_second_deploy_changes_nothing(fleet, flake):
     for machine in fleet.machines:
         assert result.status(machine) == "unchanged", result.report[machine]
         assert remote_state(fleet, machine) == before[machine]
+        # The preflight alone: with nothing to do, no lock is taken, so none is released.
+        assert result.report[machine]["commands"] == 1, result.report[machine]
 
 
 def test_smoke_checks_cost_one_round_trip_a_machine_once_recorded(fleet, tmp_path):

@@ -13,6 +13,7 @@ in order on one fleet, and waits on events with generous deadlines, never on tim
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -93,8 +94,11 @@ class Fleet:
         """web1's processes (its launcher and everything in its cgroups), with start times."""
         pids = {int((self.state / "machines/web1/pid").read_text())}
         for directory in self.cgroups():
-            for procs in directory.rglob("cgroup.procs"):
-                pids |= {int(pid) for pid in procs.read_text().split()}
+            # A session's scope may go while the tree is walked (os.walk skips it then).
+            for parent, _, names in os.walk(directory):
+                if "cgroup.procs" in names:
+                    with contextlib.suppress(FileNotFoundError):
+                        pids |= {int(p) for p in Path(parent, "cgroup.procs").read_text().split()}
         return {(pid, start) for pid in pids if (start := _start_time(pid))}
 
 

@@ -16,7 +16,9 @@ from flakefleet.lock import (
     ORPHAN_SECONDS,
     Holder,
     acquire_command,
+    release_command,
     state_dir_command,
+    status_command,
     take_over_command,
 )
 
@@ -40,6 +42,28 @@ def test_of_many_racing_takeovers_exactly_one_wins(tmp_path):
     assert all("lock acquired" not in r.stdout for r in results if r.returncode != 0)
     assert (tmp_path / "lock" / "holder").read_text().strip() == str(winners[0])
     assert not (tmp_path / "lock" / "takeover").exists()
+
+
+def test_the_lock_is_taken_only_if_nobody_took_it_since_the_machine_was_read(tmp_path):
+    """The preflight reads the lock free with its serial; the first change takes it only if
+    no deploy held it in between (it could have changed what the preflight read)."""
+    me = Holder("controller", 1, "1", int(time.time()))
+    other = Holder("controller", 2, "1", int(time.time()))
+    seen = sh(status_command(str(tmp_path))).stdout.strip()
+    assert seen == "lock free"  # no deploy since boot
+    sh(acquire_command(str(tmp_path), other, ""))  # another deploy, from start to end
+    assert sh(status_command(str(tmp_path))).stdout.strip() == f"lock held {other}"
+    sh(release_command(str(tmp_path), other))
+    assert sh(status_command(str(tmp_path))).stdout.strip() == f"lock free {other}"
+
+    late = sh(acquire_command(str(tmp_path), me, seen.removeprefix("lock free").strip()))
+    assert late.stdout.strip() == "lock changed"
+    assert not (tmp_path / "lock").exists()
+    taken = sh(acquire_command(str(tmp_path), me, str(other)))
+    assert taken.stdout.strip() == "lock acquired"
+    assert (tmp_path / "lock" / "holder").read_text().strip() == str(me)
+    again = sh(acquire_command(str(tmp_path), other, str(me))).stdout.strip()
+    assert again == f"lock held {me}"
 
 
 def test_acquiring_is_all_or_nothing_when_the_holder_cannot_be_written(tmp_path):

@@ -20,7 +20,7 @@ from flakefleet.models import Generation, Goal, MachineState, VarSrc
 from flakefleet.nix import System
 from flakefleet.run import Run
 from flakefleet.sources import MachineSources, Ready, Source
-from operations import activation, closure, generations, sources
+from operations import activation, closure, generations, preflight, sources
 
 OLD = System("/nix/store/old.drv", "/nix/store/old-system")
 NEW = System("/nix/store/new.drv", "/nix/store/new-system")
@@ -77,11 +77,28 @@ def test_a_machine_on_another_system_gets_a_build_a_copy_and_an_activation():
         behind = on(OLD)
         assert functions(commands(closure.build, system=NEW, machine=behind)) == ["_build"]
         assert functions(commands(closure.copy, system=NEW, machine=behind)) == ["_copy"]
-        (launch,) = commands(activation.activate, system=NEW, machine=behind, goal=Goal.TEST)
+        lock, launch = commands(activation.activate, system=NEW, machine=behind, goal=Goal.TEST)
+        assert functions([lock, launch]) == ["_take_lock", "_activate"]
         switch = launch.args[0]
         assert (switch.goal, switch.system, switch.confirm_timeout) == (Goal.TEST, NEW.out, 30)
-        (launch,) = commands(activation.activate, system=NEW, machine=behind, goal=Goal.BOOT)
+        _, launch = commands(activation.activate, system=NEW, machine=behind, goal=Goal.BOOT)
         assert launch.args[0].confirm_timeout == 0  # a boot runs nothing new: no confirmation
+
+
+def test_the_first_step_with_work_takes_the_lock_and_the_release_only_frees_a_taken_one():
+    """Building and copying add to the store, which any number of deploys may do; a step that
+    changes what the machine runs or holds takes the deploy lock first, once a run."""
+    with machine(keep_generations=1) as run:
+        behind = on(OLD, generation_count=2)
+        assert functions(commands(preflight.release)) == ["_released"]  # never locked
+        assert functions(commands(closure.copy, system=NEW, machine=behind)) == ["_copy"]
+        pruned = commands(generations.prune, system=NEW, machine=behind, keep=1)
+        assert functions(pruned) == ["_take_lock", "_prune"]
+        run.locks.add("web1")  # as `_take_lock` does when it runs
+        assert functions(commands(generations.prune, system=NEW, machine=behind, keep=1)) == [
+            "_prune"
+        ]
+        assert functions(commands(preflight.release)) == ["shell", "_released"]
 
 
 def test_where_it_is_built_decides_how_the_closure_travels():
@@ -97,7 +114,8 @@ def test_pruning_runs_only_past_the_limit():
         three = on(NEW, generation_count=3)
         assert commands(generations.prune, system=NEW, machine=three, keep=3) == []
         assert functions(commands(generations.prune, system=OLD, machine=three, keep=3)) == [
-            "_prune"
+            "_take_lock",
+            "_prune",
         ]
         assert commands(generations.prune, system=OLD, machine=three, keep=None) == []
 
@@ -123,6 +141,6 @@ def test_sources_in_place_cost_nothing_and_a_change_costs_a_push_and_one_install
     with machine():
         assert commands(sources.sync, wanted=wanted(D1), var_src=in_place) == []
         changed = commands(sources.sync, wanted=wanted("2" * 64), var_src=in_place)
-        assert functions(changed) == ["_push", "shell", "_change"]
-        install = changed[1]
+        assert functions(changed) == ["_take_lock", "_push", "shell", "_change"]
+        install = changed[2]
         assert isinstance(install, StringCommand) and "live config" in str(install)
