@@ -9,6 +9,16 @@ from pathlib import Path
 
 import pytest
 
+# bin/test runs the modules in two pytest-xdist workers side by side: each worker gets test
+# fleets of its own (state directory and ports), as a developer's .testbed/ keeps its own.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _WORKER.startswith("gw") and _WORKER != "gw0":
+    _OFFSET = 1000 * int(_WORKER.removeprefix("gw"))
+    _ROOT = Path(__file__).resolve().parents[1]
+    os.environ.setdefault("FLAKEFLEET_TEST_STATE", str(_ROOT / f".testbed-tests-{_WORKER}"))
+    os.environ.setdefault("FLAKEFLEET_TEST_PORT", str(22700 + _OFFSET))
+    os.environ.setdefault("FLAKEFLEET_TESTBED_TEST_PORT", str(22600 + _OFFSET))
+
 # Files a test fleet that leaked out of its namespaces would change first.
 GUARDED = [
     "/etc/passwd",
