@@ -3,11 +3,12 @@
 pytest-testinfra sends each command a check asks (`host.file(...)`, `host.socket(...)`,
 `host.run(...)`) as an SSH command of its own: a round trip each, 7 to 12 per machine for the
 example's suites. The checks ask the same commands run after run, so the commands a machine's
-checks asked are recorded (`.flakefleet/checks/<machine>.json`), and at the first command of the
-next run they all run on the machine in one script, in the order they were asked then; each
-command is then answered from that script's output, once. A command the script did not run (a
-new check, or one whose text depends on an answer that changed) runs on its own, as before: the
-batch saves round trips, and never answers with anything but this run's output.
+checks asked are recorded (`.flakefleet/checks/<fleet>/<machine>.json`), and at the first
+command of the next run they all run on the machine in one script, in the order they were
+asked then; each command is then answered from that script's output, once. A command the
+script did not run (a new check, or one whose text depends on an answer that changed) runs on
+its own, as before: the batch saves round trips, and never answers with anything but this
+run's output.
 
 Example (how the smoke suites' conftest uses it)::
 

@@ -12,6 +12,8 @@ from xml.etree import ElementTree
 
 from conftest import BIN, ROOT, evaluate, profile_of, set_host, sources_of
 
+from flakefleet.fleet import fleet_state_name
+
 
 def remote_state(fleet, machine: str) -> dict[str, str]:
     """What a deploy may change on a machine, read directly with ssh."""
@@ -89,7 +91,8 @@ def test_smoke_checks_cost_one_round_trip_a_machine_once_recorded(fleet, tmp_pat
 
     status, alone, verdicts = checks()
     assert status == 0 and all(count > 2 for count in alone.values()), alone
-    assert (tmp_path / ".flakefleet" / "checks" / "web1.json").exists()
+    records = tmp_path / ".flakefleet" / "checks" / fleet_state_name(fleet.fleet_file)
+    assert (records / "web1.json").exists()
     status, batched, again = checks()
     assert status == 0 and batched == dict.fromkeys(fleet.machines, 1), batched
     assert again == verdicts

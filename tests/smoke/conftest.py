@@ -29,13 +29,14 @@ from pyinfra.api import Inventory, State
 from pyinfra.context import ctx_state
 from pyinfra_cli.inventory import make_inventory
 
-from flakefleet.fleet import Machine, load_fleet
+from flakefleet.fleet import Machine, fleet_state_name, load_fleet
 from flakefleet.prefetch import Prefetch
 from flakefleet.sources.model import STATE_DIR
 from flakefleet.target import Target
 
 PROJECT = Path(__file__).resolve().parents[2]
-# Where each machine's check commands are recorded: the deploy runs the checks in the repository.
+# Where each machine's check commands are recorded, a directory per fleet file (two fleets may
+# both have a `web1`): the deploy runs the checks in the repository.
 CHECKS_RECORD = Path(STATE_DIR) / "checks"
 
 
@@ -127,13 +128,19 @@ def _control_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def _batches() -> Iterator[dict[str, Prefetch]]:
+def _records(request: pytest.FixtureRequest) -> Path:
+    """Where the fleet file's machines' check commands are recorded."""
+    return CHECKS_RECORD / fleet_state_name(Path(request.config.getoption("fleet")))
+
+
+@pytest.fixture(scope="session")
+def _batches(_records: Path) -> Iterator[dict[str, Prefetch]]:
     """Each machine's check commands, batched (``flakefleet.prefetch``); recorded at the end
     for the next run."""
     batches: dict[str, Prefetch] = {}
     yield batches
     for name, batch in batches.items():
-        batch.record(CHECKS_RECORD, name)
+        batch.record(_records, name)
 
 
 @pytest.fixture(scope="session")
@@ -142,13 +149,14 @@ def _hosts(
     inventory: Inventory,
     _control_dir: Path,
     _batches: dict[str, Prefetch],
+    _records: Path,
 ) -> dict[str, Any]:
     """Every selected machine's testinfra host, with the batches recorded for them sent all at
     once before the first check: the machines' round trips overlap instead of adding up."""
     hosts = {}
     for selected in _selected(request.config):
         data = {"name": selected.name, **inventory.get_host(selected.name).data.dict()}
-        hosts[selected.name] = _connect(data, _control_dir, _batches)
+        hosts[selected.name] = _connect(data, _control_dir, _batches, _records)
 
     # Every batch's ssh started first, then each one's answer read: they all run meanwhile.
     started = {}
@@ -183,7 +191,9 @@ def host(machine: dict[str, Any], _hosts: dict[str, Any]) -> Any:
     return _hosts[machine["name"]]
 
 
-def _connect(machine: dict[str, Any], control_dir: Path, batches: dict[str, Prefetch]) -> Any:
+def _connect(
+    machine: dict[str, Any], control_dir: Path, batches: dict[str, Prefetch], records: Path
+) -> Any:
     name = machine["name"]
     options = [
         *Target.from_data(name, machine).ssh_options(),
@@ -196,7 +206,7 @@ def _connect(machine: dict[str, Any], control_dir: Path, batches: dict[str, Pref
         ssh_extra_args=shlex.join(options),
     )
     if name not in batches:
-        batches[name] = Prefetch(Prefetch.recorded(CHECKS_RECORD, name))
+        batches[name] = Prefetch(Prefetch.recorded(records, name))
     _through(found.backend, batches[name])
     return found
 
