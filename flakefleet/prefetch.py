@@ -87,7 +87,8 @@ class Prefetch:
         return found
 
     def record(self, directory: Path, machine: str) -> None:
-        if not self.asked or len(self.asked) > MAX_COMMANDS:
+        # Unchanged, it is not written again: replacing a file costs a disk flush on ext4.
+        if not self.asked or len(self.asked) > MAX_COMMANDS or self.asked == self.expected:
             return
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{machine}.json"

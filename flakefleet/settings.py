@@ -301,7 +301,7 @@ class MachineSettings:
     confirm_timeout: float = 30
     on_check_failure: CheckFailure = CheckFailure.ROLLBACK
     checks: tuple[Mapping[str, Any], ...] = ()
-    smoke_check_processes: int = 4
+    smoke_check_processes: int = 2
     reboot: RebootPolicy = RebootPolicy.NEVER
     reboot_timeout: float = 300
     reboot_command: str = "reboot"

@@ -323,7 +323,11 @@ class Target:
     def ssh_options(self) -> list[str]:
         """`ssh` options (no destination), shared by rsync, Nix and the smoke checks: the same
         address, port, key and host-key policy as pyinfra's own connection."""
-        options = ["-o", "BatchMode=yes"]
+        # OpenSSH 8.5 to 9.8 prefer sntrup761x25519, which costs about 0.1 s of CPU at each
+        # end of every connection (0.25 s in all for a loopback `ssh true`, 0.12 s without):
+        # a fleet's worth of them is seconds. pyinfra's own connection, which carries the same
+        # commands and keys, makes a curve25519 exchange; OpenSSH's other defaults stay.
+        options = ["-o", "BatchMode=yes", "-o", "KexAlgorithms=-sntrup*"]
         if self.ssh_config:
             options[:0] = ["-F", self.ssh_config]
         if self.port:

@@ -27,8 +27,10 @@ flake = "example"
 # checks = []
 
 # How many pytest processes run the smoke checks (tests/smoke/) side by side, each for its
-# share of the machines: a machine's checks are round trips one after another.
-# smoke_check_processes = 4
+# share of the machines: once recorded, a machine's checks are one batch, all machines' batches
+# sent at once, so more processes mostly add their start-up (1 s of CPU each); checks not yet
+# recorded are round trips one after another, which more processes overlap.
+# smoke_check_processes = 2
 
 # Reboot after activating: never, when-needed (kernel, initrd or modules changed, or a boot
 # goal), or always; the machine must come back on the new system within reboot_timeout seconds.

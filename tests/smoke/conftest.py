@@ -25,14 +25,23 @@ from typing import Any
 
 import pytest
 import testinfra
+from gevent import monkey
 from pyinfra.api import Inventory, State
 from pyinfra.context import ctx_state
-from pyinfra_cli.inventory import make_inventory
 
 from flakefleet.fleet import Machine, fleet_state_name, load_fleet
 from flakefleet.prefetch import Prefetch
 from flakefleet.sources.model import STATE_DIR
 from flakefleet.target import Target
+
+# pyinfra_cli patches the standard library for gevent when imported, which the checks do not
+# need and which makes each fork of this process cost 20 to 140 ms (the checks start an ssh a
+# machine, and testinfra one a command): its inventory loader is imported with that held off.
+_patch_all, monkey.patch_all = monkey.patch_all, lambda *args, **kwargs: None
+try:
+    from pyinfra_cli.inventory import make_inventory
+finally:
+    monkey.patch_all = _patch_all
 
 PROJECT = Path(__file__).resolve().parents[2]
 # Where each machine's check commands are recorded, a directory per fleet file (two fleets may

@@ -4,7 +4,9 @@ started it, which switch-to-configuration's own check came too early to see).
 A service that crashes a moment after it started is still "active" when the checks begin, so
 the check first lets the youngest running service settle: it waits until every service has
 been up for ``SETTLE`` seconds (systemd's own ActiveEnterTimestamp), then lists the failed
-units. A machine whose services all started earlier (a no-op deploy) waits for nothing.
+units. A machine whose services all started earlier (a no-op deploy) waits for nothing; the
+units an SSH login itself starts (pam_systemd's user@UID.service and user-runtime-dir@UID.service,
+the check's own login among them) are not waited for.
 """
 
 import pytest
@@ -17,7 +19,8 @@ SETTLE = 3  # seconds a service must stay up to count as started; systemd's rest
 # for the youngest service, and the failed units.
 SETTLED_FAILED_UNITS = f"""
 [ -d /run/systemd/system ] || {{ echo no-systemd; exit 0; }}
-services=$(systemctl list-units --type=service --state=active --no-legend --plain | cut -d' ' -f1)
+services=$(systemctl list-units --type=service --state=active --no-legend --plain | cut -d' ' -f1 \\
+  | grep -v -e '^user@' -e '^user-runtime-dir@')
 youngest=$(systemctl show --timestamp=unix --property=ActiveEnterTimestamp --value -- $services \\
   | sed -n 's/^@//p' | sort -n | tail -n 1)
 wait=$(( ${{youngest:-0}} + {SETTLE} - $(date +%s) ))
