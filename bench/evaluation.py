@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/evaluation.py [--machines 1 10 30] [--workers N] [--chunk N]
                                          [--fixture ../shared/fixtures/real-nix-2020.tar.xz]
-                                         [--json bench-evaluation.json]
+                                         [--json bench/results/evaluation-<date>.json]
 
 Unpacks the fixture to a temporary directory, locks a git copy of example-real against it, and
 for each fleet size (example-real's generated machines: web, db, cache, monitor, builder)
@@ -174,7 +174,11 @@ def main() -> None:
     parser.add_argument("--machines", type=int, nargs="+", default=[1, 10, 30])
     parser.add_argument("--chunk", type=int, default=1)
     parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--json", type=Path, default=Path("bench-evaluation.json"))
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=ROOT / "bench" / "results" / f"evaluation-{time.strftime('%Y%m%d-%H%M%S')}.json",
+    )
     arguments = parser.parse_args()
     if not arguments.fixture.exists():
         sys.exit(f"bench: needs {arguments.fixture} (real nixpkgs of 2020; see its README)")
@@ -199,6 +203,7 @@ def main() -> None:
     for row in rows:
         for measured in ("cold", "noop"):
             row[measured] = {k: v for k, v in row[measured].items() if k not in ("log", "systems")}
+    arguments.json.parent.mkdir(parents=True, exist_ok=True)
     arguments.json.write_text(json.dumps({"workers": workers, "rows": rows}, indent=1))
     print(f"\n(written to {arguments.json})")
 
