@@ -25,10 +25,29 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from flakefleet.fleet import fleet_state_name
+from flakefleet.sources.model import STATE_DIR
+
 Answer = tuple[int, bytes, bytes]  # exit status, standard output, standard error
 Send = Callable[[str], Answer]
 
 MAX_COMMANDS = 200  # a record longer than this is a loop, not a suite: it is not kept
+
+
+def records(fleet_file: Path) -> Path:
+    """Where the checks of a fleet file's machines are recorded, under the directory the checks
+    run from: a directory per fleet file, as two fleets may both have a `web1`."""
+    return Path(STATE_DIR) / "checks" / fleet_state_name(fleet_file)
+
+
+def processes_for(directory: Path, machines: Sequence[str], most: int) -> int:
+    """How many pytest processes check `machines`: one when every machine's checks are
+    recorded in `directory` (that process sends all their batches at once, and a second one
+    would only add its start-up), else up to `most`, which overlap the round trips of checks
+    asked one by one."""
+    if all(Prefetch.recorded(directory, machine) for machine in machines):
+        return 1
+    return most
 
 
 def batch_script(commands: Sequence[str]) -> str:

@@ -26,10 +26,10 @@ flake = "example"
 #             {"http": "https://web1.example.org/health", "status": 200, "timeout": 5}]
 # checks = []
 
-# How many pytest processes run the smoke checks (tests/smoke/) side by side, each for its
-# share of the machines: once recorded, a machine's checks are one batch, all machines' batches
-# sent at once, so more processes mostly add their start-up (1 s of CPU each); checks not yet
-# recorded are round trips one after another, which more processes overlap.
+# How many pytest processes at most run the smoke checks (tests/smoke/) side by side, each for
+# its share of the machines: checks not yet recorded are round trips one after another, which
+# more processes overlap; once every machine's are recorded (one batch a machine, all sent at
+# once), one process checks them all, as more would only add their start-up.
 # smoke_check_processes = 2
 
 # Reboot after activating: never, when-needed (kernel, initrd or modules changed, or a boot

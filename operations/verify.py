@@ -2,9 +2,10 @@
 
 The pytest-testinfra smoke suites of tests/smoke/ run from the controller; the machines that
 reach this step together are checked by up to `smoke_check_processes` pytest processes side
-by side (one machine's checks are round trips one after another, so machines must not wait
-for each other; one process start-up serves many machines), and each machine passes or fails
-on its own tests.
+by side (checks not yet recorded are round trips one after another, so machines must not wait
+for each other; one process start-up serves many machines, and one process alone when every
+machine's checks are recorded: it sends all their batches at once), and each machine passes
+or fails on its own tests.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from pyinfra import host
 from pyinfra.api import FunctionCommand, operation
 
-from flakefleet import checks
+from flakefleet import checks, prefetch
 from flakefleet.process import run
 from flakefleet.run import Run
 from flakefleet.settings import CheckFailure
@@ -74,7 +75,11 @@ def _gate(state: Any, host: Any, op_hash: str, on_failure: CheckFailure) -> bool
             machines = [
                 h.name for h in state.inventory.get_active_hosts() if op_hash in state.ops[h]
             ]
-            processes = run.settings(host.name).smoke_check_processes
+            processes = prefetch.processes_for(
+                run.cwd / prefetch.records(run.fleet_file),
+                machines,
+                run.settings(host.name).smoke_check_processes,
+            )
             for name, verdict in run_smoke_checks(run, machines, processes).items():
                 run.verdicts[op_hash, name] = verdict
     verdict = run.verdicts[op_hash, host.name]

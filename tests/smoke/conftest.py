@@ -29,9 +29,8 @@ from gevent import monkey
 from pyinfra.api import Inventory, State
 from pyinfra.context import ctx_state
 
-from flakefleet.fleet import Machine, fleet_state_name, load_fleet
-from flakefleet.prefetch import Prefetch
-from flakefleet.sources.model import STATE_DIR
+from flakefleet.fleet import Machine, load_fleet
+from flakefleet.prefetch import Prefetch, records
 from flakefleet.target import Target
 
 # pyinfra_cli patches the standard library for gevent when imported, which the checks do not
@@ -44,9 +43,6 @@ finally:
     monkey.patch_all = _patch_all
 
 PROJECT = Path(__file__).resolve().parents[2]
-# Where each machine's check commands are recorded, a directory per fleet file (two fleets may
-# both have a `web1`): the deploy runs the checks in the repository.
-CHECKS_RECORD = Path(STATE_DIR) / "checks"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -138,8 +134,9 @@ def _control_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def _records(request: pytest.FixtureRequest) -> Path:
-    """Where the fleet file's machines' check commands are recorded."""
-    return CHECKS_RECORD / fleet_state_name(Path(request.config.getoption("fleet")))
+    """Where the fleet file's machines' check commands are recorded (the deploy runs the checks
+    in the repository)."""
+    return records(Path(request.config.getoption("fleet")))
 
 
 @pytest.fixture(scope="session")

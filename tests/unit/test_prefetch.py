@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from flakefleet.prefetch import Prefetch, batch_script, parse_batch
+from flakefleet.prefetch import Prefetch, batch_script, parse_batch, processes_for, records
 
 
 def alone(script: str) -> tuple[int, bytes, bytes]:
@@ -77,3 +77,34 @@ def test_a_batch_sent_beforehand_answers_the_checks_without_another_round_trip()
     ]
     assert batch.round_trips == 1
     assert Prefetch([]).script() is None  # nothing recorded: nothing to send
+
+
+def test_an_unchanged_record_is_not_written_again(tmp_path: Path):
+    first = Prefetch([])
+    first.answer("echo one", alone)
+    first.record(tmp_path, "web1")
+    recorded = tmp_path / "web1.json"
+    recorded.write_text(recorded.read_text() + " ")  # marks the file: a rewrite would drop it
+    again = Prefetch(Prefetch.recorded(tmp_path, "web1"))
+    again.answer("echo one", alone)
+    again.record(tmp_path, "web1")
+    assert recorded.read_text().endswith(" ")
+    changed = Prefetch(Prefetch.recorded(tmp_path, "web1"))
+    changed.answer("echo two", alone)
+    changed.record(tmp_path, "web1")
+    assert Prefetch.recorded(tmp_path, "web1") == ["echo two"]
+
+
+def test_one_process_checks_machines_whose_checks_are_all_recorded(tmp_path: Path):
+    batch = Prefetch([])
+    batch.answer("echo one", alone)
+    for machine in ("web1", "db1"):
+        batch.record(tmp_path, machine)
+    assert processes_for(tmp_path, ["web1", "db1"], 4) == 1
+    assert processes_for(tmp_path, ["web1", "db1", "mac1"], 4) == 4  # mac1's are not recorded
+
+
+def test_two_fleet_files_keep_their_records_apart(tmp_path: Path):
+    staging, production = tmp_path / "staging" / "fleet.yaml", tmp_path / "fleet.yaml"
+    assert records(staging) != records(production)
+    assert records(staging).parts[:2] == (".flakefleet", "checks")
