@@ -9,8 +9,10 @@ The machines run Nix 2.26 (Debian trixie's), the controller and vpn1 Debian book
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
-from conftest import evaluate, running_fleet, set_host
+from conftest import ROOT, evaluate, running_fleet, set_host
 from test_activation import LATEST_LOG
 from test_closure import build, new_version, system_of, valid_for
 from test_deploy import remote_state
@@ -161,6 +163,27 @@ def test_a_unit_that_fails_shows_in_the_checks_and_rolls_back(fleet, flake):
     assert (after["current"], after["profile"]) == (before["current"], before["profile"])
     assert unit(fleet, "web1")["ActiveState"] == "active"
     assert fleet.ssh("web1", "systemctl list-units --state=failed --no-legend --plain") == ""
+
+
+def _settled_failed_units() -> str:
+    """The smoke suites' failed-units check (tests/smoke/test_units.py), as a check sends it."""
+    spec = importlib.util.spec_from_file_location("units", ROOT / "tests/smoke/test_units.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SETTLED_FAILED_UNITS
+
+
+def test_the_failed_units_check_does_not_wait_for_its_own_login(fleet):
+    """pam_systemd starts user@UID.service (and user-runtime-dir@UID.service) at a user's first
+    login: the check's own login must not count as a service that just started."""
+    check = _settled_failed_units()
+    assert fleet.ssh("web1", check) == ""  # whatever a test before started has settled
+    # Stopping root's user manager ends this login too (ssh says "closed by remote host").
+    fleet.ssh("web1", "systemctl stop user@0.service user-runtime-dir@0.service", check=False)
+    # `sleep` stands in for the wait, which says whether the check would have waited.
+    waits = f"sleep() {{ echo waited $1; }}\n{check}\nsystemctl is-active user@0.service"
+    assert fleet.ssh("web1", waits) == "active"  # the login started it; the check did not wait
 
 
 def test_test_goal_starts_units_without_the_boot_default(fleet, flake):
