@@ -20,6 +20,8 @@ from flakefleet.target import Target, Unreachable
 if TYPE_CHECKING:
     from flakefleet.run import Run
 
+TIMEOUT = 10  # seconds a check waits when it does not say (the smoke suites' too)
+
 
 def run_checks(run: Run, name: str) -> list[str]:
     """Run every declared check of a machine; returns the failures (empty when all pass)."""
@@ -32,7 +34,7 @@ def run_checks(run: Run, name: str) -> list[str]:
 
 
 def _run(target: Target, check: Mapping[str, Any]) -> str | None:
-    timeout = float(check.get("timeout", 10))
+    timeout = float(check.get("timeout", TIMEOUT))
     if "command" in check:
         try:
             completed = target.run(str(check["command"]), timeout=timeout)

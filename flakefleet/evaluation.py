@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flakefleet import nix
+from flakefleet.files import write_atomically
 from flakefleet.process import CommandError
 from flakefleet.sources.digests import file_sha256
 
@@ -352,10 +353,7 @@ class Cache:
             self._write(self._record(attribute), record)
 
     def _write(self, path: Path, record: dict[str, object]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}")
-        temporary.write_text(json.dumps(record, indent=1))
-        temporary.replace(path)
+        write_atomically(path, json.dumps(record, indent=1))
 
 
 class Tree:

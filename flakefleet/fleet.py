@@ -87,6 +87,10 @@ class Fleet:
     ssh: dict[str, str] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
 
+    def machine(self, name: str) -> Machine | None:
+        """The machine named `name`, if the fleet has it."""
+        return next((machine for machine in self.machines if machine.name == name), None)
+
     def host_data(self, machine: Machine, repository: Path | None = None) -> dict[str, Any]:
         """pyinfra host data for a machine: how to reach it, then the fleet's and its own data.
 

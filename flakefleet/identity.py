@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flakefleet.files import write_atomically
 from flakefleet.fleet import fleet_state_name
 
 IDENTITIES = ".flakefleet/identities"  # under the repository
@@ -80,11 +81,8 @@ class Identities:
             if seen.get(name) == Seen(key, machine_id):
                 return
             seen[name] = Seen(key, machine_id)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             text = json.dumps({n: vars(s) for n, s in sorted(seen.items())}, indent=2)
-            temporary = self.path.with_suffix(".new")
-            temporary.write_text(text + "\n")
-            temporary.replace(self.path)
+            write_atomically(self.path, text + "\n")
 
 
 def mismatch(name: str, found: str, expected: str, where: str) -> str:

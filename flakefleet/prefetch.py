@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from flakefleet.fleet import fleet_state_name
+from flakefleet.files import write_atomically
+from flakefleet.fleet import Fleet, Machine, fleet_state_name
 from flakefleet.sources.model import STATE_DIR
 
 Answer = tuple[int, bytes, bytes]  # exit status, standard output, standard error
@@ -40,48 +41,115 @@ def records(fleet_file: Path) -> Path:
     return Path(STATE_DIR) / "checks" / fleet_state_name(fleet_file)
 
 
-def processes_for(directory: Path, machines: Sequence[str], most: int) -> int:
-    """How many pytest processes check `machines`: one when every machine's checks are
-    recorded in `directory` (that process sends all their batches at once, and a second one
-    would only add its start-up), else up to `most`, which overlap the round trips of checks
-    asked one by one."""
-    if all(Prefetch.recorded(directory, machine) for machine in machines):
+def kin(fleet: Fleet, name: str) -> list[Machine]:
+    """The machines the same smoke suites check as `name` (the suites select by class and role),
+    in fleet order."""
+    machine = fleet.machine(name)
+    if machine is None:
+        return []
+    return [
+        other
+        for other in fleet.machines
+        if other.machine_class == machine.machine_class
+        and set(other.roles) == set(machine.roles)
+        and other.name != name
+    ]
+
+
+def expected(directory: Path, fleet: Fleet, name: str) -> list[str]:
+    """The commands to batch for machine `name`: its record, else the first recorded kin's
+    without the commands that name that kin."""
+    own = Prefetch.recorded(directory, name)
+    machine = fleet.machine(name)
+    if own or machine is None:
+        return own
+    for other in kin(fleet, name):
+        if borrowed := Prefetch.recorded(directory, other.name):
+            naming = _naming(other) - _naming(machine)
+            return [command for command in borrowed if not any(n in command for n in naming)]
+    return []
+
+
+def _naming(machine: Machine) -> set[str]:
+    """What a command could name the machine by: its name, address, port and data values."""
+
+    def leaves(value: object) -> Iterator[str]:
+        if isinstance(value, dict):
+            for item in value.values():
+                yield from leaves(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                yield from leaves(item)
+        elif isinstance(value, str | int) and not isinstance(value, bool):
+            yield str(value)
+
+    return {machine.name, machine.address, *leaves(machine.port), *leaves(machine.data)}
+
+
+def unpredicted(directory: Path, fleet: Fleet, machines: Sequence[str]) -> list[str]:
+    """One machine of each kin among `machines` that has nothing to batch: checked first, they
+    record what the others then batch."""
+    first: list[str] = []
+    for name in machines:
+        if expected(directory, fleet, name):
+            continue
+        if not any(other.name in first for other in kin(fleet, name)):
+            first.append(name)
+    return first
+
+
+def processes_for(directory: Path, fleet: Fleet, machines: Sequence[str], most: int) -> int:
+    """How many pytest processes check `machines`: one when every machine has commands to batch
+    (that process sends all their batches at once, and a second one would only add its
+    start-up), else up to `most`, which overlap the round trips of checks asked one by one."""
+    if all(expected(directory, fleet, machine) for machine in machines):
         return 1
     return most
 
 
 def batch_script(commands: Sequence[str]) -> str:
     """One POSIX shell script running `commands` in order, each in a subshell of its own with
-    no standard input, printing for each ``<status> <stdout bytes> <stderr bytes>`` on a line
-    and then both outputs (see `parse_batch`)."""
+    no standard input and its outputs in files; then it prints every exit status on a line,
+    every output's size (`wc -c`) and all outputs (see `parse_batch`). Four processes more
+    than the commands need (mktemp, wc, cat, rm), not four a command: a fork costs a machine as
+    much as a small check does."""
     lines = ["d=$(mktemp -d) || exit 97", "trap 'rm -rf \"$d\"' EXIT"]
-    for command in commands:
-        lines += [
-            f'(\n{command}\n) </dev/null >"$d/o" 2>"$d/e"; s=$?',
-            'printf \'%s %s %s\\n\' "$s" $(wc -c <"$d/o") $(wc -c <"$d/e"); cat "$d/o" "$d/e"',
-        ]
+    files = []
+    for number, command in enumerate(commands):
+        lines.append(f'(\n{command}\n) </dev/null >"$d/o{number}" 2>"$d/e{number}"; s{number}=$?')
+        files += [f"o{number}", f"e{number}"]
+    statuses = " ".join(f"$s{number}" for number in range(len(commands)))
+    lines += [f'echo "{statuses}"', f'cd "$d" && wc -c {" ".join(files)} && cat {" ".join(files)}']
     return "\n".join(lines)
 
 
 def parse_batch(output: bytes, count: int) -> list[Answer]:
-    """The answers `batch_script` printed for its first `count` commands (fewer if it was cut
-    short: those it lacks run on their own)."""
-    answers: list[Answer] = []
-    at = 0
-    while len(answers) < count:
-        end = output.find(b"\n", at)
-        header = output[at:end].split() if end >= 0 else []
-        if len(header) != 3 or not all(part.isdigit() for part in header):
-            break
-        status, out_size, err_size = (int(part) for part in header)
-        start = end + 1
-        if start + out_size + err_size > len(output):
-            break
-        stdout = output[start : start + out_size]
-        stderr = output[start + out_size : start + out_size + err_size]
-        answers.append((status, stdout, stderr))
-        at = start + out_size + err_size
-    return answers
+    """The answers `batch_script` printed for its `count` commands; none if the script was cut
+    short (they then run on their own)."""
+    # statuses, a size per output, wc's total, then the outputs
+    lines = output.split(b"\n", 2 * count + 2)
+    if count == 0 or len(lines) != 2 * count + 3:
+        return []
+    statuses = lines[0].split()
+    sizes = [line.split()[:1] for line in lines[1 : 1 + 2 * count]]
+    if len(statuses) != count:
+        return []
+    if not all(part.isdigit() for part in statuses) or not all(
+        size and size[0].isdigit() for size in sizes
+    ):
+        return []
+    outputs, at = [], 0
+    rest = lines[-1]
+    for (size,) in sizes:
+        end = at + int(size)
+        if end > len(rest):
+            return []
+        outputs.append(rest[at:end])
+        at = end
+    return [
+        (int(status), outputs[2 * number], outputs[2 * number + 1])
+        for number, status in enumerate(statuses)
+    ]
 
 
 class Prefetch:
@@ -109,11 +177,7 @@ class Prefetch:
         # Unchanged, it is not written again: replacing a file costs a disk flush on ext4.
         if not self.asked or len(self.asked) > MAX_COMMANDS or self.asked == self.expected:
             return
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{machine}.json"
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(self.asked, indent=0) + "\n")
-        temporary.replace(path)
+        write_atomically(directory / f"{machine}.json", json.dumps(self.asked, indent=0) + "\n")
 
     def answer(self, command: str, send: Send) -> Answer:
         """The answer to `command`: from the batch if it ran it and that answer is unused, else

@@ -199,15 +199,18 @@ def confirm(run: Run, name: str) -> tuple[bool, str]:
     Returns whether the machine stayed on its new system, and what happened.
     """
     activation, target = run.pending.pop(name), run.target(name)
+    # The confirmation and the wait for the worker's answer share the new login.
+    confirm_and_wait = f"{activation.confirm_command()}; {activation.wait_command(BUSY)}"
     try:
-        target.run(activation.confirm_command(), timeout=30)
+        answer = worker.ask(target, confirm_and_wait)
     except Unreachable as error:
-        # The new system may have broken logins: the machine rolls itself back on time.
+        # The new system may have broken logins: the machine rolls itself back on time (or the
+        # connection broke after the confirmation landed: the worker's phase says which).
         answer = worker.wait(target, activation, BUSY)
-        run.launched.pop(name, None)
-        explained = worker.explain(target, answer)
-        return False, f"could not confirm over a new SSH connection ({error}); {explained}"
-    answer = worker.wait(target, activation, BUSY)
+        if answer[0] is not Phase.SUCCEEDED:
+            run.launched.pop(name, None)
+            explained = worker.explain(target, answer)
+            return False, f"could not confirm over a new SSH connection ({error}); {explained}"
     run.launched.pop(name, None)
     if answer[0] is Phase.SUCCEEDED:
         run.outcome(name).changed_by(activation.goal)

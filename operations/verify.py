@@ -5,7 +5,8 @@ reach this step together are checked by up to `smoke_check_processes` pytest pro
 by side (checks not yet recorded are round trips one after another, so machines must not wait
 for each other; one process start-up serves many machines, and one process alone when every
 machine's checks are recorded: it sends all their batches at once), and each machine passes
-or fails on its own tests.
+or fails on its own tests. Machines none of whose kin is recorded yet (a first deploy) are
+checked in two rounds: one machine of each kin, then the others, batched from their records.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pyinfra import host
 from pyinfra.api import FunctionCommand, operation
 
 from flakefleet import checks, prefetch
+from flakefleet.fleet import load_fleet
 from flakefleet.process import run
 from flakefleet.run import Run
 from flakefleet.settings import CheckFailure
@@ -75,12 +77,7 @@ def _gate(state: Any, host: Any, op_hash: str, on_failure: CheckFailure) -> bool
             machines = [
                 h.name for h in state.inventory.get_active_hosts() if op_hash in state.ops[h]
             ]
-            processes = prefetch.processes_for(
-                run.cwd / prefetch.records(run.fleet_file),
-                machines,
-                run.settings(host.name).smoke_check_processes,
-            )
-            for name, verdict in run_smoke_checks(run, machines, processes).items():
+            for name, verdict in check_machines(run, machines).items():
                 run.verdicts[op_hash, name] = verdict
     verdict = run.verdicts[op_hash, host.name]
     failures = verdict.failures + checks.run_checks(run, host.name)
@@ -114,6 +111,20 @@ def expected(run: Run, machines: list[str]) -> list[tuple[str, str]]:
     """The system each machine should run now, as this run decided it."""
     systems = [(name, run.outcome(name).system) for name in machines]
     return [(name, system) for name, system in systems if system]
+
+
+def check_machines(run: Run, machines: list[str]) -> dict[str, Verdict]:
+    """The smoke suites' verdicts on machines: first one machine of each kin none of whose
+    checks are recorded (its commands go one by one), then the rest, whose checks are then
+    batched from their own records or their kin's (flakefleet.prefetch)."""
+    records, fleet = run.cwd / prefetch.records(run.fleet_file), load_fleet(run.fleet_file)
+    most = run.settings(machines[0]).smoke_check_processes if machines else 1
+    first = prefetch.unpredicted(records, fleet, machines)
+    verdicts = run_smoke_checks(run, first, most) if first else {}
+    rest = [name for name in machines if name not in verdicts]
+    if rest:
+        verdicts |= run_smoke_checks(run, rest, prefetch.processes_for(records, fleet, rest, most))
+    return verdicts
 
 
 def run_smoke_checks(run: Run, machines: list[str], processes: int = 1) -> dict[str, Verdict]:

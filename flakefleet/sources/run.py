@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from flakefleet.files import write_atomically
 from flakefleet.nix import tracked_files
 from flakefleet.process import run
 from flakefleet.sources.build import BuildStage
@@ -174,9 +175,7 @@ class RunSources:
     def _keep_manifest(self, digest: str, found: list[tuple[str, str]]) -> None:
         path = self.state / MANIFESTS / f"{digest}.json"
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.with_suffix(".new").write_text(json.dumps(dict(found)))
-            path.with_suffix(".new").replace(path)
+            write_atomically(path, json.dumps(dict(found)))
         path.touch()  # used now: see `prune_manifests`
 
     def prune_manifests(self) -> None:

@@ -6,13 +6,28 @@ The tests run in order on one fleet: each starts from the state the previous one
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
 from xml.etree import ElementTree
 
 from conftest import BIN, ROOT, evaluate, profile_of, set_host, sources_of
 
 from flakefleet.fleet import fleet_state_name
+from flakefleet.prefetch import records
+
+# Programs every NixOS system has (environment.corePackages: coreutils-full, curl, findutils,
+# gnugrep, gnused, ...; iproute2 from networking; systemd; Nix), and the shell's builtins: what
+# a smoke check may ask a machine for. Not python3 or perl: a minimal NixOS has neither.
+NIXOS_PROGRAMS = (
+    {"cat", "cut", "date", "echo", "id", "mktemp", "readlink", "rm", "sleep", "sort", "tail"}
+    | {"test", "true", "uname", "wc", "curl", "find", "grep", "sed", "ss", "systemctl"}
+    | {"nix-env", "nix-store", "[", "cd", "command", "exit", "printf"}
+)
+# A program a command runs: a word at the start of a line or after | ; & ( $( { (not ${ or
+# %{, nor the 1 of 2>&1), and not a variable's assignment.
+PROGRAM = re.compile(r"(?:^|[|;(]|(?<!>)&|\$\(|(?<![$%]){)\s*(?![\w.-]*=)([\w./\[-]+)", re.M)
 
 
 def remote_state(fleet, machine: str) -> dict[str, str]:
@@ -35,8 +50,14 @@ def remote_state(fleet, machine: str) -> dict[str, str]:
 
 
 def test_first_deploy_converges_every_machine(fleet, flake):
+    shutil.rmtree(ROOT / records(fleet.fleet_file), ignore_errors=True)  # none recorded yet
+    before = {machine: fleet.sessions(machine) for machine in fleet.machines}
     result = fleet.deploy(flake)
     assert result.returncode == 0, result.output
+    # One machine of each kin (class and roles) was checked first, command by command; the
+    # other web machine then batched what those checks asked (less what names that machine).
+    spent = sorted(fleet.sessions(web) - before[web] for web in ("web1", "web2"))
+    assert spent[0] + 5 < spent[1], spent
     for machine in fleet.machines:
         expected = evaluate(flake, machine)
         state = remote_state(fleet, machine)
@@ -64,6 +85,18 @@ def test_second_deploy_changes_nothing(fleet, flake):
         assert remote_state(fleet, machine) == before[machine]
         # The preflight alone: with nothing to do, no lock is taken, so none is released.
         assert result.report[machine]["commands"] == 1, result.report[machine]
+
+
+def test_smoke_checks_ask_only_for_programs_a_nixos_machine_has(fleet):
+    """The first deploy recorded every command the checks asked (tests/smoke/ runs unchanged
+    on a real NixOS machine, whose PATH has no /usr/bin: the test machines' has)."""
+    asked: dict[str, set[str]] = {}
+    for record in (ROOT / records(fleet.fleet_file)).glob("*.json"):
+        for command in json.loads(record.read_text()):
+            for program in PROGRAM.findall(command):
+                asked.setdefault(program.rsplit("/", 1)[-1], set()).add(record.stem)
+    assert "readlink" in asked and "curl" in asked  # the pattern finds programs
+    assert {p: m for p, m in asked.items() if p not in NIXOS_PROGRAMS} == {}
 
 
 def test_smoke_checks_cost_one_round_trip_a_machine_once_recorded(fleet, tmp_path):

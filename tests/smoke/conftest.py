@@ -29,8 +29,8 @@ from gevent import monkey
 from pyinfra.api import Inventory, State
 from pyinfra.context import ctx_state
 
-from flakefleet.fleet import Machine, load_fleet
-from flakefleet.prefetch import Prefetch, records
+from flakefleet.fleet import Fleet, Machine, load_fleet
+from flakefleet.prefetch import Prefetch, expected, records
 from flakefleet.target import Target
 
 # pyinfra_cli patches the standard library for gevent when imported, which the checks do not
@@ -160,9 +160,10 @@ def _hosts(
     """Every selected machine's testinfra host, with the batches recorded for them sent all at
     once before the first check: the machines' round trips overlap instead of adding up."""
     hosts = {}
+    fleet = load_fleet(Path(request.config.getoption("fleet")))
     for selected in _selected(request.config):
         data = {"name": selected.name, **inventory.get_host(selected.name).data.dict()}
-        hosts[selected.name] = _connect(data, _control_dir, _batches, _records)
+        hosts[selected.name] = _connect(data, _control_dir, _batches, _records, fleet)
 
     # Every batch's ssh started first, then each one's answer read: they all run meanwhile.
     started = {}
@@ -198,7 +199,11 @@ def host(machine: dict[str, Any], _hosts: dict[str, Any]) -> Any:
 
 
 def _connect(
-    machine: dict[str, Any], control_dir: Path, batches: dict[str, Prefetch], records: Path
+    machine: dict[str, Any],
+    control_dir: Path,
+    batches: dict[str, Prefetch],
+    records: Path,
+    fleet: Fleet,
 ) -> Any:
     name = machine["name"]
     options = [
@@ -212,7 +217,7 @@ def _connect(
         ssh_extra_args=shlex.join(options),
     )
     if name not in batches:
-        batches[name] = Prefetch(Prefetch.recorded(records, name))
+        batches[name] = Prefetch(expected(records, fleet, name))  # or a kin's: a new machine
     _through(found.backend, batches[name])
     return found
 

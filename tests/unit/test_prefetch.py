@@ -6,7 +6,41 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from flakefleet.prefetch import Prefetch, batch_script, parse_batch, processes_for, records
+from flakefleet.fleet import parse_fleet
+from flakefleet.prefetch import (
+    Prefetch,
+    batch_script,
+    expected,
+    parse_batch,
+    processes_for,
+    records,
+    unpredicted,
+)
+
+FLEET = parse_fleet(
+    {
+        "machines": [
+            {"name": n, "address": "127.0.0.1", "port": 22400 + i, "roles": [role], **more}
+            for i, (n, role, more) in enumerate(
+                [
+                    ("web1", "web", {"data": {"service_port": 18081}}),
+                    ("web2", "web", {"data": {"service_port": 18082}}),
+                    ("web3", "web", {"data": {"service_port": 18083}}),
+                    ("db1", "db", {}),
+                    ("mac1", "web", {"class": "darwin"}),
+                ]
+            )
+        ]
+    },
+    Path("fleet.yaml"),
+)
+
+
+def recorded(directory: Path, machine: str, commands: list[str]) -> None:
+    batch = Prefetch([])
+    for command in commands:
+        batch.answer(command, lambda script: (0, b"", b""))
+    batch.record(directory, machine)
 
 
 def alone(script: str) -> tuple[int, bytes, bytes]:
@@ -51,12 +85,48 @@ def test_answers_come_from_this_run_and_the_record_follows_what_was_asked(tmp_pa
     assert second.answer(f"cat {state}", alone) == (0, b"new", b"")
 
 
-def test_a_batch_cut_short_leaves_the_rest_to_run_alone():
+def test_a_batch_cut_short_answers_nothing_and_its_commands_run_alone():
     status, output, _ = alone(batch_script(COMMANDS))
     assert status == 0
     assert len(parse_batch(output, len(COMMANDS))) == len(COMMANDS)
-    assert len(parse_batch(output[:12], len(COMMANDS))) == 1  # "0 4 0\none\n" then cut
+    for cut in (12, output.index(b"total"), len(output) - 1):
+        assert parse_batch(output[:cut], len(COMMANDS)) == []
     assert parse_batch(b"ssh: connect refused\n", 3) == []
+    assert parse_batch(output, len(COMMANDS) + 1) == []  # not the script for these commands
+
+    sent: list[str] = []
+
+    def cut_short(script: str) -> tuple[int, bytes, bytes]:
+        sent.append(script)
+        status, output, error = alone(script)
+        return (status, output[:-1], error) if len(sent) == 1 else (status, output, error)
+
+    batch = Prefetch(COMMANDS)
+    assert [batch.answer(command, cut_short) for command in COMMANDS] == [
+        alone(c) for c in COMMANDS
+    ]
+    assert len(sent) == 1 + len(COMMANDS)
+
+
+def test_a_batch_costs_the_machine_four_processes_beside_its_commands(tmp_path: Path):
+    """Each command runs in a subshell; beside them, one `mktemp`, one `wc`, one `cat` and one
+    `rm`, whatever the number of commands (the statuses are echoed by the shell itself)."""
+    counted = tmp_path / "bin"
+    counted.mkdir()
+    log = tmp_path / "log"
+    for program in ("wc", "cat", "mktemp", "rm"):
+        real = subprocess.run(["sh", "-c", f"command -v {program}"], capture_output=True, text=True)
+        wrapper = counted / program
+        wrapper.write_text(f'#!/bin/sh\necho {program} >> {log}\nexec {real.stdout.strip()} "$@"\n')
+        wrapper.chmod(0o755)
+    commands = [f"echo {number}" for number in range(20)]
+    script = f"PATH={counted}:$PATH\n" + batch_script(commands)
+    status, output, _ = alone(script)
+    assert status == 0
+    assert [answer[1] for answer in parse_batch(output, 20)] == [
+        f"{n}\n".encode() for n in range(20)
+    ]
+    assert sorted(log.read_text().split()) == ["cat", "mktemp", "rm", "wc"]
 
 
 def test_a_batch_sent_beforehand_answers_the_checks_without_another_round_trip():
@@ -100,8 +170,36 @@ def test_one_process_checks_machines_whose_checks_are_all_recorded(tmp_path: Pat
     batch.answer("echo one", alone)
     for machine in ("web1", "db1"):
         batch.record(tmp_path, machine)
-    assert processes_for(tmp_path, ["web1", "db1"], 4) == 1
-    assert processes_for(tmp_path, ["web1", "db1", "mac1"], 4) == 4  # mac1's are not recorded
+    assert processes_for(tmp_path, FLEET, ["web1", "db1"], 4) == 1
+    assert processes_for(tmp_path, FLEET, ["web1", "web2", "db1"], 4) == 1  # web2: web1's
+    assert processes_for(tmp_path, FLEET, ["web1", "db1", "mac1"], 4) == 4  # mac1's: none
+
+
+def test_a_new_machine_batches_what_its_kin_asked_less_what_names_that_kin(tmp_path: Path):
+    recorded(
+        tmp_path,
+        "web1",
+        [
+            "uname -s",
+            "cat /etc/fleet-release",
+            "curl http://127.0.0.1:18081/",  # web1's service_port
+            "grep web1 /etc/hosts",  # web1's name
+            "ssh-keyscan -p 22400 localhost",  # web1's port
+        ],
+    )
+    assert expected(tmp_path, FLEET, "web2") == ["uname -s", "cat /etc/fleet-release"]
+    assert expected(tmp_path, FLEET, "mac1") == []  # another class: other suites
+    assert expected(tmp_path, FLEET, "db1") == []  # another role
+    assert expected(tmp_path, FLEET, "web1")[2] == "curl http://127.0.0.1:18081/"  # its own
+    assert expected(tmp_path, FLEET, "nowhere") == []
+
+
+def test_a_first_deploy_checks_one_machine_of_each_kin_first(tmp_path: Path):
+    machines = ["web1", "web2", "web3", "db1", "mac1"]
+    assert unpredicted(tmp_path, FLEET, machines) == ["web1", "db1", "mac1"]
+    recorded(tmp_path, "web1", ["uname -s"])
+    assert unpredicted(tmp_path, FLEET, machines) == ["db1", "mac1"]
+    assert unpredicted(tmp_path, FLEET, ["web2", "web3"]) == []
 
 
 def test_two_fleet_files_keep_their_records_apart(tmp_path: Path):
