@@ -16,12 +16,13 @@ test fleets of the same machines:
 - the naive way, cold: one machine after the other, rsync the flake to /var/src/config, build
   its system, `nix copy` it and switch to it (krops, deploy-rs, hand scripts).
 
-Each run gives wall time, SSH sessions per machine (counted in each sshd's log), a deploy's own
-SSH commands per machine (from its run record, `.flakefleet/runs/`: the smoke checks' are not
-among them), bytes the controller sent (through the relays), and the controller's peak memory
-(the largest process of the run, pyinfra or a Nix it started: wait4's maxrss). It prints a
-Markdown table, ratios first, and writes bench/results/fleet-<date>.json. The fleet lives in
-.testbed-bench-fleet/ on $FLAKEFLEET_BENCH_PORT (default 22900) and is purged at the end.
+Each run gives wall time, SSH sessions (commands) and logins (connections) per machine (counted
+in each sshd's log), a deploy's own SSH commands per machine (from its run record,
+`.flakefleet/runs/`: the smoke checks' are not among them), bytes the controller sent (through
+the relays), and the controller's peak memory (the largest process of the run, pyinfra or a Nix
+it started: wait4's maxrss). It prints a Markdown table, ratios first, and writes
+bench/results/fleet-<date>.json. The fleet lives in .testbed-bench-fleet/ on
+$FLAKEFLEET_BENCH_PORT (default 22900) and is purged at the end.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Run:
 
     seconds: float
     sessions_per_machine: float  # SSH sessions the machines' sshd started, on average
+    logins_per_machine: float  # SSH logins (connections) the machines' sshd accepted
     sessions_most: int  # on the machine with the most
     commands_per_machine: float | None  # a deploy's own SSH commands (None: not a deploy)
     sent_bytes: int  # by the controller, through the relays
@@ -85,15 +87,15 @@ def relays_settled(machines: list[Machine], timeout: float = 15.0) -> None:
         time.sleep(0.05)
 
 
-def counters(machines: list[Machine]) -> dict[str, tuple[int, int, int]]:
-    """Per machine: sessions so far, bytes sent to it, bytes received from it."""
+def counters(machines: list[Machine]) -> dict[str, tuple[int, int, int, int]]:
+    """Per machine: sessions so far, bytes sent to it, bytes received from it, logins."""
     relays_settled(machines)
     time.sleep(0.3)  # a systemd machine's journal reaches its console log a moment later
     result = {}
     for machine in machines:
         paths = StatePaths(STATE).machine(machine.name)
         sent, received, _ = paths.relayed_bytes()
-        result[machine.name] = (paths.ssh_sessions(), sent, received)
+        result[machine.name] = (paths.ssh_sessions(), sent, received, paths.ssh_logins())
     return result
 
 
@@ -135,6 +137,9 @@ def measure(label: str, argv: list[str], machines: list[Machine]) -> Run:
     return Run(
         seconds=round(seconds, 2),
         sessions_per_machine=round(sum(sessions) / len(machines), 1),
+        logins_per_machine=round(
+            sum(after[m.name][3] - before[m.name][3] for m in machines) / len(machines), 1
+        ),
         sessions_most=max(sessions),
         commands_per_machine=deploy_commands(records),
         sent_bytes=sum(after[m.name][1] - before[m.name][1] for m in machines),
@@ -358,8 +363,9 @@ def report(results: dict[str, dict[str, dict[str, Run]]], sizes: list[int]) -> s
     lines += [
         "",
         "| machines | round trip | run | seconds | SSH sessions per machine (most)"
-        " | deploy's SSH commands per machine | KiB sent | KiB received | peak MiB |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        " | SSH logins per machine | deploy's SSH commands per machine | KiB sent"
+        " | KiB received | peak MiB |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for latency, by_size in results.items():
         for size, runs in by_size.items():
@@ -368,6 +374,7 @@ def report(results: dict[str, dict[str, dict[str, Run]]], sizes: list[int]) -> s
                 lines.append(
                     f"| {size} | {latency} | {name}{failed} | {run.seconds:.2f} "
                     f"| {run.sessions_per_machine:g} ({run.sessions_most}) "
+                    f"| {run.logins_per_machine:g} "
                     f"| {'' if run.commands_per_machine is None else run.commands_per_machine} "
                     f"| {run.sent_bytes / 1024:.0f} | {run.received_bytes / 1024:.0f} "
                     f"| {run.peak_rss_mib:.0f} |"

@@ -20,6 +20,7 @@ Example (how the smoke suites' conftest uses it)::
 
 from __future__ import annotations
 
+import base64
 import json
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -107,23 +108,26 @@ def processes_for(directory: Path, fleet: Fleet, machines: Sequence[str], most: 
     return most
 
 
-def batch_script(commands: Sequence[str]) -> str:
+def batch_script(commands: Sequence[str], *, armored: bool = False) -> str:
     """One POSIX shell script running `commands` in order, each in a subshell of its own with
     no standard input and its outputs in files; then it prints every exit status on a line,
     every output's size (`wc -c`) and all outputs (see `parse_batch`). Four processes more
     than the commands need (mktemp, wc, cat, rm), not four a command: a fork costs a machine as
-    much as a small check does."""
+    much as a small check does.
+
+    `armored`: the outputs in base64, for a connection that carries text lines (pyinfra's)."""
     lines = ["d=$(mktemp -d) || exit 97", "trap 'rm -rf \"$d\"' EXIT"]
     files = []
     for number, command in enumerate(commands):
         lines.append(f'(\n{command}\n) </dev/null >"$d/o{number}" 2>"$d/e{number}"; s{number}=$?')
         files += [f"o{number}", f"e{number}"]
     statuses = " ".join(f"$s{number}" for number in range(len(commands)))
-    lines += [f'echo "{statuses}"', f'cd "$d" && wc -c {" ".join(files)} && cat {" ".join(files)}']
+    outputs = f"cat {' '.join(files)}" + (" | base64" if armored else "")
+    lines += [f'echo "{statuses}"', f'cd "$d" && wc -c {" ".join(files)} && {outputs}']
     return "\n".join(lines)
 
 
-def parse_batch(output: bytes, count: int) -> list[Answer]:
+def parse_batch(output: bytes, count: int, *, armored: bool = False) -> list[Answer]:
     """The answers `batch_script` printed for its `count` commands; none if the script was cut
     short (they then run on their own)."""
     # statuses, a size per output, wc's total, then the outputs
@@ -138,8 +142,13 @@ def parse_batch(output: bytes, count: int) -> list[Answer]:
         size and size[0].isdigit() for size in sizes
     ):
         return []
-    outputs, at = [], 0
     rest = lines[-1]
+    if armored:
+        try:
+            rest = base64.b64decode(rest)  # the line breaks base64 adds are skipped
+        except ValueError:
+            return []
+    outputs, at = [], 0
     for (size,) in sizes:
         end = at + int(size)
         if end > len(rest):
@@ -174,8 +183,11 @@ class Prefetch:
         return found
 
     def record(self, directory: Path, machine: str) -> None:
-        # Unchanged, it is not written again: replacing a file costs a disk flush on ext4.
-        if not self.asked or len(self.asked) > MAX_COMMANDS or self.asked == self.expected:
+        # Unchanged, it is not written again: replacing a file costs a disk flush on ext4. (What
+        # was expected may be a kin's: the machine's own record is what must match.)
+        if not self.asked or len(self.asked) > MAX_COMMANDS:
+            return
+        if self.asked == self.recorded(directory, machine):
             return
         write_atomically(directory / f"{machine}.json", json.dumps(self.asked, indent=0) + "\n")
 
@@ -195,11 +207,13 @@ class Prefetch:
         self.round_trips += 1
         return send(command)
 
-    def script(self) -> str | None:
+    def script(self, *, armored: bool = False) -> str | None:
         """The batch to send, if there is one and it has not run."""
-        return batch_script(self.expected) if self.expected and self._answers is None else None
+        if not self.expected or self._answers is not None:
+            return None
+        return batch_script(self.expected, armored=armored)
 
-    def take(self, answer: Answer) -> None:
+    def take(self, answer: Answer, *, armored: bool = False) -> None:
         """The machine's answer to `script()`, however it was sent: a caller with many machines
         sends theirs at once, so their round trips overlap instead of adding up."""
         self.round_trips += 1
@@ -207,6 +221,6 @@ class Prefetch:
         self._answers = {}
         if status == 97:  # no temporary directory on the machine: every command on its own
             return
-        found = parse_batch(output, len(self.expected))  # fewer if the script was cut short
+        found = parse_batch(output, len(self.expected), armored=armored)  # [] if cut short
         for command, each in zip(self.expected, found, strict=False):
             self._answers.setdefault(command, deque()).append(each)

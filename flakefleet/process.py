@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import shlex
 import subprocess
-from collections.abc import Mapping, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 
 class CommandError(RuntimeError):
@@ -49,6 +53,64 @@ def run(
     if check and completed.returncode != 0:
         raise CommandError(argv, completed.returncode, completed.stderr or completed.stdout)
     return completed
+
+
+def run_fed(
+    argv: Callable[[int], Sequence[str]],
+    feed: Callable[[], bytes],
+    *,
+    cwd: str | None = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command that reads `feed()` from a pipe, started before `feed` is called, so that it
+    starts up while its input is made; `argv(descriptor)` names the pipe's descriptor to it.
+
+    A command that ends without reading it all is no error (its output says why). Raises
+    subprocess.TimeoutExpired (after killing the command) when `timeout` passes.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    read, write = os.pipe()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            command = list(argv(read))
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,
+                                       stderr=err, cwd=cwd, pass_fds=(read,))  # fmt: skip
+        except BaseException:
+            os.close(write)
+            raise
+        finally:
+            os.close(read)  # the command's copy is its own: a command gone breaks the pipe
+        try:
+            try:
+                with contextlib.suppress(BrokenPipeError):
+                    _write_all(write, feed(), deadline)
+            finally:
+                os.close(write)  # the end of its input
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            returncode = process.wait(remaining)
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = (f.read().decode(errors="replace") for f in (out, err))
+    return subprocess.CompletedProcess(command, returncode, stdout, stderr)
+
+
+def _write_all(descriptor: int, data: bytes, deadline: float | None) -> None:
+    """Write `data` to a pipe without blocking the process while the reader is not reading
+    (`select` yields to the run's other tasks under gevent)."""
+    os.set_blocking(descriptor, False)
+    view = memoryview(data)
+    while view:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise subprocess.TimeoutExpired("(pipe)", 0)
+        _, ready, _ = select.select([], [descriptor], [], remaining)
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                view = view[os.write(descriptor, view) :]
 
 
 def describe(argv: Sequence[str]) -> str:

@@ -33,6 +33,7 @@ class Outcome:
     skipped: bool = False  # not activated: the rollout stopped before its wave
     ssh_logins: int = 0  # new SSH connections the deploy made to it (rsync, Nix, workers)
     commands: int = 0  # commands it ran there, on those and on pyinfra's connection
+    check_commands: int = 0  # the smoke checks' batches it sent on pyinfra's connection
 
     @property
     def status(self) -> str:

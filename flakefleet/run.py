@@ -286,6 +286,7 @@ class Run:
         for name, outcome in self.report.outcomes.items():
             tally = self.target(name).tally
             outcome.ssh_logins, outcome.commands = tally.logins, tally.commands
+            outcome.check_commands = tally.checks
         addresses = {name: f"{t.address}:{t.port or 22}" for name, t in self.targets.items()}
         self.report.print(self.state, addresses)
         if self.state.is_executing and self.report.outcomes:

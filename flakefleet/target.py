@@ -8,8 +8,8 @@ travels one of three ways, all here:
 
 - `run`: over a new OpenSSH connection (waiting on a detached activation after pyinfra's
   connection dropped, confirming over a *new* login, checks, reboots, builders);
-- `command` (yielded by an operation) or `run_over` (now, in a FunctionCommand) and `read`
-  (a fact): over pyinfra's own connection;
+- `command` (yielded by an operation) or `run_over` (now, in a FunctionCommand), `read`
+  (a fact) and `run_as_login` (the smoke checks' batches): over pyinfra's own connection;
 - the options and URLs other programs use to reach it: rsync (`rsync_shell`), Nix
   (`ssh_options` for ``NIX_SSHOPTS``, `store_url`) and the smoke checks (`ssh_options`).
 """
@@ -99,6 +99,7 @@ class Tally:
 
     logins: int = 0
     commands: int = 0
+    checks: int = 0  # the smoke checks' batches sent over pyinfra's connection
 
 
 @dataclass(frozen=True)
@@ -288,6 +289,13 @@ class Target:
         invocation = self.invocation(script, as_root=as_root, stdin=stdin)
         self.tally.commands += 1
         return host.run_shell_command(StringCommand(invocation.command), _stdin=invocation.stdin)
+
+    def run_as_login(self, host: Any, script: str) -> tuple[bool, Any]:
+        """Run a smoke checks' script now over pyinfra's connection, as their own `ssh` login
+        runs it: as the SSH user, nothing added (no PATH, no sudo); pyinfra's success flag and
+        output. (pyinfra runs it with `sh -c`: the script must be POSIX shell.)"""
+        self.tally.checks += 1
+        return host.run_shell_command(StringCommand(script))
 
     def read(
         self, host: Any, fact: type[RemoteFact[T]], *, as_root: bool, gate: bool = False,

@@ -11,6 +11,7 @@ checked in two rounds: one machine of each kin, then the others, batched from th
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from pyinfra.api import FunctionCommand, operation
 
 from flakefleet import checks, prefetch
 from flakefleet.fleet import load_fleet
-from flakefleet.process import run
+from flakefleet.process import run_fed
 from flakefleet.run import Run
 from flakefleet.settings import CheckFailure
 from operations import activation
@@ -151,7 +152,12 @@ def _run_pytest(session: Run, machines: list[str]) -> dict[str, Verdict]:
             *(f"--expect-system={name}={system}" for name, system in expected(session, machines)),
         ]  # fmt: skip
         try:
-            completed = run(argv, cwd=str(cwd), check=False, timeout=SMOKE_TIMEOUT)
+            completed = run_fed(
+                lambda descriptor: [*argv, f"--batches-fd={descriptor}"],
+                lambda: batches_over_held_connections(session, machines),
+                cwd=str(cwd),
+                timeout=SMOKE_TIMEOUT,
+            )
         except subprocess.TimeoutExpired:
             for verdict in verdicts.values():
                 verdict.failures.append(f"smoke checks did not finish within {SMOKE_TIMEOUT}s")
@@ -190,6 +196,30 @@ def _run_pytest(session: Run, machines: list[str]) -> dict[str, Verdict]:
             if not verdict.counts and not verdict.failures:
                 verdict.failures.append(NO_RESULT)
     return verdicts
+
+
+def batches_over_held_connections(run: Run, machines: list[str]) -> bytes:
+    """The batch of each machine's recorded (or its kin's) check commands, run over the
+    connection the deploy holds, all machines at once, while pytest starts: what the smoke
+    suites' conftest takes (`--batches-fd`) instead of logging in to send them. A machine with
+    nothing recorded, or whose batch got no answer, is left to the checks themselves."""
+    records, fleet = run.cwd / prefetch.records(run.fleet_file), load_fleet(run.fleet_file)
+
+    def send(name: str) -> tuple[str, dict[str, Any]] | None:
+        commands = prefetch.expected(records, fleet, name)
+        if not commands:
+            return None
+        host = run.state.inventory.get_host(name)
+        script = prefetch.batch_script(commands, armored=True)
+        try:
+            succeeded, output = run.target(name).run_as_login(host, script)
+        except Exception:  # a connection pyinfra lost: the checks log in themselves
+            return None
+        return (name, {"commands": commands, "output": output.stdout}) if succeeded else None
+
+    with ThreadPoolExecutor(max_workers=max(1, len(machines))) as pool:
+        answers = dict(found for found in pool.map(send, machines) if found)
+    return json.dumps(answers).encode()
 
 
 def _property(case: ElementTree.Element, name: str) -> str | None:

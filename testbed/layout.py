@@ -308,6 +308,13 @@ class MachinePaths:
             return 0
         return self.console_log.read_text(errors="replace").count("Starting session")
 
+    def ssh_logins(self) -> int:
+        """How many SSH logins (connections, each with one or more sessions) its sshd has
+        accepted so far."""
+        if not self.console_log.exists():
+            return 0
+        return self.console_log.read_text(errors="replace").count("Accepted publickey")
+
     def in_etc(self, path: str) -> Path:
         """Where a machine's ``/etc/...`` file lives in its upper layer."""
         return self.etc_upper / Path(path).relative_to("/etc")

@@ -151,6 +151,10 @@ class Fleet:
         """How many SSH sessions the machine's sshd has started so far (its console log)."""
         return StatePaths(self.state).machine(machine).ssh_sessions()
 
+    def logins(self, machine: str) -> int:
+        """How many SSH logins the machine's sshd has accepted so far (its console log)."""
+        return StatePaths(self.state).machine(machine).ssh_logins()
+
     def consoles(self, lines: int = 15) -> str:
         """The last lines of every machine's console (what a machine that did not boot said)."""
         tails = []

@@ -76,8 +76,13 @@ def test_first_deploy_converges_every_machine(fleet, flake):
 
 def test_second_deploy_changes_nothing(fleet, flake):
     before = {machine: remote_state(fleet, machine) for machine in fleet.machines}
+    logins = {machine: fleet.logins(machine) for machine in fleet.machines}
     result = fleet.deploy(flake)
     assert result.returncode == 0, result.output
+    # One login a machine, pyinfra's: the smoke checks' batch went over it too.
+    assert {m: fleet.logins(m) - logins[m] for m in fleet.machines} == dict.fromkeys(
+        fleet.machines, 1
+    )
     # Nothing in the flake changed: no machine is evaluated again.
     assert f"evaluated 0 of {len(fleet.machines)} machines" in result.output, result.output
     for machine in fleet.machines:
@@ -85,6 +90,7 @@ def test_second_deploy_changes_nothing(fleet, flake):
         assert remote_state(fleet, machine) == before[machine]
         # The preflight alone: with nothing to do, no lock is taken, so none is released.
         assert result.report[machine]["commands"] == 1, result.report[machine]
+        assert result.report[machine]["check_commands"] == 1, result.report[machine]
 
 
 def test_smoke_checks_ask_only_for_programs_a_nixos_machine_has(fleet):

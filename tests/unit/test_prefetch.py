@@ -85,6 +85,17 @@ def test_answers_come_from_this_run_and_the_record_follows_what_was_asked(tmp_pa
     assert second.answer(f"cat {state}", alone) == (0, b"new", b"")
 
 
+def test_an_armored_batch_carried_as_text_lines_answers_as_alone():
+    """Over pyinfra's connection, which hands back decoded lines: the outputs in base64."""
+    commands = [*COMMANDS, "printf '\\377\\r\\n\\n'"]  # not UTF-8, a carriage return, blank lines
+    _, output, _ = alone(batch_script(commands, armored=True))
+    as_lines = "\n".join(output.decode().splitlines()).encode()
+    assert parse_batch(as_lines, len(commands), armored=True) == [alone(c) for c in commands]
+    batch = Prefetch(commands)
+    batch.take((0, as_lines, b""), armored=True)
+    assert batch.script() is None and batch.answer(commands[-1], alone) == alone(commands[-1])
+
+
 def test_a_batch_cut_short_answers_nothing_and_its_commands_run_alone():
     status, output, _ = alone(batch_script(COMMANDS))
     assert status == 0
@@ -192,6 +203,13 @@ def test_a_new_machine_batches_what_its_kin_asked_less_what_names_that_kin(tmp_p
     assert expected(tmp_path, FLEET, "db1") == []  # another role
     assert expected(tmp_path, FLEET, "web1")[2] == "curl http://127.0.0.1:18081/"  # its own
     assert expected(tmp_path, FLEET, "nowhere") == []
+
+    # What web2's checks asked is recorded as its own, even when it is all it borrowed.
+    borrowing = Prefetch(expected(tmp_path, FLEET, "web2"))
+    for command in borrowing.expected:
+        borrowing.answer(command, alone)
+    borrowing.record(tmp_path, "web2")
+    assert Prefetch.recorded(tmp_path, "web2") == ["uname -s", "cat /etc/fleet-release"]
 
 
 def test_a_first_deploy_checks_one_machine_of_each_kin_first(tmp_path: Path):
