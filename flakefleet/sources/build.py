@@ -38,6 +38,10 @@ class BuildStage:
     def cached(self) -> bool:
         return self.output.is_dir()
 
+    def digest_memo(self, rules: str) -> Path:
+        """Where the digest of the finished output, copied by `rules`, is kept (beside it)."""
+        return self.directory / f"{self.key}.digest-{rules}"
+
     def run(self) -> Path:
         """Build in a fresh directory; returns the output directory or raises BuildError."""
         assert self.source.build is not None
@@ -81,6 +85,8 @@ class BuildStage:
         for old in builds[KEEP_BUILDS:]:
             if old.name != self.key:
                 shutil.rmtree(old, ignore_errors=True)
+                for memo in self.directory.glob(f"{old.name}.digest-*"):
+                    memo.unlink(missing_ok=True)
 
 
 def _copy_in(local: Path, destination: Path) -> None:

@@ -204,14 +204,32 @@ class RunSources:
         key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
         stage = BuildStage(machine, source, key, self.state / "build" / machine / source.name)
         if stage.cached():
-            return replace(self._tree(source, stage.output, source.checksum), stage=stage)
+            return self._finished(stage)
         return Ready(source, None, None, source.checksum, stage)
 
     def built(self, item: Ready) -> Ready:
         """Run a pending build stage; the source is then ready. Raises BuildError."""
         assert item.stage is not None
-        output = item.stage.run()
-        return replace(self._tree(item.source, output, item.source.checksum), stage=item.stage)
+        item.stage.run()
+        return self._finished(item.stage)
+
+    def _finished(self, stage: BuildStage) -> Ready:
+        """A finished build's output, digested once: its directory never changes after the
+        build, so the digest is kept beside it (`BuildStage.digest_memo`) and read back by the
+        next runs, as long as the tree's manifest is kept too. (Listing a tree costs an rsync
+        process: one a machine with a build, every run, without this.)"""
+        source = stage.source
+        memo = stage.digest_memo(hashlib.sha256(repr(source).encode()).hexdigest()[:16])
+        with contextlib.suppress(OSError):
+            digest = memo.read_text().strip()
+            manifest = self.state / MANIFESTS / f"{digest}.json"
+            if manifest.exists():
+                manifest.touch()  # used now: see `prune_manifests`
+                return Ready(source, digest, stage.output, source.checksum, stage)
+        ready = replace(self._tree(source, stage.output, source.checksum), stage=stage)
+        assert ready.digest is not None
+        write_atomically(memo, ready.digest + "\n")
+        return ready
 
     def _pipe(self, machine: str, source: Source) -> Ready:
         """Run the command now, so a failure stops the run before anything is copied."""

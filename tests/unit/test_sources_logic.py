@@ -22,6 +22,7 @@ from flakefleet.sources import (
     SourcesInvalid,
     check_run,
     config_layer,
+    digests,
     list_tree,
     merge,
     only_rules,
@@ -366,6 +367,33 @@ def test_build_runs_once_per_input_content(tmp_path):
     )
     count = tmp_path / ".flakefleet" / "build" / "web1" / "count"
     assert count.read_text() == "built\n"
+
+
+def test_a_finished_build_is_listed_once_and_its_digest_read_back(tmp_path, monkeypatch):
+    make_app(tmp_path)
+    command = ". ./.env; mkdir dist; sed s/NAME/$NAME/ page.in > dist/index.html"
+    checked = run_sources(tmp_path, "web1", {"site": build_spec(command)})
+    built = checked.built(checked.machines["web1"].sources[0])
+    listed: list[str] = []
+    real = digests.run
+
+    def counting(argv, **kwargs):
+        listed.append(argv[-2])
+        return real(argv, **kwargs)
+
+    monkeypatch.setattr(digests, "run", counting)
+    again = run_sources(tmp_path, "web1", {"site": build_spec(command)}).machines["web1"]
+    assert again.sources[0].digest == built.digest
+    assert f"{built.local}/" not in listed  # read back, not listed again
+    assert f"{tmp_path / 'app'}/" in listed  # the inputs are: they may change
+    # Its manifest forgotten (pruned), the output is listed again: the digest comes back whole.
+    manifests = tmp_path / ".flakefleet" / "manifests"
+    for manifest in manifests.iterdir():
+        manifest.unlink()
+    listed.clear()
+    third = run_sources(tmp_path, "web1", {"site": build_spec(command)}).machines["web1"]
+    assert third.sources[0].digest == built.digest and f"{built.local}/" in listed
+    assert (manifests / f"{built.digest}.json").exists()
 
 
 def test_a_failed_build_says_why_and_leaves_no_result(tmp_path):
