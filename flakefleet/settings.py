@@ -180,6 +180,7 @@ SETTINGS: dict[str, Check] = {
     "rollout": rollout.problem,
     "accept_machine_id": _text(optional=True),
     "smoke_check_processes": _number(1, whole=True),
+    "check_unchanged": _boolean,
     "sources_keep_undeclared": _boolean,
     "sources_force": _boolean,
     "sources_resync": _boolean,
@@ -302,6 +303,7 @@ class MachineSettings:
     on_check_failure: CheckFailure = CheckFailure.ROLLBACK
     checks: tuple[Mapping[str, Any], ...] = ()
     smoke_check_processes: int = 2
+    check_unchanged: bool = True  # False: a machine this run did not change is not checked
     reboot: RebootPolicy = RebootPolicy.NEVER
     reboot_timeout: float = 300
     reboot_command: str = "reboot"

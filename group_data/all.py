@@ -32,6 +32,11 @@ flake = "example"
 # once), one process checks them all, as more would only add their start-up.
 # smoke_check_processes = 2
 
+# Whether a machine the run did not change is checked too (smoke suites and `checks`). False
+# makes a redeploy that changes nothing cost one round trip a machine and no pytest; the
+# summary then says which machines went unchecked.
+# check_unchanged = True
+
 # Reboot after activating: never, when-needed (kernel, initrd or modules changed, or a boot
 # goal), or always; the machine must come back on the new system within reboot_timeout seconds.
 # reboot = "never"

@@ -73,10 +73,15 @@ def _gate(state: Any, host: Any, op_hash: str, on_failure: CheckFailure) -> bool
     if host.name in run.awaiting_reboot:  # the old system still runs: checked after a reboot
         outcome.note("health checks: not run, the new system runs after a reboot")
         return True
+    if not checked(run, host.name):
+        outcome.note("health checks: not run, this run changed nothing (check_unchanged = False)")
+        return True
     with run.lock:
         if (op_hash, host.name) not in run.verdicts:
             machines = [
-                h.name for h in state.inventory.get_active_hosts() if op_hash in state.ops[h]
+                h.name
+                for h in state.inventory.get_active_hosts()
+                if op_hash in state.ops[h] and checked(run, h.name)
             ]
             for name, verdict in check_machines(run, machines).items():
                 run.verdicts[op_hash, name] = verdict
@@ -112,6 +117,14 @@ def expected(run: Run, machines: list[str]) -> list[tuple[str, str]]:
     """The system each machine should run now, as this run decided it."""
     systems = [(name, run.outcome(name).system) for name in machines]
     return [(name, system) for name, system in systems if system]
+
+
+def checked(run: Run, name: str) -> bool:
+    """Whether the health gate checks the machine: always, unless its `check_unchanged` is
+    False and this run changed nothing on it (nothing awaits its confirmation either)."""
+    if run.settings(name).check_unchanged:
+        return True
+    return bool(run.outcome(name).changed) or name in run.pending
 
 
 def check_machines(run: Run, machines: list[str]) -> dict[str, Verdict]:

@@ -93,6 +93,23 @@ def test_second_deploy_changes_nothing(fleet, flake):
         assert result.report[machine]["check_commands"] == 1, result.report[machine]
 
 
+def test_check_unchanged_false_checks_only_the_machines_a_run_changed_and_says_so(fleet, flake):
+    fleet.ssh("web1", f"rm {sources_of(fleet, 'web1')}/config")  # web1 alone has work
+    result = fleet.deploy(flake, "--data", "check_unchanged=False")
+    assert result.returncode == 0, result.output
+    assert result.report["web1"]["changed"] == ["sources"]
+    assert any(note.startswith("smoke checks:") for note in result.report["web1"]["notes"])
+    assert result.report["web1"]["check_commands"] == 1
+    for machine in set(fleet.machines) - {"web1"}:
+        report = result.report[machine]
+        assert report["status"] == "unchanged" and report["check_commands"] == 0, report
+        assert (
+            "health checks: not run, this run changed nothing (check_unchanged = False)"
+            in report["notes"]
+        )
+    assert "not run, this run changed nothing" in result.output  # the summary says so
+
+
 def test_smoke_checks_ask_only_for_programs_a_nixos_machine_has(fleet):
     """The first deploy recorded every command the checks asked (tests/smoke/ runs unchanged
     on a real NixOS machine, whose PATH has no /usr/bin: the test machines' has)."""
