@@ -290,12 +290,13 @@ class Target:
         self.tally.commands += 1
         return host.run_shell_command(StringCommand(invocation.command), _stdin=invocation.stdin)
 
-    def run_as_login(self, host: Any, script: str) -> tuple[bool, Any]:
+    def run_as_login(self, host: Any, script: str, timeout: float) -> tuple[bool, Any]:
         """Run a smoke checks' script now over pyinfra's connection, as their own `ssh` login
         runs it: as the SSH user, nothing added (no PATH, no sudo); pyinfra's success flag and
-        output. (pyinfra runs it with `sh -c`: the script must be POSIX shell.)"""
+        output. (pyinfra runs it with `sh -c`: the script must be POSIX shell.) Raises
+        pyinfra's timeout error after `timeout` seconds."""
         self.tally.checks += 1
-        return host.run_shell_command(StringCommand(script))
+        return host.run_shell_command(StringCommand(script), _timeout=timeout)
 
     def read(
         self, host: Any, fact: type[RemoteFact[T]], *, as_root: bool, gate: bool = False,

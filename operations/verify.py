@@ -35,6 +35,7 @@ from operations import activation
 
 SMOKE_SUITES = "tests/smoke"
 SMOKE_TIMEOUT = 600  # seconds for all machines' suites; a hung check must not hang the deploy
+BATCH_TIMEOUT = SMOKE_TIMEOUT / 2  # for a batch on the deploy's connection (then pytest's own)
 
 
 # A check that did not run is not a pass: a machine none of whose checks reported fails.
@@ -225,8 +226,8 @@ def batches_over_held_connections(run: Run, machines: list[str]) -> bytes:
         host = run.state.inventory.get_host(name)
         script = prefetch.batch_script(commands, armored=True)
         try:
-            succeeded, output = run.target(name).run_as_login(host, script)
-        except Exception:  # a connection pyinfra lost: the checks log in themselves
+            succeeded, output = run.target(name).run_as_login(host, script, BATCH_TIMEOUT)
+        except Exception:  # a connection pyinfra lost, or a hung batch: the checks' own try
             return None
         return (name, {"commands": commands, "output": output.stdout}) if succeeded else None
 

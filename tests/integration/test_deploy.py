@@ -15,7 +15,8 @@ from xml.etree import ElementTree
 from conftest import BIN, ROOT, evaluate, profile_of, set_host, sources_of
 
 from flakefleet.fleet import fleet_state_name
-from flakefleet.prefetch import records
+from flakefleet.prefetch import Prefetch, records
+from flakefleet.process import run_fed
 
 # Programs every NixOS system has (environment.corePackages: coreutils-full, curl, findutils,
 # gnugrep, gnused, ...; iproute2 from networking; systemd; Nix), and the shell's builtins: what
@@ -161,6 +162,29 @@ def test_smoke_checks_cost_one_round_trip_a_machine_once_recorded(fleet, tmp_pat
     changed = sorted(name for name, verdict in stopped.items() if verdict != verdicts[name])
     assert changed == ["test_page_is_this_machines[web2]", "test_service_answers[web2]"], stopped
     assert {stopped[name] for name in changed} == {"failure"}
+
+
+def test_checks_take_the_batches_sent_for_them_and_log_in_only_without(fleet, tmp_path):
+    """What a deploy does at its health gate: each machine's batch sent over its own connection
+    (here, ssh) and handed to pytest through a pipe. A batch that did not come (garbage in the
+    pipe: a deploy cut short) is sent by the checks themselves."""
+    batch = Prefetch(Prefetch.recorded(ROOT / records(fleet.fleet_file), "web1"))
+    script = batch.script(armored=True)
+    assert script is not None
+    sent = {"web1": {"commands": batch.expected, "output": fleet.ssh("web1", script)}}
+
+    def checks(fed: bytes) -> tuple[int, int]:
+        before = fleet.logins("web1")
+        done = run_fed(
+            lambda fd: [str(BIN / "pytest"), "-q", "-p", "no:cacheprovider",
+                        str(ROOT / "tests" / "smoke"), "--fleet", str(fleet.fleet_file),
+                        "--machine=web1", f"--batches-fd={fd}"],
+            lambda: fed, cwd=str(ROOT), timeout=300,
+        )  # fmt: skip
+        return done.returncode, fleet.logins("web1") - before
+
+    assert checks(json.dumps(sent).encode()) == (0, 0)
+    assert checks(b'{"web1": {"comm') == (0, 1)
 
 
 def test_changing_one_machine_redeploys_only_that_machine(fleet, flake):
