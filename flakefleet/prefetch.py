@@ -84,7 +84,8 @@ def _naming(machine: Machine) -> set[str]:
         elif isinstance(value, str | int) and not isinstance(value, bool):
             yield str(value)
 
-    return {machine.name, machine.address, *leaves(machine.port), *leaves(machine.data)}
+    found = {machine.name, machine.address, *leaves(machine.port), *leaves(machine.data)}
+    return found - {""}  # an empty value is in every command
 
 
 def unpredicted(directory: Path, fleet: Fleet, machines: Sequence[str]) -> list[str]:

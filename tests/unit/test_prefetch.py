@@ -24,7 +24,7 @@ FLEET = parse_fleet(
             for i, (n, role, more) in enumerate(
                 [
                     ("web1", "web", {"data": {"service_port": 18081}}),
-                    ("web2", "web", {"data": {"service_port": 18082}}),
+                    ("web2", "web", {"data": {"service_port": 18082, "note": ""}}),
                     ("web3", "web", {"data": {"service_port": 18083}}),
                     ("db1", "db", {}),
                     ("mac1", "web", {"class": "darwin"}),
@@ -210,6 +210,9 @@ def test_a_new_machine_batches_what_its_kin_asked_less_what_names_that_kin(tmp_p
         borrowing.answer(command, alone)
     borrowing.record(tmp_path, "web2")
     assert Prefetch.recorded(tmp_path, "web2") == ["uname -s", "cat /etc/fleet-release"]
+    # Lent by web2, whose data has an empty value: no command names it by that.
+    (tmp_path / "web1.json").unlink()
+    assert expected(tmp_path, FLEET, "web3") == ["uname -s", "cat /etc/fleet-release"]
 
 
 def test_a_first_deploy_checks_one_machine_of_each_kin_first(tmp_path: Path):
