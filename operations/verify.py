@@ -120,12 +120,15 @@ def expected(run: Run, machines: list[str]) -> list[tuple[str, str]]:
     return [(name, system) for name, system in systems if system]
 
 
+def unchanged(run: Run, name: str) -> bool:
+    """Whether this run changed nothing on the machine (nothing awaits its confirmation)."""
+    return not run.outcome(name).changed and name not in run.pending
+
+
 def checked(run: Run, name: str) -> bool:
     """Whether the health gate checks the machine: always, unless its `check_unchanged` is
-    False and this run changed nothing on it (nothing awaits its confirmation either)."""
-    if run.settings(name).check_unchanged:
-        return True
-    return bool(run.outcome(name).changed) or name in run.pending
+    False and this run changed nothing on it."""
+    return run.settings(name).check_unchanged or not unchanged(run, name)
 
 
 def check_machines(run: Run, machines: list[str]) -> dict[str, Verdict]:
@@ -213,15 +216,19 @@ def _run_pytest(session: Run, machines: list[str]) -> dict[str, Verdict]:
 
 
 def batches_over_held_connections(run: Run, machines: list[str]) -> bytes:
-    """The batch of each machine's recorded (or its kin's) check commands, run over the
-    connection the deploy holds, all machines at once, while pytest starts: what the smoke
-    suites' conftest takes (`--batches-fd`) instead of logging in to send them. A machine with
-    nothing recorded, or whose batch got no answer, is left to the checks themselves."""
+    """The batch of each unchanged machine's recorded (or its kin's) check commands, run over
+    the connection the deploy holds, all machines at once, while pytest starts: what the smoke
+    suites' conftest takes (`--batches-fd`) instead of logging in to send them.
+
+    A machine this run changed is left to the checks themselves, which log in anew: a new
+    system (or new keys) that breaks SSH logins leaves a connection opened before it working,
+    so only a new login proves logins still work (with `confirm_timeout = 0`, no confirmation
+    tries one). So is a machine with nothing recorded, or whose batch got no answer."""
     records, fleet = run.cwd / prefetch.records(run.fleet_file), load_fleet(run.fleet_file)
 
     def send(name: str) -> tuple[str, dict[str, Any]] | None:
         commands = prefetch.expected(records, fleet, name)
-        if not commands:
+        if not commands or not unchanged(run, name):
             return None
         host = run.state.inventory.get_host(name)
         script = prefetch.batch_script(commands, armored=True)
