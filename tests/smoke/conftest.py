@@ -32,7 +32,7 @@ from pyinfra.context import ctx_state
 
 from flakefleet.fleet import Fleet, Machine, load_fleet
 from flakefleet.prefetch import Prefetch, expected, records
-from flakefleet.target import Target
+from flakefleet.target import KEEPALIVE, Target
 
 # pyinfra_cli patches the standard library for gevent when imported, which the checks do not
 # need and which makes each fork of this process cost 20 to 140 ms (the checks start an ssh a
@@ -228,6 +228,7 @@ def _connect(
     name = machine["name"]
     options = [
         *Target.from_data(name, machine).ssh_options(),
+        *KEEPALIVE,  # a machine that dies mid-check fails its checks, not hangs them
         "-o", "ControlMaster=auto",
         "-o", f"ControlPath={control_dir / name}",
         "-o", "ControlPersist=60",
