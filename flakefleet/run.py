@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -24,9 +25,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from pyinfra.api import FunctionCommand
 
 from flakefleet import cache as caches
-from flakefleet import lock, nix, records, rollout, sudo, worker
+from flakefleet import lock, nix, prefetch, records, rollout, sudo, worker
 from flakefleet.builds import FleetBuilds
-from flakefleet.fleet import REPOSITORY_KEY, fleet_file, load_fleet
+from flakefleet.fleet import REPOSITORY_KEY, Fleet, fleet_file, load_fleet
 from flakefleet.identity import Identities
 from flakefleet.report import Outcome, Report
 from flakefleet.settings import MachineSettings, selected_problems
@@ -50,6 +51,7 @@ class Run:
         repositories = {host.data.get(REPOSITORY_KEY) for host in state.inventory} - {None}
         self.cwd = Path(repositories.pop() if len(repositories) == 1 else state.cwd or ".")
         self.fleet_file = fleet_file()
+        self.check_records = self.cwd / prefetch.records(self.fleet_file)  # the smoke checks'
         self.deployer = lock.Holder.this_process()
         self.id = uuid.uuid4().hex[:12]  # names what this run leaves on machines
         self.started = time.time()
@@ -183,6 +185,11 @@ class Run:
             lines = [f"flake check of {f}: {p}" for f, p in self._flake_problems.items()]
             self.stop(lines, {}, "not deployed: the flake check failed")
 
+    @functools.cached_property
+    def fleet(self) -> Fleet:
+        """The fleet file, read once a run."""
+        return load_fleet(self.fleet_file)
+
     def waves(self) -> list[list[str]]:
         """The selected machines in the rollout's waves (`flakefleet.rollout`), decided once;
         machines must share one `rollout` setting, or the run stops."""
@@ -190,7 +197,7 @@ class Run:
             if self._waves is None:
                 # In the fleet file's order (pyinfra's is the order machines connected).
                 active = {each.name: each for each in self.state.inventory.get_active_hosts()}
-                order = [m.name for m in load_fleet(self.fleet_file).machines if m.name in active]
+                order = [m.name for m in self.fleet.machines if m.name in active]
                 hosts = [active[name] for name in [*order, *sorted(set(active) - set(order))]]
                 plans = {self.settings(each.name, keep=False).rollout: each.name for each in hosts}
                 if len(plans) > 1:

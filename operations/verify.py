@@ -27,7 +27,6 @@ from pyinfra import host
 from pyinfra.api import FunctionCommand, operation
 
 from flakefleet import checks, prefetch
-from flakefleet.fleet import load_fleet
 from flakefleet.process import run_fed
 from flakefleet.run import Run
 from flakefleet.settings import CheckFailure
@@ -135,13 +134,13 @@ def check_machines(run: Run, machines: list[str]) -> dict[str, Verdict]:
     """The smoke suites' verdicts on machines: first one machine of each kin none of whose
     checks are recorded (its commands go one by one), then the rest, whose checks are then
     batched from their own records or their kin's (flakefleet.prefetch)."""
-    records, fleet = run.cwd / prefetch.records(run.fleet_file), load_fleet(run.fleet_file)
     most = run.settings(machines[0]).smoke_check_processes if machines else 1
-    first = prefetch.unpredicted(records, fleet, machines)
+    first = prefetch.unpredicted(run.check_records, run.fleet, machines)
     verdicts = run_smoke_checks(run, first, most) if first else {}
     rest = [name for name in machines if name not in verdicts]
     if rest:
-        verdicts |= run_smoke_checks(run, rest, prefetch.processes_for(records, fleet, rest, most))
+        processes = prefetch.processes_for(run.check_records, run.fleet, rest, most)
+        verdicts |= run_smoke_checks(run, rest, processes)
     return verdicts
 
 
@@ -224,10 +223,9 @@ def batches_over_held_connections(run: Run, machines: list[str]) -> bytes:
     system (or new keys) that breaks SSH logins leaves a connection opened before it working,
     so only a new login proves logins still work (with `confirm_timeout = 0`, no confirmation
     tries one). So is a machine with nothing recorded, or whose batch got no answer."""
-    records, fleet = run.cwd / prefetch.records(run.fleet_file), load_fleet(run.fleet_file)
 
     def send(name: str) -> tuple[str, dict[str, Any]] | None:
-        commands = prefetch.expected(records, fleet, name)
+        commands = prefetch.expected(run.check_records, run.fleet, name)
         if not commands or not unchanged(run, name):
             return None
         host = run.state.inventory.get_host(name)

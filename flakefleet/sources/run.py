@@ -172,8 +172,11 @@ class RunSources:
             self._keep_manifest(source_digest(source, self._trees[key]), found)
         return Ready(source, source_digest(source, self._trees[key]), path, checksum)
 
+    def _manifest(self, digest: str) -> Path:
+        return self.state / MANIFESTS / f"{digest}.json"
+
     def _keep_manifest(self, digest: str, found: list[tuple[str, str]]) -> None:
-        path = self.state / MANIFESTS / f"{digest}.json"
+        path = self._manifest(digest)
         if not path.exists():
             write_atomically(path, json.dumps(dict(found)))
         path.touch()  # used now: see `prune_manifests`
@@ -191,7 +194,7 @@ class RunSources:
         """What a tree of this digest held (entry -> fingerprint), if this controller has
         digested it (sent it, or planned it)."""
         try:
-            return json.loads((self.state / MANIFESTS / f"{digest}.json").read_text())
+            return json.loads(self._manifest(digest).read_text())
         except (OSError, ValueError):
             return None
 
@@ -222,7 +225,7 @@ class RunSources:
         memo = stage.digest_memo(hashlib.sha256(repr(source).encode()).hexdigest()[:16])
         with contextlib.suppress(OSError):
             digest = memo.read_text().strip()
-            manifest = self.state / MANIFESTS / f"{digest}.json"
+            manifest = self._manifest(digest)
             if manifest.exists():
                 manifest.touch()  # used now: see `prune_manifests`
                 return Ready(source, digest, stage.output, source.checksum, stage)
