@@ -19,10 +19,13 @@ test fleets of the same machines:
 Each run gives wall time, SSH sessions (commands) and logins (connections) per machine (counted
 in each sshd's log), a deploy's own SSH commands per machine (from its run record,
 `.flakefleet/runs/`: the smoke checks' are not among them), bytes the controller sent (through
-the relays), and the controller's peak memory (the largest process of the run, pyinfra or a Nix
-it started: wait4's maxrss). It prints a Markdown table, ratios first, and writes
-bench/results/fleet-<date>.json. The fleet lives in .testbed-bench-fleet/ on
-$FLAKEFLEET_BENCH_PORT (default 22900) and is purged at the end.
+the relays), the controller's peak memory (the largest process of the run, pyinfra or a Nix
+it started: wait4's maxrss), and CPU time: the controller's (the command and every process it
+waited for: pytest, Nix, ssh, rsync) and the rest of this computer's (the test machines, their
+sshd, the relays: on a real fleet, the machines' own CPUs). On this computer both share its
+cores, so a run whose wall time is bound by CPU shows it here. It prints a Markdown table,
+ratios first, and writes bench/results/fleet-<date>.json. The fleet lives in
+.testbed-bench-fleet/ on $FLAKEFLEET_BENCH_PORT (default 22900) and is purged at the end.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ class Run:
     sent_bytes: int  # by the controller, through the relays
     received_bytes: int
     peak_rss_mib: float  # the largest process of the run
+    controller_cpu_seconds: float  # user + system, the command and the processes it waited for
+    other_cpu_seconds: float  # the rest of this computer's: the test machines, sshd, relays
     failed: list[str]  # what went wrong (a failed deploy's failed machines), empty if nothing
 
 
@@ -121,10 +126,11 @@ def measure(label: str, argv: list[str], machines: list[Machine]) -> Run:
     log = WORK / "logs" / f"{label}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as output:
-        started = time.monotonic()
+        started, busy = time.monotonic(), busy_seconds()
         process = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=output, stderr=output)
         _, status, usage = os.wait4(process.pid, 0)
-        seconds = time.monotonic() - started
+        seconds, busy = time.monotonic() - started, busy_seconds() - busy
+    controller = usage.ru_utime + usage.ru_stime
     failed = []
     if (code := os.waitstatus_to_exitcode(status)) != 0:
         # A deploy's summary names each failed machine and why; the run still counts.
@@ -145,8 +151,17 @@ def measure(label: str, argv: list[str], machines: list[Machine]) -> Run:
         sent_bytes=sum(after[m.name][1] - before[m.name][1] for m in machines),
         received_bytes=sum(after[m.name][2] - before[m.name][2] for m in machines),
         peak_rss_mib=round(usage.ru_maxrss / 1024, 1),
+        controller_cpu_seconds=round(controller, 2),
+        other_cpu_seconds=round(max(busy - controller, 0.0), 2),
         failed=failed,
     )
+
+
+def busy_seconds() -> float:
+    """CPU seconds this computer has spent busy since it booted, all cores (/proc/stat)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def fresh_fleet(count: int, latency: float, light: bool) -> list[Machine]:
@@ -314,13 +329,17 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
+def cpu(run: Run) -> float:
+    return run.controller_cpu_seconds
+
+
 def report(results: dict[str, dict[str, dict[str, Run]]], sizes: list[int]) -> str:
     lines = []
     largest, smallest = max(sizes), min(sizes)
     lines += [
         "| machines | round trip | no-op / floor | no-op, no checks / floor | cold / naive"
-        " | cold / floor | one changed / floor |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        " | cold / floor | one changed / floor | no-op controller CPU / floor's |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for latency, by_size in results.items():
         for size, runs in by_size.items():
@@ -332,7 +351,8 @@ def report(results: dict[str, dict[str, dict[str, Run]]], sizes: list[int]) -> s
                 f"| {ratio(unchecked, seconds['floor no-op'])} "
                 f"| {ratio(seconds['flakefleet cold'], seconds['naive cold'])} "
                 f"| {ratio(seconds['flakefleet cold'], seconds['floor cold'])} "
-                f"| {ratio(seconds['flakefleet one changed'], seconds['floor one changed'])} |"
+                f"| {ratio(seconds['flakefleet one changed'], seconds['floor one changed'])} "
+                f"| {ratio(cpu(runs['flakefleet no-op']), cpu(runs['floor no-op']))} |"
             )
     if largest != smallest:
         lines += [
@@ -359,8 +379,8 @@ def report(results: dict[str, dict[str, dict[str, Run]]], sizes: list[int]) -> s
         "",
         "| machines | round trip | run | seconds | SSH sessions per machine (most)"
         " | SSH logins per machine | deploy's SSH commands per machine | KiB sent"
-        " | KiB received | peak MiB |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        " | KiB received | peak MiB | controller CPU s | other CPU s |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for latency, by_size in results.items():
         for size, runs in by_size.items():
@@ -372,7 +392,7 @@ def report(results: dict[str, dict[str, dict[str, Run]]], sizes: list[int]) -> s
                     f"| {run.logins_per_machine:g} "
                     f"| {'' if run.commands_per_machine is None else run.commands_per_machine} "
                     f"| {run.sent_bytes / 1024:.0f} | {run.received_bytes / 1024:.0f} "
-                    f"| {run.peak_rss_mib:.0f} |"
+                    f"| {run.peak_rss_mib:.0f} | {cpu(run):.2f} | {run.other_cpu_seconds:.2f} |"
                 )
     return "\n".join(lines)
 

@@ -12,7 +12,6 @@ from facts.keys import Keys
 from facts.nix import (
     BootedSystem,
     CurrentSystem,
-    NixVersion,
     SystemGenerations,
     SystemProfile,
     needs_reboot_command,
@@ -38,7 +37,6 @@ PARTS: dict[str, type[FactBase[Any]]] = {
     "booted_system": BootedSystem,
     "profile_system": SystemProfile,
     "generations": SystemGenerations,
-    "nix_version": NixVersion,
     "var_src": Sources,
     "keys": Keys,
 }
@@ -67,7 +65,6 @@ class MachineSnapshot(RemoteFact[MachineState]):
             "booted_system": BootedSystem().command(),
             "profile_system": SystemProfile().command(profile),
             "generations": SystemGenerations().command(profile),
-            "nix_version": NixVersion().command(),
             "var_src": Sources().command(sources),
             "keys": Keys().command(),
         }

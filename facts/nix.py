@@ -136,14 +136,3 @@ class SystemGenerations(FactBase[list[Generation]]):
                     Generation(number, match.group(2), bool(match.group(3)), systems.get(number))
                 )
         return generations
-
-
-class NixVersion(FactBase[str | None]):
-    """The version of the machine's `nix`, e.g. ``2.8.0``, or None without Nix."""
-
-    def command(self) -> str:
-        return "nix --version 2>/dev/null || true"
-
-    def process(self, output: list[str]) -> str | None:
-        match = re.search(r"(\d+\.\d+(?:\.\d+)?)", " ".join(output))
-        return match.group(1) if match else None

@@ -147,7 +147,6 @@ class MachineState(Shown):
     booted_system: str | None = None
     profile_system: str | None = None
     generations: list[Generation] = field(default_factory=list)
-    nix_version: str | None = None
     var_src: VarSrc = field(default_factory=VarSrc)
     keys: dict[str, KeyOnMachine] = field(default_factory=dict)
 

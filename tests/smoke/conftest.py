@@ -66,8 +66,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+FLEET = pytest.StashKey[Fleet]()
+
+
+def _fleet(config: pytest.Config) -> Fleet:
+    """The fleet file, read once a session (collection asks for it once a test function)."""
+    if FLEET not in config.stash:
+        config.stash[FLEET] = load_fleet(Path(config.getoption("fleet")))
+    return config.stash[FLEET]
+
+
 def _selected(config: pytest.Config) -> list[Machine]:
-    fleet = load_fleet(Path(config.getoption("fleet")))
+    fleet = _fleet(config)
     names = set(config.getoption("machine"))
     roles = set(config.getoption("role"))
     return [
@@ -180,7 +190,7 @@ def _hosts(
             _batches[name].take((0, answer["output"].encode(), b""), armored=True)
 
     hosts = {}
-    fleet = load_fleet(Path(request.config.getoption("fleet")))
+    fleet = _fleet(request.config)
     for selected in _selected(request.config):
         data = {"name": selected.name, **inventory.get_host(selected.name).data.dict()}
         hosts[selected.name] = _connect(data, _control_dir, _batches, _records, fleet)

@@ -3,7 +3,7 @@
 import json
 
 from facts.machine import SECTION, MachineSnapshot
-from facts.nix import NixVersion, SystemGenerations
+from facts.nix import SystemGenerations
 from facts.sources import Sources
 from flakefleet.models import Generation
 
@@ -23,10 +23,6 @@ def test_generations():
     ]
 
 
-def test_nix_version():
-    assert NixVersion().process(["nix (Nix) 2.8.0"]) == "2.8.0"
-
-
 def test_sources_managed_and_foreign():
     state = Sources().process(
         ["exists", "managed", "source config .flakefleet/config/abc123", "source notes "]
@@ -44,8 +40,6 @@ def test_machine_state_from_one_command():
         WEB1,
         f"{SECTION}generations",
         "   1   2026-11-22 02:56:28   (current)",
-        f"{SECTION}nix_version",
-        "nix (Nix) 2.8.0",
         f"{SECTION}var_src",
     ]
     state = MachineSnapshot().process(output)
@@ -53,7 +47,6 @@ def test_machine_state_from_one_command():
     assert state.booted_system is None
     assert state.profile_system == WEB1
     assert [g.number for g in state.generations] == [1]
-    assert state.nix_version == "2.8.0"
     assert not state.var_src.exists
 
 

@@ -151,7 +151,7 @@ machines:
         ),
         (
             "machines:\n  - name: web1\n    address: a\n   roles: [web]\n",
-            "not valid YAML: line 4, column 4: expected <block end>, but found '<block mapping",
+            "not valid YAML: line 4, column 4: ",
         ),
         (
             "ssh: {key: keys/missing}\nmachines:\n  - {name: web1, address: a}\n",
