@@ -91,7 +91,7 @@ class WorkerDir:
 # a reused PID does not). `ps -ww -o args=` (whole, whatever COLUMNS says) is the same on
 # Linux and macOS.
 ALIVE = (
-    'alive() { p=$(cat "$1/pid" 2>/dev/null) && [ -n "$p" ] && '
+    'alive() { p=; { read -r p < "$1/pid"; } 2>/dev/null; [ -n "$p" ] && '
     'ps -ww -p "$p" -o args= 2>/dev/null | grep -qF -- "$1"; }'
 )
 # `busy DIR`: whether the worker of DIR is in a busy phase.
@@ -208,26 +208,38 @@ class Activation:
         )
 
     def wait_command(self, busy: tuple[Phase, ...], seconds: int = 600) -> str:
-        """Wait while the worker's phase is one of `busy`; print `phase=...` and the message."""
+        """Wait while the worker's phase is one of `busy`; print `phase=...` and the message.
+
+        Not started yet: wait, unless it never started (no PID within START_SECONDS: the
+        command that detaches it failed) or is gone already (it died before its first phase).
+        Busy: wait while it is alive. A tick costs the machine one process (`sleep`): the
+        files are read with the shell's `read`, the worker is looked at with `kill -0`, and
+        `alive` (`ps`, which tells a reused PID or a zombie from the worker) runs once a
+        second. (Every tick used to cost five: 50 a second on each machine while it
+        activated, which a fleet of test machines sharing two cores felt.)
+        """
         directory = self.directory
-        path, phase = directory.path, directory.phase
-        waiting = " || ".join(f'[ "$(cat {phase})" = {p} ]' for p in busy)
-        # Not started yet: wait, unless it never started (no PID within START_SECONDS: the
-        # command that detaches it failed) or is gone already (it died before its first
-        # phase). Busy: wait while it is alive.
-        unstarted = f"{{ [ ! -e {directory.pid} ] && [ $i -lt {START_SECONDS * 10} ]; }}"
-        starting = f"{{ [ ! -e {phase} ] && {{ {unstarted} || alive {path}; }}; }}"
+        path, phase, pid = directory.path, directory.phase, directory.pid
+        waiting = "|".join(busy)
         return (
-            f"{ALIVE}; i=0; while [ -d {path} ] && {{ {starting} || "
-            f"{{ [ -e {phase} ] && {{ {waiting}; }} && alive {path}; }}; }} "
-            f"&& [ $i -lt {seconds * 10} ]; do sleep 0.1; i=$((i + 1)); done; "
+            f"{ALIVE}; i=0; wp=; while [ -d {path} ] && [ $i -lt {seconds * 10} ]; do "
+            f"ph=; [ -e {phase} ] && read -r ph < {phase}; "
+            f'[ -n "$wp" ] || {{ [ -e {pid} ] && read -r wp < {pid}; }}; '
+            f'if [ -z "$ph" ] && [ -z "$wp" ]; then [ $i -lt {START_SECONDS * 10} ] || break; '
+            f'elif [ -z "$ph" ]; then kill -0 "$wp" 2>/dev/null || break; '
+            f'else case "$ph" in {waiting}) ;; *) break ;; esac; '
+            f'kill -0 "$wp" 2>/dev/null || break; fi; '
+            f'[ $((i % 10)) -ne 9 ] || [ -z "$wp" ] || alive {path} || break; '
+            "sleep 0.1; i=$((i + 1)); done; "
+            f"ph=; [ -e {phase} ] && read -r ph < {phase}; "
             f"if [ ! -e {phase} ] && [ -e {directory.pid} ] && ! alive {path}; then "
             f'echo "phase={Unanswered.GONE}"; echo "the activation worker died as it started"; '
             f'elif [ ! -e {phase} ]; then echo "phase={Unanswered.NOT_STARTED}"; '
             "echo 'the activation worker did not start'; "
-            f'elif {{ {waiting}; }} && ! alive {path}; then echo "phase={Unanswered.GONE}"; '
+            f'elif case "$ph" in {waiting}) true ;; *) false ;; esac && ! alive {path}; then '
+            f'echo "phase={Unanswered.GONE}"; '
             "echo 'the activation worker died (killed, or out of memory)'; "
-            f'else echo "phase=$(cat {phase})"; cat {directory.message}; fi'
+            f'else echo "phase=$ph"; cat {directory.message}; fi'
         )
 
     def confirm_command(self) -> str:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -212,6 +214,54 @@ def test_a_hanging_switch_keeps_the_worker_running(machine):
         assert parse_answer(completed.returncode, completed.stdout, "")[0] is Phase.RUNNING
     finally:
         worker.kill()
+
+
+def _started(activation: Activation) -> None:
+    deadline = time.monotonic() + 30
+    while not Path(activation.directory.phase).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_a_reused_pid_is_not_taken_for_the_worker(machine):
+    """The wait looks at the worker with `kill -0` each tick; a PID the worker left to another
+    process (or a zombie) passes that, and `alive`, once a second, tells them apart."""
+    activation = machine.activation(machine.system("new", "sleep 30"))
+    worker = machine.start(activation)
+    _started(activation)
+    worker.kill()
+    worker.wait()
+    other = subprocess.Popen(["sleep", "60"])  # alive, and not the worker
+    try:
+        Path(activation.directory.pid).write_text(f"{other.pid}\n")
+        started = time.monotonic()
+        assert machine.answer(activation)[0] is Unanswered.GONE
+        assert time.monotonic() - started < 5  # not the 30 s the wait allows
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_the_wait_costs_the_machine_one_process_a_tick(machine, tmp_path):
+    activation = machine.activation(machine.system("new", "sleep 30"))
+    worker = machine.start(activation)
+    wrappers, log = tmp_path / "wrappers", tmp_path / "spawned"
+    wrappers.mkdir()
+    for program in ("cat", "ps", "grep", "sleep"):
+        real = shutil.which(program)
+        (wrappers / program).write_text(f'#!/bin/sh\necho {program} >> {log}\nexec {real} "$@"\n')
+        (wrappers / program).chmod(0o755)
+    try:
+        _started(activation)
+        env = {**machine.env, "PATH": f"{wrappers}:{machine.env['PATH']}"}
+        command = activation.wait_command((Phase.RUNNING,), seconds=2)  # 20 ticks, then out
+        completed = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True)
+        assert parse_answer(0, completed.stdout, "")[0] is Phase.RUNNING
+    finally:
+        worker.kill()
+    spawned = Counter(log.read_text().split())
+    assert spawned["sleep"] == 20, spawned
+    # `alive` twice in the 20 ticks and once more at the end; the message read at the end.
+    assert spawned["ps"] <= 3 and spawned["grep"] <= 3 and spawned["cat"] <= 1, spawned
 
 
 class Sources:
